@@ -1,0 +1,215 @@
+"""`specdec-bench`: one target model x one method x one benchmark -> one run folder.
+
+    specdec-bench method=pld bench.limit=10 max_new_tokens=128
+    specdec-bench -m method=vanilla,pld,lookahead          # one sweep folder, one sub-folder per job
+    specdec-bench run_dir=runs/x resume=true               # continue a killed run
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from harness import CONF_DIR
+from harness.acceptance import Sampling
+from harness.data import Question, load_questions
+from harness.decoding import Proposer, StopCriteria, TurnResult, decode_turn
+from harness.errors import HarnessError
+from harness.metrics import compare_tokens, summarize
+from harness.models import LoadedModel, load_model
+from harness.store import RunStore, hardware
+from harness.target import Target
+from harness.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def build_method(method_cfg: DictConfig):
+    """`conf/method/<name>.yaml` -> a Proposer (or a runner with `generate_turn`), by `_target_`."""
+    params = OmegaConf.to_container(method_cfg, resolve=True)
+    name = params.pop("name")
+    method = instantiate(params, _convert_="all")
+    method.name = name
+    return method
+
+
+class Runner:
+    """Runs one turn with a method: Proposers go through the harness loop; peers run themselves."""
+
+    def __init__(self, method, loaded: LoadedModel, cfg: DictConfig):
+        self.method, self.loaded = method, loaded
+        self.target = Target(loaded.model)
+        self.sampling = Sampling(float(cfg.decoding.temperature), float(cfg.decoding.top_p))
+        template = loaded.template
+        self.stop = StopCriteria(frozenset(template.stop_token_ids), tuple(template.stop_strings),
+                                 loaded.tokenizer, int(cfg.max_new_tokens))
+        method.setup(loaded)
+
+    def turn(self, prompt_ids: list[int], generator: torch.Generator | None, max_new_tokens: int | None = None
+             ) -> TurnResult:
+        stop = self.stop
+        if max_new_tokens is not None:
+            stop = StopCriteria(stop.token_ids, stop.strings, stop.tokenizer, max_new_tokens)
+        if isinstance(self.method, Proposer):
+            return decode_turn(self.target, self.method, prompt_ids, self.sampling, stop, generator)
+        return self.method.generate_turn(self.target, prompt_ids, self.sampling, stop, generator)
+
+
+def turn_record(index: int, result: TurnResult, text: str) -> dict:
+    return {"turn": index, "new_tokens": result.new_tokens, "prompt_tokens": result.prompt_tokens,
+            "wall_time": result.wall_time, "tokens_per_s": result.new_tokens / result.wall_time,
+            "prefill_time": result.prefill_time, "draft_time": result.draft_time,
+            "verify_time": result.verify_time, "bookkeeping_time": result.bookkeeping_time,
+            "steps": result.steps, "tau": result.new_tokens / result.steps,
+            "accepted_lengths": result.accepted_lengths, "draft_sizes": result.draft_sizes,
+            "pos_attempted": result.pos_attempted, "pos_accepted": result.pos_accepted,
+            "stop_reason": result.stop_reason, "token_ids": result.token_ids, "text": text}
+
+
+def answer_question(runner: Runner, question: Question, seed: int) -> list[dict]:
+    """Both turns; turn 2's prompt carries this method's own turn-1 answer (FastChat / Spec-Bench)."""
+    template, tokenizer = runner.loaded.template, runner.loaded.tokenizer
+    history: list[tuple[str, str | None]] = []
+    turns = []
+    device = runner.target.device
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + question.question_id)
+    for index, user in enumerate(question.turns):
+        prompt_ids = template.encode(history + [(user, None)])
+        result = runner.turn(prompt_ids, generator)
+        text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        turns.append(turn_record(index, result, text))
+        history.append((user, template.clean_answer(text)))
+    return turns
+
+
+def warm_up(runner: Runner, question: Question, count: int, tokens: int) -> None:
+    """Untimed generations so lazy init, allocator growth and kernel selection stay off the clock."""
+    prompt_ids = runner.loaded.template.encode([(question.turns[0], None)])
+    for _ in range(count):
+        runner.turn(prompt_ids, torch.Generator(device=runner.target.device).manual_seed(0), tokens)
+
+
+def load_reference(path: str | None) -> dict[int, list[list[int]]]:
+    if not path:
+        return {}
+    store = RunStore(path)
+    if not store.answers.is_file():
+        raise HarnessError(f"reference={path} has no answers.jsonl; point it at a finished run folder")
+    return {r["question_id"]: [t["token_ids"] for t in r["turns"]] for r in store.records()}
+
+
+def run_bench(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """The whole benchmark run; returns the summary. Raises HarnessError on bad input."""
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(int(cfg.seed))
+    questions = load_questions(cfg.bench)
+    reference = load_reference(cfg.reference)
+    method = build_method(cfg.method)
+    store = RunStore(run_dir)
+    loaded = load_model(cfg.model, cfg.device)
+    info = {"hardware": hardware(loaded.device), "model_source": loaded.source,
+            "quantization": loaded.quantization, "method": cfg.method.name}
+    done = store.open(cfg, bool(cfg.resume), info)
+    todo = [q for q in questions if q.question_id not in done]
+    tracker = Tracker.start(cfg, store.dir, "bench", [cfg.model.name, cfg.method.name, cfg.bench.name])
+    failed = True
+    try:
+        runner = Runner(method, loaded, cfg)
+        if todo and cfg.warmup:
+            warm_up(runner, todo[0], int(cfg.warmup), int(cfg.warmup_tokens))
+        bar = tqdm(todo, desc=f"{cfg.method.name} on {cfg.bench.name}", unit="q", disable=not cfg.progress,
+                   initial=0, total=len(todo))
+        tokens = seconds = 0.0
+        for question in bar:
+            turns = answer_question(runner, question, int(cfg.seed))
+            record = {"question_id": question.question_id, "category": question.category,
+                      "model": cfg.model.name, "method": cfg.method.name, "turns": turns}
+            if question.question_id in reference:
+                record["lossless"] = compare_tokens([t["token_ids"] for t in turns], reference[question.question_id])
+            store.append(record)
+            tokens += sum(t["new_tokens"] for t in turns)
+            seconds += sum(t["wall_time"] for t in turns)
+            bar.set_postfix(tok_s=f"{tokens / seconds:.1f}", tau=f"{record_tau(turns):.2f}")
+            tracker.log({"question_id": question.question_id, "tokens_per_s": record_tps(turns),
+                         "tau": record_tau(turns), "new_tokens": sum(t["new_tokens"] for t in turns)})
+        records = store.records()
+        summary = summarize(records)
+        summary.update(model=cfg.model.name, method=cfg.method.name, bench=cfg.bench.name,
+                       run_dir=str(store.dir))
+        store.write_summary(summary)
+        tracker.summary({k: v for k, v in summary.items() if not isinstance(v, list)})
+        tracker.table("questions", [{"question_id": r["question_id"], "category": r["category"],
+                                     "new_tokens": sum(t["new_tokens"] for t in r["turns"]),
+                                     "tokens_per_s": record_tps(r["turns"]), "tau": record_tau(r["turns"]),
+                                     "lossless": (r.get("lossless") or {}).get("match")} for r in records])
+        failed = False
+        return summary
+    finally:
+        tracker.finish(failed=failed)
+
+
+def record_tps(turns: list[dict]) -> float:
+    return sum(t["new_tokens"] for t in turns) / max(sum(t["wall_time"] for t in turns), 1e-9)
+
+
+def record_tau(turns: list[dict]) -> float:
+    return sum(t["new_tokens"] for t in turns) / max(sum(t["steps"] for t in turns), 1)
+
+
+def format_summary(summary: dict) -> str:
+    tau = summary["tau"]
+    lines = [f"{summary['method']} on {summary['model']} / {summary['bench']}: {summary['questions']} questions, "
+             f"{summary['new_tokens']} tokens in {summary['wall_time']:.1f} s = {summary['tokens_per_s']:.2f} tokens/s, "
+             f"τ = {tau:.2f}"]
+    if summary.get("lossless_rate") is not None:
+        lines.append(f"lossless vs reference: {summary['lossless_rate']:.0%} of questions token-identical")
+    lines.append(f"run folder: {summary['run_dir']}")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
+    try:
+        summary = run_bench(cfg, run_dir)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(format_summary(summary))
+    return summary
+
+
+def check_choices(argv: list[str]) -> None:
+    """Unknown `model=`/`method=`/`bench=` names get one line listing the choices, before Hydra."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if not sep or key not in {"model", "method", "bench", "logger", "experiment", "train"}:
+            continue
+        folder = CONF_DIR / key
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        for name in value.split(","):
+            name = name.strip()
+            if name and not name.startswith(("glob(", "choice(", "range(")) and name not in known:
+                print(f"error: unknown {key} '{name}'; choose one of: {', '.join(known)} "
+                      f"(files in conf/{key}/)", file=sys.stderr)
+                sys.exit(2)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_choices(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

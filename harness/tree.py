@@ -1,0 +1,102 @@
+"""Draft trees: the verify input layout, its attention mask and position ids, and KV compaction.
+
+Verify input = [root, draft_0 .. draft_{n-1}, extra_0 .. extra_{m-1}]. The root is the pending token
+(chosen last step, not yet in the KV cache); `parents[i]` is the draft index of node i's parent, -1
+for the root. Nodes come in topological order (parent before child). Extra tokens (Lookahead's
+Jacobi window) bring their own mask over the whole input and their own position offsets.
+The only implementations of tree mask building and KV compaction live here.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=256)
+def _tree_layout(parents: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """Ancestor lists (input indices, root included, self included) and depths (root = 0)."""
+    ancestors: list[tuple[int, ...]] = [(0,)]
+    depths = [0]
+    for i, parent in enumerate(parents):
+        if parent >= i:
+            raise ValueError(f"draft node {i} has parent {parent}: nodes must follow their parents")
+        parent_input = parent + 1
+        ancestors.append(ancestors[parent_input] + (i + 1,))
+        depths.append(depths[parent_input] + 1)
+    return tuple(ancestors), tuple(depths)
+
+
+def is_chain(parents: tuple[int, ...]) -> bool:
+    return all(parent == i - 1 for i, parent in enumerate(parents))
+
+
+def depths_of(parents: tuple[int, ...]) -> tuple[int, ...]:
+    """Depth of each verify-input position of the tree part (root = 0)."""
+    return _tree_layout(parents)[1]
+
+
+def children_of(parents: tuple[int, ...]) -> list[list[int]]:
+    """children[j] = input indices of the children of input position j (root = 0), in draft order."""
+    children: list[list[int]] = [[] for _ in range(len(parents) + 1)]
+    for i, parent in enumerate(parents):
+        children[parent + 1].append(i + 1)
+    return children
+
+
+def tree_mask_bool(parents: tuple[int, ...]) -> torch.Tensor:
+    """[1 + n, 1 + n] bool: row i may attend to column j iff j is an ancestor of i (or i itself)."""
+    ancestors, _ = _tree_layout(parents)
+    size = len(ancestors)
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    for row, cols in enumerate(ancestors):
+        mask[row, list(cols)] = True
+    return mask
+
+
+def verify_layout(parents: tuple[int, ...], past: int, n_extra: int = 0,
+                  extra_mask: torch.Tensor | None = None, extra_offsets: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Attention mask [1, 1, N, past + N] (additive; None when plain causal is exact) and positions [1, N].
+
+    extra_mask: [m, N] bool over the verify input for the extra rows (cache prefix always visible).
+    extra_offsets: [m] position of each extra token relative to the root.
+    """
+    n_tree = len(parents) + 1
+    depths = torch.tensor(depths_of(parents), dtype=torch.long)
+    if n_extra:
+        depths = torch.cat([depths, extra_offsets.to(torch.long).cpu()])
+    positions = (depths + past).unsqueeze(0).to(device)
+    if n_extra == 0 and is_chain(parents):
+        return None, positions
+    size = n_tree + n_extra
+    visible = torch.zeros(size, size, dtype=torch.bool)
+    visible[:n_tree, :n_tree] = tree_mask_bool(parents)
+    if n_extra:
+        visible[n_tree:, :] = extra_mask.to(torch.bool).cpu()
+    block = torch.zeros(size, past + size, dtype=dtype)
+    block[:, past:].masked_fill_(~visible, torch.finfo(dtype).min)
+    return block.view(1, 1, size, past + size).to(device), positions
+
+
+def compact_cache(cache, past: int, keep: list[int]) -> None:
+    """Keep the verify-input positions `keep` (ascending, root first) after `past`; drop the rest.
+
+    A prefix [0, 1, .., k-1] is a crop; otherwise the kept rows move down in place, then a crop.
+    """
+    if keep == list(range(len(keep))):
+        target_len = past + len(keep)
+        for layer in cache.layers:
+            if layer.keys.shape[-2] > target_len:
+                layer.keys = layer.keys[..., :target_len, :]
+                layer.values = layer.values[..., :target_len, :]
+        return
+    index = torch.tensor([past + i for i in keep], device=cache.layers[0].keys.device)
+    target_len = past + len(keep)
+    for layer in cache.layers:
+        layer.keys[..., past:target_len, :] = layer.keys.index_select(-2, index)
+        layer.values[..., past:target_len, :] = layer.values.index_select(-2, index)
+        layer.keys = layer.keys[..., :target_len, :]
+        layer.values = layer.values[..., :target_len, :]

