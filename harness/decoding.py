@@ -13,6 +13,7 @@ only proposes (see shared DESIGN.md, "The one loop").
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,9 @@ class Draft:
     extra_tokens: list[int] | None = None          # [m] non-draft tokens riding in the same forward
     extra_mask: torch.Tensor | None = None         # [m, 1 + n + m] bool: what each extra row sees
     extra_offsets: torch.Tensor | None = None      # [m] position of each extra token relative to root
+    # An explicitly LOSSY acceptance (Medusa's typical acceptance) replacing the shared lossless one:
+    # (draft, scores, sampling, generator) -> Acceptance. None (the default) = harness/acceptance.py.
+    acceptance_override: Callable[..., Acceptance] | None = None
 
     @staticmethod
     def empty() -> "Draft":
@@ -182,7 +186,10 @@ def decode_turn(target: Target, proposer: Proposer, prompt_ids: list[int], sampl
         scores = target.verify(ctx.tokens[-1], draft.tokens, draft.parents, draft.extra_tokens,
                                draft.extra_mask, draft.extra_offsets)
         t2 = clock()
-        acceptance = accept(draft.parents, draft.tokens, scores.logits, draft.q_draft, sampling, generator)
+        if draft.acceptance_override is None:
+            acceptance = accept(draft.parents, draft.tokens, scores.logits, draft.q_draft, sampling, generator)
+        else:   # a lossy method's own rule; the method config must say `lossy: true`
+            acceptance = draft.acceptance_override(draft, scores, sampling, generator)
         new, reason = stop.cut(generated, acceptance.tokens)
         target.commit(past, acceptance.path)
         generated += new
