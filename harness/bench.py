@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -35,7 +36,13 @@ def build_method(method_cfg: DictConfig):
     """`conf/method/<name>.yaml` -> a Proposer (or a runner with `generate_turn`), by `_target_`."""
     params = OmegaConf.to_container(method_cfg, resolve=True)
     name = params.pop("name")
-    method = instantiate(params, _convert_="all")
+    try:
+        method = instantiate(params, _convert_="all")
+    except InstantiationException as exc:
+        # a method's own one-line HarnessError (a bad parameter) reaches the user unwrapped
+        if isinstance(exc.__cause__, HarnessError):
+            raise exc.__cause__ from None
+        raise
     method.name = name
     return method
 
