@@ -23,8 +23,10 @@ from harness.errors import HarnessError
 ANSWERS = "answers.jsonl"
 RUN_INFO = "run.json"
 SUMMARY = "summary.json"
-# Config keys that must agree between a run folder and a resumed run into it
+# Config keys that must agree between a run folder and a resumed run into it (the question selection
+# may grow: resuming with a larger bench.limit extends a run)
 IDENTITY_KEYS = ("model", "method", "bench", "decoding", "max_new_tokens", "seed")
+BENCH_IDENTITY = ("name", "max_turns")
 PACKAGES = ("torch", "transformers", "accelerate", "hydra-core", "fschat", "wandb", "specdec-harness")
 
 
@@ -70,7 +72,9 @@ def versions() -> dict:
 
 
 def _identity(cfg: dict) -> dict:
-    return {key: cfg.get(key) for key in IDENTITY_KEYS}
+    identity = {key: cfg.get(key) for key in IDENTITY_KEYS}
+    identity["bench"] = {key: (cfg.get("bench") or {}).get(key) for key in BENCH_IDENTITY}
+    return identity
 
 
 class RunStore:
@@ -90,7 +94,8 @@ class RunStore:
         if resume and info_path.is_file():
             old = json.loads(info_path.read_text())
             if _identity(old.get("config", {})) != _identity(resolved):
-                changed = [k for k in IDENTITY_KEYS if old.get("config", {}).get(k) != resolved.get(k)]
+                before, now = _identity(old.get("config", {})), _identity(resolved)
+                changed = [k for k in IDENTITY_KEYS if before[k] != now[k]]
                 raise HarnessError(f"cannot resume {self.dir}: its run used different {', '.join(changed)}; "
                                    "resume with the same settings or start a new run_dir")
         info = {"config": resolved, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -63,3 +63,31 @@ def default_model():
     from harness.models import load_model
 
     return load_model(compose_config().model, "cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template, saved as an HF folder, so the
+    whole bench path (load_model via model.path, templates, stop tokens) runs in seconds."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from harness.models import convert_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(convert_gguf(compose_config().model))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_theta=100000.0, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(4.0)
+    folder = tmp_path_factory.mktemp("tiny-smollm-shaped")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_bench_overrides(model_dir: Path, run_dir: Path, questions: Path, *extra: str) -> list[str]:
+    return [f"model.path={model_dir}", f"run_dir={run_dir}", f"bench.path={questions}", "warmup=0",
+            "logger.wandb.mode=disabled", "progress=false", *extra]
