@@ -1,0 +1,204 @@
+"""specdec-distill on a tiny chat model: own answers turn by turn, resume after a kill, shards + merge,
+the MT-Bench overlap refusal, batched generate == the harness loop."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from conftest import compose_config
+from harness.acceptance import Sampling
+from harness.decoding import Proposer, StopCriteria, decode_turn
+from harness.distill import Distiller, run_distill, shard_of
+from harness.errors import HarnessError
+from harness.models import load_model
+from harness.sharegpt import JsonlLog, read_sharegpt, write_sharegpt
+from harness.target import Target
+from tiny_chat import make_tiny_chat_model, model_overrides
+
+MT_BENCH_81 = ("Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural "
+               "experiences and must-see attractions.")
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+def sharegpt_input(path, count=6):
+    records = []
+    for index in range(count):
+        turns = [{"from": "human", "value": f"what is the colour of the sky ? tell me {index}"},
+                 {"from": "gpt", "value": "an old answer that distillation replaces"}]
+        if index % 3 == 0:   # some multi-turn conversations
+            turns += [{"from": "human", "value": "why ?"}, {"from": "gpt", "value": "old"}]
+        records.append({"id": f"c{index}", "conversations": turns})
+    return write_sharegpt(records, path)
+
+
+def distill_cfg(chat_model, questions_path, tmp_path, *overrides):
+    return compose_config(*model_overrides(chat_model), f"bench.path={questions_path}", "logger=none",
+                          f"out_dir={tmp_path / 'out'}", "max_length=72", "progress=false", *overrides,
+                          config_name="distill")
+
+
+def test_each_turn_is_answered_with_the_models_own_previous_answers(chat_model, questions_path, tmp_path):
+    data = sharegpt_input(tmp_path / "in.json", count=3)
+    cfg = distill_cfg(chat_model, questions_path, tmp_path, f"data_path={data}", "max_length=96",
+                      "max_new_tokens=16")
+    summary = run_distill(cfg)
+    assert summary["conversations"] == 3 and summary["skipped"] == 0
+    records = {r["id"]: r for r in JsonlLog(summary["file"]).records()}
+    two_turns = records["c0"]["conversations"]
+    assert [m["from"] for m in two_turns] == ["human", "gpt", "human", "gpt"]
+    assert "old" not in (two_turns[1]["value"], two_turns[3]["value"])
+
+    # the same answers by hand: turn 2's prompt carries the model's own turn-1 answer
+    loaded = load_model(cfg.model, "cpu")
+    target, template = Target(loaded.model), loaded.template
+    history = []
+    for turn, message in zip(range(2), two_turns[0::2]):
+        prompt = template.encode(history + [(message["value"], None)])
+        result = decode_turn(target, Proposer(), prompt, Sampling(),
+                             StopCriteria(frozenset(template.stop_token_ids), (), loaded.tokenizer, 16))
+        answer = template.clean_answer(loaded.tokenizer.decode(result.token_ids, skip_special_tokens=True))
+        assert answer == two_turns[2 * turn + 1]["value"]
+        assert records["c0"]["new_tokens"][turn] == len(result.token_ids)
+        history.append((message["value"], answer))
+
+
+def test_max_length_bounds_the_whole_conversation(chat_model, questions_path, tmp_path):
+    data = sharegpt_input(tmp_path / "in.json", count=3)
+    summary = run_distill(distill_cfg(chat_model, questions_path, tmp_path, f"data_path={data}", "max_length=60"))
+    for record in JsonlLog(summary["file"]).records():
+        assert record["total_tokens"] <= 60
+        # turn 1 fills the conversation up to max_length, so a second turn never fits
+        assert len(record["conversations"]) == 2 and record["stop_reasons"] == ["max_new_tokens"]
+    cfg = distill_cfg(chat_model, questions_path, tmp_path, f"data_path={data}", "max_length=20",
+                      f"out_dir={tmp_path / 'short'}")
+    summary = run_distill(cfg)
+    assert summary["skipped"] == 3   # prompts longer than max_length: marked done, left out of the merge
+    with open_dict(cfg):
+        cfg.merge = True
+    assert run_distill(cfg)["conversations"] == 0
+
+
+def test_resume_after_a_kill_skips_finished_ids_and_duplicates_nothing(chat_model, questions_path, tmp_path,
+                                                                      monkeypatch):
+    data = sharegpt_input(tmp_path / "in.json", count=5)
+    cfg = distill_cfg(chat_model, questions_path, tmp_path, f"data_path={data}", "max_new_tokens=8")
+    real, calls = Distiller.answer_one, []
+
+    def dies_on_the_third(self, conversation):
+        calls.append(conversation.id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a kill while conversation 3 is being generated
+        return real(self, conversation)
+
+    monkeypatch.setattr(Distiller, "answer_one", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(cfg)
+    shard_file = tmp_path / "out" / "shard-00000-of-00001.jsonl"
+    before = JsonlLog(shard_file).records()
+    assert len(before) == 2
+    with open(shard_file, "a") as handle:   # and a torn line from a kill in the middle of a write
+        handle.write('{"id": "c4", "conversa')
+    monkeypatch.setattr(Distiller, "answer_one", real)
+    summary = run_distill(cfg)
+    after = JsonlLog(shard_file).records()
+    assert summary["written_now"] == 3
+    assert sorted(r["id"] for r in after) == [f"c{i}" for i in range(5)]   # each id exactly once
+    assert after[:2] == before
+
+
+def test_resume_refuses_other_settings(chat_model, questions_path, tmp_path):
+    data = sharegpt_input(tmp_path / "in.json", count=2)
+    run_distill(distill_cfg(chat_model, questions_path, tmp_path, f"data_path={data}", "max_new_tokens=4"))
+    with pytest.raises(HarnessError, match="different max_length"):
+        run_distill(distill_cfg(chat_model, questions_path, tmp_path, f"data_path={data}", "max_new_tokens=4",
+                                "max_length=80"))
+
+
+def test_shards_partition_the_input_and_merge_checks_completeness(chat_model, questions_path, tmp_path):
+    data = sharegpt_input(tmp_path / "in.json", count=8)
+    common = [f"data_path={data}", "max_new_tokens=4", "num_shards=2", "eval_fraction=0.25"]
+    run_distill(distill_cfg(chat_model, questions_path, tmp_path, *common, "shard=0"))
+    with pytest.raises(HarnessError, match=r"merge: \d+ of 8 conversations are missing \(shards 1 unfinished"):
+        run_distill(distill_cfg(chat_model, questions_path, tmp_path, *common, "merge=true"))
+    run_distill(distill_cfg(chat_model, questions_path, tmp_path, *common, "shard=1"))
+    summary = run_distill(distill_cfg(chat_model, questions_path, tmp_path, *common, "merge=true"))
+
+    merged = read_sharegpt(summary["output"])
+    assert [r["id"] for r in merged] == [f"c{i}" for i in range(8)]       # input order, no duplicates
+    for shard in (0, 1):
+        ids = [r["id"] for r in JsonlLog(tmp_path / "out" / f"shard-0000{shard}-of-00002.jsonl").records()]
+        assert ids and all(shard_of(i, 2) == shard for i in ids)
+    train, held = read_sharegpt(summary["train"]), read_sharegpt(summary["eval"])
+    assert sorted(r["id"] for r in train + held) == sorted(r["id"] for r in merged)
+    assert not {r["id"] for r in train} & {r["id"] for r in held}
+    with pytest.raises(HarnessError, match="another num_shards"):
+        run_distill(distill_cfg(chat_model, questions_path, tmp_path, f"data_path={data}", "max_new_tokens=4",
+                                "num_shards=3"))
+
+
+def test_mt_bench_prompts_are_refused_unless_allowed(chat_model, questions_path, tmp_path, caplog):
+    records = [{"id": "leak", "conversations": [{"from": "human", "value": "  " + MT_BENCH_81.upper() + "!! "}]},
+               {"id": "fine", "conversations": [{"from": "human", "value": "hello world"}]}]
+    data = write_sharegpt(records, tmp_path / "in.jsonl")
+    with caplog.at_level(logging.WARNING):
+        summary = run_distill(distill_cfg(chat_model, questions_path, tmp_path, f"data_path={data}",
+                                          "max_new_tokens=4"))
+    assert summary["eval_overlap"] == 1 and summary["conversations"] == 1
+    assert [r["id"] for r in JsonlLog(summary["file"]).records()] == ["fine"]
+    line = [r.getMessage() for r in caplog.records if "eval overlap" in r.getMessage()]
+    assert line == ["eval overlap: 1 of 2 prompts appear in mt_bench (question ids 81); refused them (no training "
+                    "on the benchmark; allow_eval_overlap=true keeps them)"]
+    allowed = run_distill(distill_cfg(chat_model, questions_path, tmp_path, f"data_path={data}",
+                                      "max_new_tokens=4", "allow_eval_overlap=true", f"out_dir={tmp_path / 'a'}"))
+    assert allowed["conversations"] == 2 and allowed["eval_overlap"] == 1
+
+
+def test_question_file_input_selects_categories_and_never_mt_bench(chat_model, questions_path, tmp_path):
+    cfg = distill_cfg(chat_model, questions_path, tmp_path, "bench.categories=[qa,writing]", "max_length=40",
+                      "max_new_tokens=2")
+    with open_dict(cfg):
+        cfg.bench.question_ids = [81, 82, 321, 322]   # writing = MT-Bench; refused by text, not by id
+    summary = run_distill(cfg)
+    records = JsonlLog(summary["file"]).records()
+    assert summary["eval_overlap"] == 2
+    assert sorted(r["id"] for r in records) == ["321", "322"] and {r["category"] for r in records} == {"qa"}
+
+
+def test_batched_generate_matches_the_harness_loop(chat_model, questions_path, tmp_path):
+    cfg = distill_cfg(chat_model, questions_path, tmp_path, "max_length=80", "max_new_tokens=12")
+    distiller = Distiller(load_model(cfg.model, "cpu"), cfg)
+    data = sharegpt_input(tmp_path / "in.json", count=4)
+    from harness.distill import Conversation
+    from harness.sharegpt import user_turns
+
+    conversations = [Conversation(r["id"], user_turns(r)) for r in read_sharegpt(data)]
+    conversations[1].turns[0] += " please answer the question about the red car and the blue house"
+    one_by_one = [distiller.answer_one(c) for c in conversations]
+    batched = distiller.answer_batch(conversations)   # different prompt lengths: real left padding
+    assert [b.answers for b in batched] == [o.answers for o in one_by_one]
+    assert [b.new_tokens for b in batched] == [o.new_tokens for o in one_by_one]
+
+
+@pytest.mark.integration
+def test_real_model_distils_two_questions(questions_path, tmp_path):
+    cfg = compose_config(f"bench.path={questions_path}", "logger=none", f"out_dir={tmp_path}", "max_length=256",
+                         "max_new_tokens=12", "bench.limit=2", "device=cpu", "progress=false",
+                         config_name="distill")
+    summary = run_distill(cfg)
+    records = JsonlLog(summary["file"]).records()
+    assert len(records) == 2 and all(0 < r["new_tokens"][0] <= 12 for r in records)
+    assert all(r["conversations"][1]["value"].strip() for r in records)
+    with open_dict(cfg):
+        cfg.merge = True
+    merged = run_distill(cfg)
+    assert [r["id"] for r in json.loads((tmp_path / "distilled.json").read_text())] == ["161", "162"]
+    assert merged["conversations"] == 2
