@@ -28,6 +28,13 @@ class ChatTemplate:
     def encode(self, turns: list[tuple[str, str | None]]) -> list[int]:
         raise NotImplementedError
 
+    # whether `encode` lets the tokenizer add its special tokens (BOS); training tokenises the same way
+    add_special_tokens = True
+
+    def conversation_text(self, turns: list[tuple[str, str]]) -> str:
+        """The whole conversation with every answer written and closed (the text training tokenises)."""
+        raise NotImplementedError
+
     def clean_answer(self, text: str) -> str:
         """Answer text as it goes back into the next turn's prompt: cut at a stop string, stripped."""
         for stop in self.stop_strings:
@@ -55,6 +62,12 @@ class HFChatTemplate(ChatTemplate):
         # the template already writes every special token it wants; add none
         return self.tokenizer(self.prompt_text(turns), add_special_tokens=False).input_ids
 
+    add_special_tokens = False
+
+    def conversation_text(self, turns):
+        return self.tokenizer.apply_chat_template(self._messages(turns), tokenize=False,
+                                                  add_generation_prompt=False)
+
 
 class FastChatTemplate(ChatTemplate):
     """fschat's `get_conv_template(name)`: `vicuna_v1.1`, `llama-2`, ..."""
@@ -76,6 +89,9 @@ class FastChatTemplate(ChatTemplate):
     def encode(self, turns):
         # Llama tokenizers prepend BOS, as FastChat's MT-Bench answer generation does
         return self.tokenizer(self.prompt_text(turns)).input_ids
+
+    def conversation_text(self, turns):
+        return self._conversation(turns).get_prompt()
 
 
 def make_template(model_cfg: DictConfig, tokenizer) -> ChatTemplate:
