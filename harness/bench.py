@@ -28,6 +28,7 @@ from harness.models import LoadedModel, load_model
 from harness.store import RunStore, hardware
 from harness.target import Target
 from harness.tracking import Tracker
+from reports.compare import check_baseline, speedups_against
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ def run_bench(cfg: DictConfig, run_dir: str | Path) -> dict:
     info = {"hardware": hardware(loaded.device), "model_source": loaded.source,
             "quantization": loaded.quantization, "method": cfg.method.name}
     done = store.open(cfg, bool(cfg.resume), info)
+    baseline = check_baseline(cfg.baseline_run, store.dir) if cfg.get("baseline_run") else None
     todo = [q for q in questions if q.question_id not in done]
     tracker = Tracker.start(cfg, store.dir, "bench", [cfg.model.name, cfg.method.name, cfg.bench.name])
     failed = True
@@ -145,18 +147,15 @@ def run_bench(cfg: DictConfig, run_dir: str | Path) -> dict:
             tokens += sum(t["new_tokens"] for t in turns)
             seconds += sum(t["wall_time"] for t in turns)
             bar.set_postfix(tok_s=f"{tokens / seconds:.1f}", tau=f"{record_tau(turns):.2f}")
-            tracker.log({"question_id": question.question_id, "tokens_per_s": record_tps(turns),
-                         "tau": record_tau(turns), "new_tokens": sum(t["new_tokens"] for t in turns)})
+            tracker.log_record(record)
         records = store.records()
         summary = summarize(records)
         summary.update(model=cfg.model.name, method=cfg.method.name, bench=cfg.bench.name,
                        run_dir=str(store.dir))
+        if baseline is not None:
+            summary.update(speedups_against(baseline, records))
         store.write_summary(summary)
-        tracker.summary({k: v for k, v in summary.items() if not isinstance(v, list)})
-        tracker.table("questions", [{"question_id": r["question_id"], "category": r["category"],
-                                     "new_tokens": sum(t["new_tokens"] for t in r["turns"]),
-                                     "tokens_per_s": record_tps(r["turns"]), "tau": record_tau(r["turns"]),
-                                     "lossless": (r.get("lossless") or {}).get("match")} for r in records])
+        tracker.log_results(summary, records)
         failed = False
         return summary
     finally:

@@ -1,9 +1,19 @@
 """Weights & Biases mirror of a run folder. The folder is the record: W&B failing, unreachable or
-disabled never fails a run and never loses local results; `finish()` always runs."""
+disabled never fails a run and never loses local results; `finish()` always runs.
+
+Every app (bench, distill, train, report) starts one `Tracker`:
+- config = the resolved Hydra config; project/entity/mode from `logger.wandb` (offline by default:
+  no account needed, `wandb sync <run_dir>/wandb/offline-run-*` later);
+- name = the job's command-line overrides, as Hydra's `hydra.job.override_dirname` spells them
+  (`method=pld,model=smollm2-135m`), else the run folder's name;
+- group = `logger.wandb.group`, else, in a multirun, the sweep folder's name, so one sweep is one group;
+- job_type = bench / distill / train / report; tags = model, method, bench (+ `logger.wandb.tags`).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -11,14 +21,91 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
+# Overrides that say where or how a job runs, not what it measures: left out of the W&B run name.
+NAME_EXCLUDED = ("run_dir", "resume", "progress", "logger", "hydra", "reference", "baseline_run")
+
+
+def _hydra_config():
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get() if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001 - outside a Hydra app there is simply no Hydra config
+        return None
+
+
+def run_name(default: str) -> str:
+    """`hydra.job.override_dirname` without location-only keys (`run_dir=`, `logger.*`, ...)."""
+    hydra_cfg = _hydra_config()
+    if hydra_cfg is None:
+        return default
+    kept = []
+    for override in hydra_cfg.overrides.task:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if not key.startswith(NAME_EXCLUDED):
+            kept.append(override.lstrip("+~"))
+    # W&B shows at most 128 characters of a name
+    return ",".join(sorted(kept))[:128] or default
+
+
+def sweep_group() -> str | None:
+    """The sweep folder's name in a multirun (one sweep = one W&B group), else None."""
+    hydra_cfg = _hydra_config()
+    if hydra_cfg is None:
+        return None
+    try:
+        from hydra.types import RunMode
+
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return Path(str(hydra_cfg.sweep.dir)).name
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+def _scalar(value) -> bool:
+    return isinstance(value, (int, float, str, bool)) and not (isinstance(value, float) and math.isnan(value))
+
+
+def flat_metrics(summary: dict) -> dict:
+    """A run summary as W&B summary keys: lists and dicts become `key/pos{k}` entries."""
+    flat = {}
+    for key, value in summary.items():
+        if key == "acceptance_per_position" and value:
+            flat.update({f"acceptance/pos{k + 1}": v for k, v in enumerate(value) if v is not None})
+        elif key == "topk_accuracy" and isinstance(value, dict):
+            flat.update({f"topk_accuracy/{k}": v for k, v in value.items() if _scalar(v)})
+        elif isinstance(value, dict):
+            flat.update({f"{key}/{k}": v for k, v in value.items() if _scalar(v)})
+        elif _scalar(value):
+            flat[key] = value
+    return flat
+
+
+def question_row(record: dict) -> dict:
+    turns = record["turns"]
+    tokens = sum(t["new_tokens"] for t in turns)
+    wall = sum(t["wall_time"] for t in turns)
+    steps = sum(t["steps"] for t in turns)
+    drafted = [t.get("draft_sizes") for t in turns]
+    return {"question_id": record["question_id"], "category": record.get("category"), "turns": len(turns),
+            "new_tokens": tokens, "wall_time": wall, "tokens_per_s": tokens / wall if wall else None,
+            "tau": tokens / steps if steps else None,
+            "draft_tokens_per_step": (sum(sum(d) for d in drafted) / steps
+                                      if steps and all(d is not None for d in drafted) else None),
+            "lossless": (record.get("lossless") or {}).get("match"),
+            "answer": turns[0].get("text", "")[:500] if turns else ""}
+
 
 class Tracker:
     def __init__(self, run=None):
         self.run = run
+        self.broken = False        # a logging call failed: log nothing more, but still finish()
+        self.turns_logged = 0
 
     @classmethod
-    def start(cls, cfg: DictConfig, run_dir: Path, job_type: str, tags: list[str], name: str | None = None
-              ) -> "Tracker":
+    def start(cls, cfg: DictConfig, run_dir: str | Path, job_type: str, tags: list[str], name: str | None = None,
+              group: str | None = None) -> "Tracker":
         settings = cfg.get("logger", {}).get("wandb", {}) if cfg.get("logger") else {}
         mode = settings.get("mode", "offline")
         if mode == "disabled":
@@ -29,29 +116,56 @@ class Tracker:
             os.environ.setdefault("WANDB_SILENT", "true")
             run = wandb.init(
                 project=settings.get("project", "specdec-harness"), entity=settings.get("entity"),
-                group=settings.get("group"), job_type=job_type, mode=mode, dir=str(run_dir),
-                name=name or Path(run_dir).name, tags=[str(t) for t in [*tags, *(settings.get("tags") or [])]],
+                group=settings.get("group") or group or sweep_group(), job_type=job_type, mode=mode,
+                dir=str(run_dir), name=name or run_name(Path(run_dir).name),
+                tags=sorted({str(t) for t in [*tags, *(settings.get("tags") or [])] if t}),
                 config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
             return cls(run)
         except Exception as exc:  # noqa: BLE001 - W&B is a mirror; the run goes on without it
             log.warning("W&B disabled for this run: %s", str(exc).splitlines()[0] if str(exc) else exc)
             return cls(None)
 
+    @property
+    def active(self) -> bool:
+        return self.run is not None and not self.broken
+
+    @property
+    def folder(self) -> str | None:
+        """The local W&B run folder (`wandb sync` it when mode is offline)."""
+        try:
+            return str(Path(self.run.dir).parent) if self.run is not None else None
+        except Exception:  # noqa: BLE001
+            return None
+
     def _safely(self, fn, *args, **kwargs) -> None:
-        if self.run is None:
+        if self.run is None or self.broken:
             return
         try:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
             log.warning("W&B logging failed, continuing without it: %s", exc)
-            self.run = None
+            self.broken = True
 
     def log(self, metrics: dict, step: int | None = None) -> None:
         self._safely(lambda: self.run.log(metrics, step=step))
 
+    def log_record(self, record: dict) -> None:
+        """One finished question: one W&B step per turn (the per-turn curves), as it happens."""
+        for turn in record["turns"]:
+            steps = turn["steps"]
+            sizes = turn.get("draft_sizes")
+            metrics = {"question_id": record["question_id"], "turn": turn["turn"],
+                       "turn/new_tokens": turn["new_tokens"], "turn/wall_time": turn["wall_time"],
+                       "turn/tokens_per_s": turn["new_tokens"] / max(turn["wall_time"], 1e-9),
+                       "turn/tau": turn["new_tokens"] / max(steps, 1), "turn/steps": steps}
+            if sizes is not None and steps:
+                metrics["turn/draft_tokens_per_step"] = sum(sizes) / steps
+            self.log(metrics)
+            self.turns_logged += 1
+
     def summary(self, metrics: dict) -> None:
         def update():
-            for key, value in metrics.items():
+            for key, value in flat_metrics(metrics).items():
                 self.run.summary[key] = value
         self._safely(update)
 
@@ -65,6 +179,23 @@ class Tracker:
             columns = list(rows[0])
             self.run.log({key: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
         self._safely(log_table)
+
+    def images(self, figures: dict[str, str | Path]) -> None:
+        """Figures (PNG paths) as `wandb.Image`s, one key each."""
+        if not figures:
+            return
+
+        def log_images():
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path)) for key, path in figures.items()})
+        self._safely(log_images)
+
+    def log_results(self, summary: dict, records: list[dict]) -> None:
+        """End of a bench run: summary metrics (tokens/s, speedup, τ, lossless, acceptance and top-k
+        accuracy per position) + a table of per-question results."""
+        self.summary(summary)
+        self.table("questions", [question_row(r) for r in records])
 
     def finish(self, failed: bool = False) -> None:
         if self.run is None:

@@ -1,0 +1,235 @@
+"""Speedup, τ and lossless against the matching vanilla run (../shared/DESIGN.md, "Metrics").
+
+speedup = tokens/s of a method / tokens/s of vanilla, same model, bench, hardware and decoding settings,
+counted the same way (generated token ids, never re-tokenised text). Two definitions, both reported:
+- `per_question`: the mean over questions of (method tokens/s on q) / (vanilla tokens/s on q), where a
+  question's tokens/s = its tokens over all turns / its wall time over all turns (Spec-Bench's unit);
+- `total`: (method's total tokens / total time) / (vanilla's total tokens / total time), over the same
+  questions.
+(Spec-Bench's own evaluation/speed.py divides the mean per-question tokens/s of the method by that of
+vanilla: a third definition, between the two; we do not report it.)
+
+Repeats (same method and settings, another `seed`) each get their own speedup against the vanilla run
+with the same seed (else against all vanilla repeats pooled), then are shown as mean ± std.
+A run is never compared with a vanilla run of other settings: that is a one-line HarnessError.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from harness.errors import HarnessError
+from reports.results import SETTINGS, Run, differences, task_of
+
+DEFINITIONS = {"per_question": "mean of per-question speedups",
+               "total": "total tokens / total time, method over vanilla"}
+
+
+@dataclass
+class Group:
+    """Runs that may be compared with each other: the same settings (results.SETTINGS)."""
+    settings: dict
+    runs: list[Run]
+    baselines: dict[str, list[Run]] = field(default_factory=dict)   # run_id -> its vanilla run(s)
+    slug: str = ""
+
+    @property
+    def title(self) -> str:
+        s = self.settings
+        decoding = "greedy" if not s["temperature"] else f"T={s['temperature']}, top-p={s['top_p']}"
+        extra = [f"{s['quantization']}" if s["quantization"] != "none" else "", f"dtype {s['dtype']}"
+                 if s["dtype"] != "auto" else "", f"{s['threads']} threads" if s.get("threads") else ""]
+        return (f"{s['model']} · {s['bench']} · {s['device'].upper()} {s['hardware']} · {decoding} · "
+                f"{s['max_new_tokens']} new tokens" + "".join(f" · {e}" for e in extra if e))
+
+
+def _slug(settings: dict) -> str:
+    text = f"{settings['model']}_{settings['bench']}_{settings['max_new_tokens']}tok"
+    if settings["temperature"]:
+        text += f"_T{settings['temperature']}"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
+def question_totals(runs: list[Run]) -> pd.DataFrame:
+    """Per question, summed over turns and over the given runs (repeats pool their time and tokens)."""
+    rows = {}
+    for run in runs:
+        bench = run.settings["bench"]
+        for record in run.records:
+            row = rows.setdefault(record["question_id"], {"new_tokens": 0, "wall_time": 0.0, "steps": 0,
+                                                          "task": task_of(record.get("category"), bench)})
+            for turn in record["turns"]:
+                row["new_tokens"] += turn["new_tokens"]
+                row["wall_time"] += turn["wall_time"]
+                row["steps"] += turn["steps"]
+    frame = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+    frame["tokens_per_s"] = frame["new_tokens"] / frame["wall_time"]
+    return frame
+
+
+def speedup(method: pd.DataFrame, vanilla: pd.DataFrame, definition: str) -> float:
+    """`method` and `vanilla` from question_totals; over the method's questions (vanilla covers them)."""
+    shared = method.index.intersection(vanilla.index)
+    if len(shared) == 0:
+        return math.nan
+    m, v = method.loc[shared], vanilla.loc[shared]
+    if definition == "per_question":
+        return float((m["tokens_per_s"] / v["tokens_per_s"]).mean())
+    if definition == "total":
+        return float((m["new_tokens"].sum() / m["wall_time"].sum()) / (v["new_tokens"].sum() / v["wall_time"].sum()))
+    raise HarnessError(f"unknown speedup definition '{definition}'; use one of {', '.join(DEFINITIONS)}")
+
+
+def group_runs(runs: list[Run], baseline: str = "vanilla") -> list[Group]:
+    """Partition runs by settings and give every run its vanilla run(s); refuse what cannot be compared."""
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        key = tuple(str(run.settings.get(k)) for k in SETTINGS)
+        groups.setdefault(key, Group(run.settings, [])).runs.append(run)
+    vanillas = [r for r in runs if r.method == baseline]
+    for group in groups.values():
+        group.slug = _slug(group.settings)
+        candidates = [r for r in group.runs if r.method == baseline]
+        for run in group.runs:
+            if not candidates:
+                near = [v for v in vanillas if v.settings["model"] == run.settings["model"]
+                        and v.settings["bench"] == run.settings["bench"]]
+                if near:
+                    closest = min(near, key=lambda v: len(differences(run.settings, v.settings)))
+                    raise HarnessError(
+                        f"cannot compute the speedup of {run.label} ({run.path}): the closest {baseline} run "
+                        f"{closest.path} differs in {', '.join(differences(run.settings, closest.settings))}; "
+                        f"run {baseline} with the same settings or leave one of them out of runs=")
+                s = run.settings
+                raise HarnessError(
+                    f"no {baseline} run for {run.label} ({s['model']}, {s['bench']}, {s['max_new_tokens']} tokens, "
+                    f"{s['device']}) in the report set; add one: specdec-bench method={baseline} model={s['model']} "
+                    f"bench={s['bench']} max_new_tokens={s['max_new_tokens']} (same questions and decoding)")
+            same_seed = [v for v in candidates if v.seed == run.seed]
+            base = same_seed or candidates
+            missing = run.questions() - set().union(*(v.questions() for v in base))
+            if missing:
+                shown = ", ".join(map(str, sorted(missing)[:5])) + (" ..." if len(missing) > 5 else "")
+                raise HarnessError(
+                    f"{run.path} answered questions its {baseline} run {base[0].path} lacks ({shown}); run "
+                    f"{baseline} on the same questions (bench.limit / bench.question_ids)")
+            group.baselines[run.run_id] = base
+    if len({g.slug for g in groups.values()}) < len(groups):
+        for index, group in enumerate(groups.values()):
+            group.slug = f"{group.slug}_{index}"
+    return list(groups.values())
+
+
+def lossless(run: Run, base: list[Run], baseline: str = "vanilla") -> tuple[int, int, str]:
+    """(questions token-identical, questions compared, source). Source: `record` (the run's own check
+    against `reference=`), `vanilla` (token ids compared here, greedy only), `reference`, or `n/a`."""
+    checked = [r["lossless"]["match"] for r in run.records if r.get("lossless") is not None]
+    if checked:
+        return sum(map(bool, checked)), len(checked), "record"
+    if run.method == baseline:
+        return 0, 0, "reference"
+    if not run.greedy:
+        return 0, 0, "n/a"       # sampled runs are lossless in distribution, not token by token
+    reference = {r["question_id"]: [t["token_ids"] for t in r["turns"]] for r in base[0].records}
+    matched = compared = 0
+    for record in run.records:
+        ref = reference.get(record["question_id"])
+        if ref is None:
+            continue
+        compared += 1
+        matched += [t["token_ids"] for t in record["turns"]] == ref
+    return matched, compared, "vanilla"
+
+
+def position_counts(run: Run) -> tuple[list[int], list[int]]:
+    depth = max((len(t.get("pos_attempted") or []) for r in run.records for t in r["turns"]), default=0)
+    attempted, accepted = [0] * depth, [0] * depth
+    for record in run.records:
+        for turn in record["turns"]:
+            for k, n in enumerate(turn.get("pos_attempted") or []):
+                attempted[k] += n
+            for k, n in enumerate(turn.get("pos_accepted") or []):
+                accepted[k] += n
+    return attempted, accepted
+
+
+def run_metrics(group: Group, tasks: list[str], baseline: str = "vanilla") -> pd.DataFrame:
+    """One row per run: tokens/s, τ, draft size, both speedups overall and per task, lossless."""
+    rows = []
+    for run in group.runs:
+        base = group.baselines[run.run_id]
+        mine, theirs = question_totals([run]), question_totals(base)
+        turns = [t for r in run.records for t in r["turns"]]
+        tokens, wall, steps = (sum(t[k] for t in turns) for k in ("new_tokens", "wall_time", "steps"))
+        sizes = [t.get("draft_sizes") for t in turns]
+        stage = {k: (sum(t[k] for t in turns) / wall if wall and all(t.get(k) is not None for t in turns)
+                     else math.nan) for k in ("draft_time", "verify_time")}
+        matched, compared, source = lossless(run, base, baseline)
+        row = {"run_id": run.run_id, "label": run.label, "method": run.method, "seed": run.seed,
+               "questions": len(run.records), "turns": len(turns), "new_tokens": tokens, "wall_time": wall,
+               "tokens_per_s": tokens / wall if wall else math.nan,
+               "tokens_per_s_mean": float(mine["tokens_per_s"].mean()),
+               "tau": tokens / steps if steps else math.nan,
+               "draft_tokens_per_step": (sum(sum(s) for s in sizes) / steps
+                                         if steps and all(s is not None for s in sizes) else math.nan),
+               "draft_share": stage["draft_time"], "verify_share": stage["verify_time"],
+               "lossless_matched": matched, "lossless_compared": compared, "lossless_source": source}
+        for definition in DEFINITIONS:
+            row[f"speedup_{definition}"] = speedup(mine, theirs, definition)
+            for task in tasks:
+                row[f"{definition}:{task}"] = speedup(mine[mine["task"] == task], theirs, definition)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mean_std(values) -> tuple[float, float, int]:
+    array = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))],
+                       dtype=float)
+    if array.size == 0:
+        return math.nan, math.nan, 0
+    # sample std (ddof=1) over repeats, as Spec-Bench reports its 3 runs; undefined for one run
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else math.nan, int(array.size)
+
+
+def label_order(labels, metrics: pd.DataFrame, baseline: str = "vanilla") -> list[str]:
+    """Best overall speedup first, the baseline last; `ours_no_trigram` right after `ours` (the ablation
+    reads side by side)."""
+    score = metrics.groupby("label")["speedup_per_question"].mean()
+    ordered = sorted((l for l in labels if l != baseline), key=lambda l: (-score.get(l, -math.inf), l))
+    for ablated in [l for l in ordered if l.startswith("ours_no_trigram")]:
+        full = ablated.replace("ours_no_trigram", "ours", 1)
+        if full in ordered:
+            ordered.remove(ablated)
+            ordered.insert(ordered.index(full) + 1, ablated)
+    return ordered + [l for l in labels if l == baseline]
+
+
+def check_baseline(baseline_dir: str, run_dir) -> Run:
+    """`specdec-bench baseline_run=<folder>`: that run, after checking its settings match this run's."""
+    import json
+    from pathlib import Path
+
+    from reports.results import load_runs, settings_of
+
+    found = load_runs([baseline_dir])
+    if len(found) != 1:
+        raise HarnessError(f"baseline_run={baseline_dir} holds {len(found)} runs; point it at one finished run folder")
+    base = found[0]
+    mine = settings_of(json.loads((Path(run_dir) / "run.json").read_text()))
+    if differences(mine, base.settings):
+        raise HarnessError(f"baseline_run={baseline_dir} cannot be this run's baseline: it differs in "
+                           f"{', '.join(differences(mine, base.settings))}; point it at a run with the same settings")
+    return base
+
+
+def speedups_against(base: Run, records: list[dict]) -> dict:
+    """Summary keys for a bench run with a known baseline (both definitions, over shared questions)."""
+    mine = question_totals([Run(base.path, {}, records, None, settings=base.settings)])
+    theirs = question_totals([base])
+    return {"speedup": speedup(mine, theirs, "per_question"), "speedup_total": speedup(mine, theirs, "total"),
+            "speedup_questions": len(mine.index.intersection(theirs.index)), "baseline_run": str(base.path),
+            "baseline_method": base.method}

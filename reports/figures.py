@@ -1,0 +1,164 @@
+"""Report figures (matplotlib, Agg): one PNG each, titled with the group's settings."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from reports.compare import DEFINITIONS, Group, mean_std  # noqa: E402
+from reports.tables import topk_columns  # noqa: E402
+
+MAX_ACCEPTED = 10   # histogram bins 1..9 and "10+"
+MARKERS = "osD^v<>"
+
+
+def _colors(labels: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10")
+    return {label: cmap(i % 10) for i, label in enumerate(labels)}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def speedup_per_category(metrics: pd.DataFrame, labels: list[str], tasks: list[str], definition: str,
+                         title: str, path: Path, baseline: str = "vanilla") -> Path | None:
+    methods = [l for l in labels if l != baseline]
+    if not methods:
+        return None
+    columns = tasks + ["Overall"]
+    width = 0.8 / len(methods)
+    x = np.arange(len(columns))
+    colors = _colors(labels)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(columns) + 0.4 * len(methods)), 4.2))
+    top = 1.0
+    for i, label in enumerate(methods):
+        stats = [mean_std(metrics.loc[metrics["label"] == label,
+                                      f"{definition}:{c}" if c != "Overall" else f"speedup_{definition}"])
+                 for c in columns]
+        means = [s[0] for s in stats]
+        errors = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=errors, capsize=2, label=label,
+                      color=colors[label], error_kw={"elinewidth": 0.8, "ecolor": "0.3"})
+        ax.bar_label(bars, labels=[f"{m:.2f}" if not math.isnan(m) else "" for m in means], fontsize=7, padding=1)
+        top = max([top, *[m + e for m, e in zip(means, errors) if not math.isnan(m)]])
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8, label=f"{baseline} = 1")
+    ax.set_xticks(x, columns, rotation=20 if len(columns) > 4 else 0, ha="right" if len(columns) > 4 else "center")
+    ax.set_ylabel(f"speedup over {baseline} (×)")
+    ax.set_ylim(0, top * 1.3)   # room for the legend above the tallest bar
+    ax.set_title(f"Speedup per category — {DEFINITIONS[definition]}\n{title}", fontsize=9)
+    ax.legend(fontsize=8, ncol=min(len(methods) + 1, 4), loc="upper left")
+    return _save(fig, path)
+
+
+def accepted_length_histogram(group: Group, labels: list[str], title: str, path: Path) -> Path | None:
+    """Fraction of verify steps that committed 1, 2, ... tokens (bonus token included)."""
+    counts, taus = {}, {}
+    for label in labels:
+        lengths = [n for run in group.runs if run.label == label for record in run.records
+                   for turn in record["turns"] for n in turn["accepted_lengths"]]
+        if lengths:
+            counts[label] = Counter(min(n, MAX_ACCEPTED) for n in lengths)
+            taus[label] = sum(lengths) / len(lengths)
+    if not counts:
+        return None
+    longest = max(max(c) for c in counts.values())
+    bins = np.arange(1, longest + 1)
+    width = 0.8 / len(counts)
+    colors = _colors(labels)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(bins) + 3), 4.2))
+    for i, (label, counter) in enumerate(counts.items()):
+        total = sum(counter.values())
+        ax.bar(bins - 0.4 + width * (i + 0.5), [counter.get(b, 0) / total for b in bins], width,
+               label=f"{label} (τ = {taus[label]:.2f})", color=colors[label])
+    ax.set_xticks(bins, [str(b) if b < MAX_ACCEPTED else f"{MAX_ACCEPTED}+" for b in bins])
+    ax.set_xlabel("tokens committed per verify step\n(accepted draft tokens + the bonus token; prefill = one step of 1)")
+    ax.set_ylabel("fraction of steps")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Accepted length per step\n{title}", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def acceptance_per_position(accept: pd.DataFrame, accuracy: pd.DataFrame, labels: list[str], title: str,
+                            path: Path) -> Path | None:
+    """Left: P(draft token k accepted | 1..k-1 accepted). Right (when runs carry it): draft top-1/top-5
+    accuracy at position k (teacher-forced)."""
+    if not len(accept) and not len(accuracy):
+        return None
+    panels = 2 if len(accuracy) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
+    colors = _colors(labels)
+    ax = axes[0][0]
+    for i, (_, row) in enumerate(accept.iterrows()):
+        values = [row[c] for c in accept.columns if c.startswith("pos")]
+        # distinct markers: methods with equal rates would otherwise hide each other
+        ax.plot(range(1, len(values) + 1), values, marker=MARKERS[i % len(MARKERS)], markersize=7 - i % 3,
+                label=row["method"], color=colors[row["method"]], alpha=0.85)
+    ax.set_xlabel("draft position k")
+    ax.set_ylabel("acceptance rate")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Acceptance per position\n(given positions 1..k-1 accepted)", fontsize=9)
+    if len(accept):
+        ax.legend(fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    else:
+        ax.text(0.5, 0.5, "no drafting method in this group", ha="center", transform=ax.transAxes)
+    if panels == 2:
+        ax = axes[0][1]
+        columns = topk_columns(accuracy.columns)
+        ks = sorted({int(c.split("_")[1][3:]) for c in columns})
+        styles = {k: s for k, s in zip(ks, ["-", "--", ":", "-."])}
+        for _, row in accuracy.iterrows():
+            for k in ks:
+                positions = [int(c.split("_")[0][3:]) for c in columns if c.endswith(f"_top{k}")]
+                ax.plot(positions, [row[f"pos{p}_top{k}"] for p in positions], marker="o", linestyle=styles.get(k, "-"),
+                        color=colors[row["method"]], label=f"{row['method']} top-{k}")
+        ax.set_xlabel("draft position k")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("Draft top-k accuracy per position\n(teacher-forced)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title, fontsize=8, y=0.995)
+    return _save(fig, path)
+
+
+def tokens_per_s_vs_draft(metrics: pd.DataFrame, labels: list[str], title: str, path: Path,
+                          baseline: str = "vanilla") -> Path | None:
+    """Each run is a point: x = mean draft tokens verified per step, y = tokens/s (the cost of drafting)."""
+    known = metrics[~metrics["draft_tokens_per_step"].isna()]
+    if not len(known):
+        return None
+    colors = _colors(labels)
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    for label in labels:
+        rows = known[known["label"] == label]
+        if len(rows):
+            ax.scatter(rows["draft_tokens_per_step"], rows["tokens_per_s"], s=40, color=colors[label], label=label)
+            for _, row in rows.iterrows():
+                ax.annotate(f"τ={row['tau']:.2f}", (row["draft_tokens_per_step"], row["tokens_per_s"]),
+                            fontsize=7, xytext=(4, 3), textcoords="offset points")
+    base = metrics[metrics["label"] == baseline]["tokens_per_s"]
+    if len(base):
+        ax.axhline(float(base.mean()), color="black", linestyle="--", linewidth=0.8)
+        ax.text(ax.get_xlim()[1], float(base.mean()), f"{baseline} ", va="bottom", ha="right", fontsize=7)
+    unknown = sorted(set(metrics.loc[metrics["draft_tokens_per_step"].isna(), "label"]))
+    note = f"\n(not plotted, draft size not observable: {', '.join(unknown)})" if unknown else ""
+    ax.set_xlabel("mean draft tokens per verify step")
+    ax.set_ylabel("tokens/s (total tokens / total time)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Throughput against draft size{note}\n{title}", fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,249 @@
+"""Run folders -> pandas DataFrames.
+
+A source is a run folder (holds run.json), a folder holding run folders anywhere below it (a multirun
+sweep), or a glob of either. Every run reads `run.json` (resolved config, hardware),
+`answers.jsonl` (one record per question) and, when the run finished, `summary.json`.
+
+Frames:
+- `turns_frame(runs)`: one row per run x question x turn (tokens, time, steps, draft tokens, ...);
+- `run_frame(runs)`: one row per run (its settings and totals).
+
+Two runs are comparable (a speedup may divide one by the other) only when their `settings` agree:
+model, bench (and its turn limit), max_new_tokens, temperature, top_p, quantization, dtype, device
+type, the CPU/GPU, and on a CPU the torch thread count.
+
+Top-k accuracy (written by runs with trained heads) is read from `summary.json`, else `run.json`,
+key `topk_accuracy`: a flat dict `{"pos1_top1": 0.71, "pos1_top5": 0.93, "pos2_top1": ...}`, position
+k = the k-th draft token (teacher-forced: the target's greedy token at t+k is in the draft's top-j).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from harness.errors import HarnessError
+
+log = logging.getLogger(__name__)
+
+RUN_INFO, ANSWERS, SUMMARY = "run.json", "answers.jsonl", "summary.json"
+SETTINGS = ("model", "bench", "max_turns", "max_new_tokens", "temperature", "top_p", "quantization", "dtype",
+            "device", "hardware", "threads")
+TOPK_KEY = re.compile(r"^pos(\d+)_top(\d+)$")
+
+# Spec-Bench's leaderboard columns (github.com/hemingkx/Spec-Bench, Leaderboard.md)
+MT_BENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+SPEC_BENCH_TASKS = {"translation": "Translation", "summarization": "Summarization", "qa": "Question Answering",
+                    "math_reasoning": "Mathematical Reasoning", "rag": "Retrieval-aug. Generation"}
+MULTI_TURN = "Multi-turn Conversation"
+
+
+def task_of(category: str, bench: str) -> str:
+    """The leaderboard column of a question: MT-Bench's own category, or for spec_bench its task group."""
+    if bench == "spec_bench":
+        return MULTI_TURN if category in MT_BENCH_CATEGORIES else SPEC_BENCH_TASKS.get(category, category)
+    return category
+
+
+def task_order(tasks, bench: str) -> list[str]:
+    canonical = ([MULTI_TURN, *SPEC_BENCH_TASKS.values()] if bench == "spec_bench" else list(MT_BENCH_CATEGORIES))
+    present = set(tasks)
+    return [t for t in canonical if t in present] + sorted(present - set(canonical))
+
+
+@dataclass
+class Run:
+    path: Path
+    info: dict                      # run.json
+    records: list[dict]             # answers.jsonl
+    summary: dict | None            # summary.json; None while unfinished
+    run_id: str = ""
+    label: str = ""                 # the method as the tables name it
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def config(self) -> dict:
+        return self.info.get("config", {})
+
+    @property
+    def method(self) -> str:
+        return self.config.get("method", {}).get("name") or self.info.get("method", "?")
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+    @property
+    def greedy(self) -> bool:
+        return float(self.settings.get("temperature") or 0.0) == 0.0
+
+    @property
+    def topk_accuracy(self) -> dict[str, float]:
+        found = (self.summary or {}).get("topk_accuracy") or self.info.get("topk_accuracy") or {}
+        return {k: float(v) for k, v in found.items() if TOPK_KEY.match(k) and v is not None}
+
+    def questions(self) -> set[int]:
+        return {r["question_id"] for r in self.records}
+
+
+def settings_of(info: dict) -> dict:
+    cfg = info.get("config", {})
+    hardware = info.get("hardware", {}) or {}
+    device = str(hardware.get("device") or cfg.get("device") or "cpu").split(":")[0]
+    name = hardware.get("gpu") if device == "cuda" else hardware.get("cpu")
+    if device == "cpu" and hardware.get("cpu_count"):
+        name = f"{name} ({hardware['cpu_count']} cores)"
+    decoding = cfg.get("decoding", {})
+    return {"model": cfg.get("model", {}).get("name"), "bench": cfg.get("bench", {}).get("name"),
+            "max_turns": cfg.get("bench", {}).get("max_turns"), "max_new_tokens": cfg.get("max_new_tokens"),
+            "temperature": float(decoding.get("temperature", 0.0)), "top_p": float(decoding.get("top_p", 1.0)),
+            "quantization": info.get("quantization") or cfg.get("model", {}).get("quantization") or "none",
+            "dtype": cfg.get("model", {}).get("dtype", "auto"), "device": device, "hardware": name,
+            "threads": hardware.get("torch_threads") if device == "cpu" else None}
+
+
+def differences(a: dict, b: dict) -> list[str]:
+    return [f"{key} ({a.get(key)} vs {b.get(key)})" for key in SETTINGS if a.get(key) != b.get(key)]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _records(path: Path) -> list[dict]:
+    """Finished records only: a kill can leave a torn last line, which is not an answer."""
+    records = []
+    if not path.is_file():
+        return records
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _natural(path: Path):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def find_run_dirs(sources) -> list[Path]:
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    found: list[Path] = []
+    for source in sources or []:
+        source = str(Path(str(source)).expanduser())
+        matches = sorted(glob.glob(source)) if glob.has_magic(source) else [source]
+        if not matches or not Path(matches[0]).exists():
+            raise HarnessError(f"runs: '{source}' matches no folder; pass a run folder, a sweep folder or a glob")
+        for match in map(Path, matches):
+            if (match / RUN_INFO).is_file():
+                found.append(match)
+            elif match.is_dir():
+                found.extend(sorted((p.parent for p in match.rglob(RUN_INFO)), key=_natural))
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    if not unique:
+        raise HarnessError(f"no run folders (with {RUN_INFO}) in {', '.join(map(str, sources or []))}; "
+                           "point runs= at a specdec-bench run or sweep folder")
+    return unique
+
+
+def _flat(value, prefix="") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+def _label_runs(runs: list[Run]) -> None:
+    """A label is the method's name, plus the method parameters that differ between runs of that name
+    (`pld[max_draft=5]`), so a sweep over a method's parameters gives one row per setting."""
+    by_name: dict[str, list[Run]] = {}
+    for run in runs:
+        by_name.setdefault(run.method, []).append(run)
+    for name, group in by_name.items():
+        params = [_flat({k: v for k, v in r.config.get("method", {}).items() if k != "name"}) for r in group]
+        keys = sorted({k for p in params for k in p})
+        varying = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in params}) > 1]
+        for run, p in zip(group, params):
+            run.label = name + (f"[{','.join(f'{k}={p.get(k)}' for k in varying)}]" if varying else "")
+
+
+def load_runs(sources) -> list[Run]:
+    runs = []
+    for path in find_run_dirs(sources):
+        info = _read_json(path / RUN_INFO)
+        if info is None:
+            raise HarnessError(f"{path / RUN_INFO} is not valid JSON; remove that folder from runs=")
+        records = _records(path / ANSWERS)
+        if not records:
+            log.warning("skipping %s: no answers yet", path)
+            continue
+        run = Run(path, info, records, _read_json(path / SUMMARY))
+        if run.summary is None:
+            log.warning("%s has no summary.json (unfinished): using its %d finished questions", path, len(records))
+        run.settings = settings_of(info)
+        runs.append(run)
+    if not runs:
+        raise HarnessError(f"none of the run folders in {sources} has answers yet; finish a run first")
+    _label_runs(runs)
+    names = [r.path.name for r in runs]
+    for run in runs:
+        # the folder name, unless two runs share it (runs from different sweeps)
+        run.run_id = run.path.name if names.count(run.path.name) == 1 else f"{run.path.parent.name}/{run.path.name}"
+    return runs
+
+
+def turns_frame(runs: list[Run]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        bench = run.settings["bench"]
+        for record in run.records:
+            lossless = record.get("lossless")
+            for turn in record["turns"]:
+                sizes = turn.get("draft_sizes")
+                rows.append({
+                    "run_id": run.run_id, "label": run.label, "method": run.method, "seed": run.seed,
+                    "question_id": record["question_id"], "category": record.get("category"),
+                    "task": task_of(record.get("category"), bench), "turn": turn["turn"],
+                    "new_tokens": turn["new_tokens"], "wall_time": turn["wall_time"], "steps": turn["steps"],
+                    "tokens_per_s": turn["new_tokens"] / turn["wall_time"] if turn["wall_time"] else float("nan"),
+                    "tau": turn["new_tokens"] / turn["steps"] if turn["steps"] else float("nan"),
+                    "draft_tokens": sum(sizes) if sizes is not None else float("nan"),
+                    "prefill_time": turn.get("prefill_time"), "draft_time": turn.get("draft_time"),
+                    "verify_time": turn.get("verify_time"), "bookkeeping_time": turn.get("bookkeeping_time"),
+                    "stop_reason": turn.get("stop_reason"),
+                    "lossless": None if lossless is None else bool(lossless.get("match")),
+                })
+    return pd.DataFrame(rows)
+
+
+def run_frame(runs: list[Run]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        turns = [t for r in run.records for t in r["turns"]]
+        tokens = sum(t["new_tokens"] for t in turns)
+        wall = sum(t["wall_time"] for t in turns)
+        steps = sum(t["steps"] for t in turns)
+        sizes = [t.get("draft_sizes") for t in turns]
+        rows.append({"run_id": run.run_id, "label": run.label, "method": run.method, "seed": run.seed,
+                     **run.settings, "questions": len(run.records), "turns": len(turns), "new_tokens": tokens,
+                     "wall_time": wall, "steps": steps, "tokens_per_s": tokens / wall if wall else float("nan"),
+                     "tau": tokens / steps if steps else float("nan"),
+                     "draft_tokens_per_step": (sum(sum(s) for s in sizes) / steps
+                                               if steps and all(s is not None for s in sizes) else float("nan")),
+                     "finished": run.summary is not None, "path": str(run.path),
+                     **run.topk_accuracy})
+    return pd.DataFrame(rows)

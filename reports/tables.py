@@ -1,0 +1,178 @@
+"""Report tables: each builder returns (display, numbers): display = strings for Markdown/LaTeX
+(mean ± std over repeats), numbers = the same as floats for CSV (`<column>` and `<column>_std`)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from reports.compare import DEFINITIONS, Group, mean_std, position_counts
+from reports.results import TOPK_KEY
+
+TAU = "#Mean Accepted Tokens"
+OVERALL = "Overall"
+
+
+def cell(mean: float, std: float, digits: int = 2, suffix: str = "") -> str:
+    if mean is None or math.isnan(mean):
+        return "—"
+    text = f"{mean:.{digits}f}{suffix}"
+    return text if std is None or math.isnan(std) else f"{text} ± {std:.{digits}f}"
+
+
+def _stat(metrics: pd.DataFrame, label: str, column: str) -> tuple[float, float, int]:
+    return mean_std(metrics.loc[metrics["label"] == label, column].tolist())
+
+
+def leaderboard(metrics: pd.DataFrame, labels: list[str], tasks: list[str], definition: str
+                ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Spec-Bench's leaderboard: rows = methods, columns = categories, τ, Overall (speedup: `definition`)."""
+    display, numbers = [], []
+    for label in labels:
+        shown, values = {"Method": label}, {"method": label}
+        for name, column, suffix in ([(t, f"{definition}:{t}", "x") for t in tasks]
+                                     + [(TAU, "tau", ""), (OVERALL, f"speedup_{definition}", "x")]):
+            mean, std, runs = _stat(metrics, label, column)
+            shown[name] = cell(mean, std, suffix=suffix)
+            values[name], values[f"{name}_std"] = mean, std
+        values["runs"] = runs
+        display.append(shown)
+        numbers.append(values)
+    return pd.DataFrame(display), pd.DataFrame(numbers)
+
+
+def _lossless(rows: pd.DataFrame) -> str:
+    sources = set(rows["lossless_source"])
+    if sources == {"reference"}:
+        return "reference"
+    if sources == {"n/a"}:
+        return "n/a (sampling)"
+    matched, compared = int(rows["lossless_matched"].sum()), int(rows["lossless_compared"].sum())
+    return f"{matched / compared:.0%} ({matched}/{compared})" if compared else "—"
+
+
+def summary(metrics: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    columns = [("Tokens/s", "tokens_per_s", 2, ""),
+               ("Speedup (per-question)", "speedup_per_question", 2, "x"),
+               ("Speedup (total)", "speedup_total", 2, "x"),
+               ("τ", "tau", 2, ""),
+               ("Draft tokens/step", "draft_tokens_per_step", 2, ""),
+               ("Draft time %", "draft_share", 1, ""), ("Verify time %", "verify_share", 1, "")]
+    display, numbers = [], []
+    for label in labels:
+        rows = metrics[metrics["label"] == label]
+        shown = {"Method": label, "Runs": len(rows), "Questions": int(rows["questions"].iloc[0])}
+        values = {"method": label, "runs": len(rows), "questions": int(rows["questions"].iloc[0])}
+        for name, column, digits, suffix in columns:
+            scale = 100.0 if column.endswith("_share") else 1.0
+            mean, std, _ = mean_std((rows[column] * scale).tolist())
+            shown[name] = cell(mean, std, digits, suffix)
+            values[column], values[f"{column}_std"] = mean, std
+        shown["Lossless"] = _lossless(rows)
+        compared = int(rows["lossless_compared"].sum())
+        values["lossless_rate"] = rows["lossless_matched"].sum() / compared if compared else math.nan
+        display.append(shown)
+        numbers.append(values)
+    return pd.DataFrame(display), pd.DataFrame(numbers)
+
+
+def acceptance(group: Group, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """P(draft token k accepted | tokens 1..k-1 accepted), pooled over a method's repeats."""
+    rates = {}
+    for label in labels:
+        attempted, accepted = [], []
+        for run in (r for r in group.runs if r.label == label):
+            tried, took = position_counts(run)
+            for k in range(len(tried)):
+                if k >= len(attempted):
+                    attempted.append(0)
+                    accepted.append(0)
+                attempted[k] += tried[k]
+                accepted[k] += took[k]
+        if any(attempted):
+            rates[label] = [a / n if n else math.nan for a, n in zip(accepted, attempted)]
+    depth = max((len(v) for v in rates.values()), default=0)
+    numbers = pd.DataFrame([{"method": label, **{f"pos{k + 1}": (v[k] if k < len(v) else math.nan)
+                                                 for k in range(depth)}} for label, v in rates.items()])
+    display = numbers.rename(columns={"method": "Method"}).copy()
+    for column in display.columns[1:]:
+        display[column] = [cell(v, math.nan) for v in numbers[column]]
+    return display, numbers
+
+
+def topk_columns(keys) -> list[str]:
+    return sorted({k for k in keys if TOPK_KEY.match(k)},
+                  key=lambda k: tuple(int(x) for x in TOPK_KEY.match(k).groups()))
+
+
+def topk(group: Group, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Draft top-k accuracy per position (`pos{k}_top{j}`, from the runs' `topk_accuracy`)."""
+    columns = topk_columns(k for run in group.runs for k in run.topk_accuracy)
+    display, numbers = [], []
+    for label in labels:
+        runs = [r for r in group.runs if r.label == label and r.topk_accuracy]
+        if not runs:
+            continue
+        shown, values = {"Method": label}, {"method": label}
+        for column in columns:
+            mean, std, _ = mean_std([r.topk_accuracy.get(column, math.nan) for r in runs])
+            shown[column], values[column], values[f"{column}_std"] = cell(mean, std, 3), mean, std
+        display.append(shown)
+        numbers.append(values)
+    return pd.DataFrame(display), pd.DataFrame(numbers)
+
+
+def ablation(group: Group, metrics: pd.DataFrame, full: str = "ours", ablated: str = "ours_no_trigram"
+             ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The trigram ablation side by side, with the difference the trigram makes."""
+    labels = set(metrics["label"])
+    if full not in labels or ablated not in labels:
+        return None
+    accept_display, accept = acceptance(group, [full, ablated])
+    _, accuracy = topk(group, [full, ablated])
+    numbers = []
+    for label in (full, ablated):
+        values = {"method": label}
+        for name, column in (("speedup (per-question)", "speedup_per_question"),
+                             ("speedup (total)", "speedup_total"), ("τ", "tau"), ("tokens/s", "tokens_per_s")):
+            values[name] = _stat(metrics, label, column)[0]
+        for frame in (accept, accuracy):
+            if len(frame) and label in set(frame["method"]):
+                row = frame[frame["method"] == label].iloc[0]
+                values.update({k: row[k] for k in frame.columns if k != "method" and not k.endswith("_std")})
+        numbers.append(values)
+    numbers = pd.DataFrame(numbers)
+    delta = {"method": "Δ trigram"}
+    delta.update({k: numbers[k].iloc[0] - numbers[k].iloc[1] for k in numbers.columns if k != "method"})
+    numbers = pd.concat([numbers, pd.DataFrame([delta])], ignore_index=True)
+    display = numbers.rename(columns={"method": "Method"}).copy()
+    for column in display.columns[1:]:
+        display[column] = [cell(v, math.nan, 3) for v in numbers[column]]
+    return display, numbers
+
+
+def to_markdown(display: pd.DataFrame) -> str:
+    return display.to_markdown(index=False, disable_numparse=True)
+
+
+LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+LATEX_SYMBOLS = {"±": r"$\pm$", "τ": r"$\tau$", "Δ": r"$\Delta$", "—": "--", "·": r"$\cdot$", "−": "-",
+                 "×": r"$\times$"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIALS.get(char, char) for char in text)
+
+
+def to_latex(display: pd.DataFrame, caption: str) -> str:
+    text = display.to_latex(index=False, escape=True, caption=latex_escape(caption),
+                            column_format="l" + "c" * (display.shape[1] - 1))
+    for symbol, command in LATEX_SYMBOLS.items():
+        text = text.replace(symbol, command)
+    return text
+
+
+def definition_note(definition: str) -> str:
+    return f"speedup = {DEFINITIONS[definition]}"

@@ -1,0 +1,201 @@
+"""Issue 6: the report's numbers on a synthetic results folder, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness import REPO_ROOT
+from harness.errors import HarnessError
+from reports.report import build_report
+
+HARDWARE = {"cpu": "Test CPU", "cpu_count": 2, "torch_threads": 2, "gpu": None, "device": "cpu"}
+
+
+def turn(index: int, tokens: int, wall: float, accepted: list[int] | None = None, drafts: list[int] | None = None,
+         attempted=(), took=(), ids: list[int] | None = None) -> dict:
+    accepted = accepted or [1] * tokens
+    assert sum(accepted) == tokens
+    return {"turn": index, "new_tokens": tokens, "prompt_tokens": 10, "wall_time": wall,
+            "tokens_per_s": tokens / wall, "prefill_time": 0.0, "draft_time": 0.0, "verify_time": wall,
+            "bookkeeping_time": 0.0, "steps": len(accepted), "tau": tokens / len(accepted),
+            "accepted_lengths": accepted, "draft_sizes": drafts if drafts is not None else [0] * len(accepted),
+            "pos_attempted": list(attempted), "pos_accepted": list(took), "stop_reason": "max_new_tokens",
+            "token_ids": ids if ids is not None else list(range(tokens)), "text": "x"}
+
+
+def write_run(folder: Path, method: str, questions: dict, seed: int = 0, bench: str = "mt_bench",
+              max_new_tokens: int = 32, temperature: float = 0.0, topk: dict | None = None, **method_params) -> Path:
+    """questions: {question_id: (category, [turn, ...])}."""
+    folder.mkdir(parents=True)
+    config = {"model": {"name": "tiny", "dtype": "auto", "quantization": "none"},
+              "method": {"name": method, "_target_": f"x.{method}", **method_params},
+              "bench": {"name": bench, "max_turns": None}, "seed": seed, "max_new_tokens": max_new_tokens,
+              "decoding": {"temperature": temperature, "top_p": 1.0}, "device": "auto"}
+    info = {"config": config, "hardware": HARDWARE, "quantization": "none", "method": method}
+    (folder / "run.json").write_text(json.dumps(info))
+    with open(folder / "answers.jsonl", "w") as handle:
+        for qid, (category, turns) in questions.items():
+            handle.write(json.dumps({"question_id": qid, "category": category, "model": "tiny", "method": method,
+                                     "turns": turns}) + "\n")
+    summary = {"method": method}
+    if topk:
+        summary["topk_accuracy"] = topk
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def vanilla(folder: Path, seed: int = 0, **kwargs) -> Path:
+    # q81 (writing): 20 tokens in 2 s = 10 tok/s; q82 (roleplay): 20 tokens in 2 s = 10 tok/s
+    return write_run(folder, "vanilla", {81: ("writing", [turn(0, 10, 1.0), turn(1, 10, 1.0)]),
+                                         82: ("roleplay", [turn(0, 10, 1.0), turn(1, 10, 1.0)])}, seed, **kwargs)
+
+
+def pld(folder: Path, seed: int = 0, q82_wall: float = 0.25, diverge: bool = False, **kwargs) -> Path:
+    # q81: 20 tokens in 1 s = 20 tok/s (2x); q82: 20 tokens in 2 * q82_wall s
+    # steps: each turn 10 tokens in 4 steps = [1 (prefill), 3, 3, 3], draft 3 tokens per decode step
+    accepted, drafts = [1, 3, 3, 3], [0, 3, 3, 3]
+    ids = list(range(10))
+    wrong = ids[:5] + [99] + ids[6:]
+    return write_run(folder, "pld", {
+        81: ("writing", [turn(0, 10, 0.5, accepted, drafts, [3, 3, 3], [3, 3, 3]),
+                         turn(1, 10, 0.5, accepted, drafts, [3, 3, 3], [3, 3, 3])]),
+        82: ("roleplay", [turn(0, 10, q82_wall, accepted, drafts, [3, 3, 3], [3, 3, 3], ids=wrong if diverge else None),
+                          turn(1, 10, q82_wall, accepted, drafts, [3, 3, 3], [3, 3, 3])])}, seed, **kwargs)
+
+
+def test_leaderboard_speedups_tau_and_lossless_by_hand(tmp_path):
+    sweep = tmp_path / "sweep"
+    vanilla(sweep / "0_vanilla")
+    pld(sweep / "1_pld", diverge=True)
+    report = build_report(sweep, tmp_path / "out")
+    board = report.tables["leaderboard"]
+    per_question = board[(board["definition"] == "per_question")].set_index("method")
+    total = board[(board["definition"] == "total")].set_index("method")
+    # per question: q81 20/10 = 2x, q82 40/10 = 4x -> mean 3x; total: (40 tok / 1.5 s) / (40 tok / 4 s) = 2.667x
+    assert per_question.loc["pld", "writing"] == pytest.approx(2.0)
+    assert per_question.loc["pld", "roleplay"] == pytest.approx(4.0)
+    assert per_question.loc["pld", "Overall"] == pytest.approx(3.0)
+    assert total.loc["pld", "Overall"] == pytest.approx((40 / 1.5) / (40 / 4))
+    assert per_question.loc["vanilla", "Overall"] == pytest.approx(1.0)
+    # τ = 40 tokens / 16 steps; vanilla 1.00
+    assert per_question.loc["pld", "#Mean Accepted Tokens"] == pytest.approx(2.5)
+    assert per_question.loc["vanilla", "#Mean Accepted Tokens"] == pytest.approx(1.0)
+    # column order: Spec-Bench's (MT-Bench categories in their order, then τ, then Overall)
+    assert list(per_question.columns[2:7]) == ["writing", "writing_std", "roleplay", "roleplay_std",
+                                                "#Mean Accepted Tokens"]
+    summary = report.tables["summary"].set_index("method")
+    assert summary.loc["pld", "lossless_rate"] == pytest.approx(0.5)    # q82 diverged at token 5
+    assert summary.loc["pld", "draft_tokens_per_step"] == pytest.approx(36 / 16)
+    assert summary.loc["pld", "tokens_per_s"] == pytest.approx(40 / 1.5)
+    accept = report.tables["acceptance"].set_index("method")
+    assert list(accept.index) == ["pld"] and accept.loc["pld", "pos1"] == 1.0
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "mean of per-question speedups" in md and "3.00x" in md and "2.67x" in md
+    assert md.index("mean of per-question") < md.index("total tokens / total time")   # chosen definition first
+    for name in ("leaderboard", "summary", "acceptance"):
+        for ext in ("md", "csv", "tex"):
+            assert (tmp_path / "out" / f"{name}.{ext}").stat().st_size > 0
+    assert r"\pm" not in (tmp_path / "out" / "leaderboard.tex").read_text()   # one run each: no ± shown
+    turns = pd.read_csv(tmp_path / "out" / "turns.csv")
+    assert len(turns) == 8 and set(turns["label"]) == {"vanilla", "pld"}
+    assert set(report.figures) == {"speedup_per_category", "accepted_length_histogram",
+                                   "acceptance_per_position", "tokens_per_s_vs_draft_size"}
+    assert all(Path(p).stat().st_size > 10_000 for p in report.figures.values())
+
+
+def test_total_definition_can_lead_and_repeats_are_mean_and_std(tmp_path):
+    runs = tmp_path / "runs"
+    vanilla(runs / "v0", seed=0)
+    vanilla(runs / "v1", seed=1)
+    pld(runs / "p0", seed=0, q82_wall=0.25)   # per-question 3.0x
+    pld(runs / "p1", seed=1, q82_wall=0.5)    # q82 20/1 s = 2x -> per-question 2.0x
+    report = build_report([str(runs / "*")], tmp_path / "out", definition="total")
+    board = report.tables["leaderboard"]
+    row = board[(board["definition"] == "per_question") & (board["method"] == "pld")].iloc[0]
+    assert row["Overall"] == pytest.approx(2.5) and row["Overall_std"] == pytest.approx(math.sqrt(0.5))
+    assert row["runs"] == 2
+    assert board["definition"].iloc[0] == "total"
+    assert "2.50x ± 0.71" in (tmp_path / "out" / "leaderboard.md").read_text()
+    assert report.leaderboard.count("total tokens / total time") == 1
+
+
+def test_runs_that_do_not_match_are_refused_in_one_line(tmp_path):
+    vanilla(tmp_path / "v", max_new_tokens=64)
+    pld(tmp_path / "p", max_new_tokens=32)
+    with pytest.raises(HarnessError, match=r"differs in max_new_tokens \(32 vs 64\)") as info:
+        build_report([str(tmp_path / "v"), str(tmp_path / "p")], tmp_path / "out")
+    assert "\n" not in str(info.value)
+    with pytest.raises(HarnessError, match="no vanilla run"):
+        build_report([str(tmp_path / "p")], tmp_path / "out")
+    # a vanilla run that lacks some of the method's questions is not a baseline for them
+    write_run(tmp_path / "v81", "vanilla", {81: ("writing", [turn(0, 10, 1.0)])}, max_new_tokens=32)
+    with pytest.raises(HarnessError, match=r"lacks \(82\)"):
+        build_report([str(tmp_path / "v81"), str(tmp_path / "p")], tmp_path / "out")
+    # sampling runs: the lossless column does not claim token identity
+    vanilla(tmp_path / "vs", temperature=0.7)
+    pld(tmp_path / "ps", temperature=0.7, diverge=True)
+    report = build_report([str(tmp_path / "vs"), str(tmp_path / "ps")], tmp_path / "out2")
+    assert "n/a (sampling)" in (tmp_path / "out2" / "summary.md").read_text()
+
+
+def test_spec_bench_task_groups_topk_and_trigram_ablation(tmp_path):
+    questions = {81: ("writing", [turn(0, 10, 1.0)]), 200: ("translation", [turn(0, 10, 1.0)]),
+                 300: ("summarization", [turn(0, 10, 1.0)])}
+    write_run(tmp_path / "v", "vanilla", questions, bench="spec_bench")
+    fast = {q: (c, [turn(0, 10, 0.5, [1, 3, 3, 3], [0, 4, 4, 4], [3, 3, 3, 1], [3, 3, 3, 0])])
+            for q, (c, _) in questions.items()}
+    slow = {q: (c, [turn(0, 10, 0.8, [1, 2, 2, 2, 3], [0, 4, 4, 4, 4], [4, 4, 4, 1], [4, 4, 1, 0])])
+            for q, (c, _) in questions.items()}
+    write_run(tmp_path / "o", "ours", fast, bench="spec_bench", topk={"pos1_top1": 0.8, "pos1_top5": 0.95,
+                                                                      "pos2_top1": 0.6, "pos2_top5": 0.85})
+    write_run(tmp_path / "n", "ours_no_trigram", slow, bench="spec_bench",
+              topk={"pos1_top1": 0.7, "pos1_top5": 0.9, "pos2_top1": 0.5, "pos2_top5": 0.8})
+    write_run(tmp_path / "m", "medusa", slow, bench="spec_bench")
+    report = build_report([str(tmp_path / d) for d in "vonm"], tmp_path / "out")
+    board = report.tables["leaderboard"]
+    board = board[board["definition"] == "per_question"]
+    assert [c for c in board.columns if not c.endswith("_std")][3:] == [
+        "Multi-turn Conversation", "Translation", "Summarization", "#Mean Accepted Tokens", "Overall", "runs"]
+    assert list(board["method"]) == ["ours", "ours_no_trigram", "medusa", "vanilla"]   # ablation side by side
+    assert board.set_index("method").loc["ours", "Translation"] == pytest.approx(2.0)
+    assert board.set_index("method").loc["medusa", "Overall"] == pytest.approx(1.25)
+    topk = report.tables["topk_accuracy"].set_index("method")
+    assert list(c for c in topk.columns if not c.endswith("_std"))[1:] == ["pos1_top1", "pos1_top5", "pos2_top1",
+                                                                            "pos2_top5"]
+    assert topk.loc["ours", "pos2_top5"] == pytest.approx(0.85) and "medusa" not in topk.index
+    ablation = report.tables["ablation"].set_index("method")
+    assert ablation.loc["Δ trigram", "speedup (per-question)"] == pytest.approx(2.0 - 1.25)
+    assert ablation.loc["Δ trigram", "pos1_top1"] == pytest.approx(0.1)
+    # acceptance at position 4: ours 0/1, no_trigram 0/1; position 3: 9/9 vs 3/12
+    assert ablation.loc["ours_no_trigram", "pos3"] == pytest.approx(3 / 12)
+    assert ablation.loc["ours", "pos3"] == pytest.approx(1.0)
+    assert set(report.figures) >= {"acceptance_per_position", "speedup_per_category"}
+
+
+def test_method_parameter_sweeps_get_their_own_rows(tmp_path):
+    vanilla(tmp_path / "v")
+    pld(tmp_path / "p3", max_draft=3)
+    pld(tmp_path / "p5", max_draft=5)
+    report = build_report([str(tmp_path / d) for d in ("v", "p3", "p5")], tmp_path / "out", make_figures=False)
+    assert set(report.metrics["label"]) == {"vanilla", "pld[max_draft=3]", "pld[max_draft=5]"}
+
+
+def test_report_cli_refuses_with_one_line_and_writes_a_report(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "reports.report", f"runs={tmp_path}/nothing*"],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and "matches no folder" in lines[0]
+    vanilla(tmp_path / "sweep" / "0_vanilla")
+    pld(tmp_path / "sweep" / "1_pld")
+    out = subprocess.run([sys.executable, "-m", "reports.report", f"runs={tmp_path / 'sweep'}", "logger=none"],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| pld" in out.stdout and "speedup_per_category.png" in out.stdout
+    assert (tmp_path / "sweep" / "report" / "report.md").is_file()

@@ -1,0 +1,155 @@
+"""Issue 6: the W&B mirror. Offline files appear; W&B failing never fails a run or loses its results;
+name, group, job_type and tags come from the Hydra job."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import wandb
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import open_dict
+
+from harness.bench import run_bench
+from harness.errors import HarnessError
+from harness.store import RunStore
+from harness.tracking import Tracker, flat_metrics
+from tests.conftest import compose_config, tiny_bench_overrides
+
+
+def bench_overrides(model_dir, run_dir, questions, *extra, wandb_mode="disabled"):
+    base = [o for o in tiny_bench_overrides(model_dir, run_dir, questions, "bench.limit=2", "max_new_tokens=6")
+            if not o.startswith("logger.wandb.mode=")]
+    return [*base, f"logger.wandb.mode={wandb_mode}", *extra]
+
+
+class FakeRun:
+    """A W&B run whose every logging call raises, as an unreachable or broken W&B would."""
+
+    def __init__(self):
+        self.finished, self.summary, self.dir = [], {}, "/nonexistent/files"
+
+    def log(self, *args, **kwargs):
+        raise RuntimeError("wandb: network is unreachable")
+
+    def finish(self, exit_code=0):
+        self.finished.append(exit_code)
+
+
+def test_offline_run_files_exist_after_a_bench_run(tiny_model_dir, questions_path, tmp_path):
+    run_dir = tmp_path / "run"
+    summary = run_bench(compose_config(*bench_overrides(tiny_model_dir, run_dir, questions_path,
+                                                        wandb_mode="offline")), run_dir)
+    [offline] = list((run_dir / "wandb").glob("offline-run-*"))
+    [log_file] = list(offline.glob("run-*.wandb"))
+    assert log_file.stat().st_size > 1000
+    data = log_file.read_bytes()
+    # job_type, tags and the summary's keys are in the run's records
+    for needle in (b"bench", b"smollm2-135m", b"vanilla", b"mt_bench", b"tokens_per_s", b"turn/tau"):
+        assert needle in data, needle
+    [table] = list((offline / "files" / "media" / "table").glob("questions_*.table.json"))
+    rows = json.loads(table.read_text())
+    assert len(rows["data"]) == 2 and "tokens_per_s" in rows["columns"]
+    assert summary["questions"] == 2 and (run_dir / "summary.json").is_file()
+
+
+def test_wandb_init_raising_leaves_the_run_and_its_results_intact(tiny_model_dir, questions_path, tmp_path,
+                                                                 monkeypatch):
+    def broken_init(**kwargs):
+        raise wandb.errors.CommError("could not reach api.wandb.ai")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    run_dir = tmp_path / "run"
+    summary = run_bench(compose_config(*bench_overrides(tiny_model_dir, run_dir, questions_path,
+                                                        wandb_mode="online")), run_dir)
+    assert [r["question_id"] for r in RunStore(run_dir).records()] == [81, 82]
+    assert json.loads((run_dir / "summary.json").read_text())["questions"] == summary["questions"] == 2
+
+
+def test_wandb_log_raising_still_finishes_and_keeps_results(tiny_model_dir, questions_path, tmp_path, monkeypatch):
+    fake = FakeRun()
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: fake)
+    run_dir = tmp_path / "run"
+    run_bench(compose_config(*bench_overrides(tiny_model_dir, run_dir, questions_path, wandb_mode="offline")),
+              run_dir)
+    assert len(RunStore(run_dir).records()) == 2 and (run_dir / "summary.json").is_file()
+    assert fake.finished == [0]          # finish() ran, once, and the run counts as a success
+
+
+def test_finish_runs_with_a_failure_code_when_the_run_fails(tiny_model_dir, questions_path, tmp_path, monkeypatch):
+    class Recording(FakeRun):
+        def log(self, *args, **kwargs):
+            pass
+
+    fake = Recording()
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: fake)
+    import harness.bench as bench
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("the method crashed mid-run")
+
+    monkeypatch.setattr(bench, "answer_question", crash)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="crashed"):
+        run_bench(compose_config(*bench_overrides(tiny_model_dir, run_dir, questions_path, wandb_mode="offline")),
+                  run_dir)
+    assert fake.finished == [1]
+
+
+def test_name_group_job_type_and_tags_come_from_the_hydra_job(tmp_path, monkeypatch):
+    seen = {}
+
+    def capture(**kwargs):
+        seen.update(kwargs)
+        return FakeRun()
+
+    monkeypatch.setattr(wandb, "init", capture)
+    from hydra import compose, initialize_config_dir
+
+    from harness import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["method=pld", "bench.limit=3", f"run_dir={tmp_path}",
+                                           "logger.wandb.mode=offline", f"hydra.sweep.dir={tmp_path}/sweep_x"],
+                      return_hydra_config=True)
+    cfg.hydra.mode = RunMode.MULTIRUN
+    HydraConfig.instance().set_config(cfg)
+    job_cfg = cfg.copy()
+    with open_dict(job_cfg):
+        del job_cfg["hydra"]          # a Hydra app's task function sees the config without its hydra node
+    try:
+        tracker = Tracker.start(job_cfg, tmp_path, "bench", ["smollm2-135m", "pld", "mt_bench"])
+    finally:
+        HydraConfig.instance().cfg = None
+    assert seen["name"] == "bench.limit=3,method=pld"          # run_dir and logger.* say nothing about the job
+    assert seen["group"] == "sweep_x" and seen["job_type"] == "bench" and seen["mode"] == "offline"
+    assert seen["tags"] == ["mt_bench", "pld", "smollm2-135m"] and seen["config"]["method"]["name"] == "pld"
+    tracker.log_record({"question_id": 81, "turns": []})
+    tracker.finish()
+    # an explicit group wins over the sweep's name
+    Tracker.start(compose_config("logger.wandb.group=cpu_compare"), tmp_path, "report", ["x"])
+    assert seen["group"] == "cpu_compare" and seen["job_type"] == "report" and seen["name"] == tmp_path.name
+
+
+def test_flat_metrics_spells_out_positions_and_top_k():
+    flat = flat_metrics({"tau": 2.5, "acceptance_per_position": [0.8, None, 0.5], "new_tokens": 40,
+                         "topk_accuracy": {"pos1_top5": 0.9}, "lossless_rate": None, "tokens_per_s": math.nan,
+                         "run_dir": "/x"})
+    assert flat == {"tau": 2.5, "acceptance/pos1": 0.8, "acceptance/pos3": 0.5, "new_tokens": 40,
+                    "topk_accuracy/pos1_top5": 0.9, "run_dir": "/x"}
+
+
+def test_baseline_run_adds_speedups_and_refuses_other_settings(tiny_model_dir, questions_path, tmp_path):
+    vanilla = tmp_path / "vanilla"
+    run_bench(compose_config(*bench_overrides(tiny_model_dir, vanilla, questions_path)), vanilla)
+    peer = tmp_path / "peer"
+    summary = run_bench(compose_config(*bench_overrides(tiny_model_dir, peer, questions_path, "method=hf_generate",
+                                                        f"baseline_run={vanilla}")), peer)
+    assert summary["speedup_questions"] == 2 and summary["speedup"] > 0 and summary["speedup_total"] > 0
+    assert json.loads((peer / "summary.json").read_text())["baseline_run"] == str(vanilla.resolve())
+    other = tmp_path / "other"
+    with pytest.raises(HarnessError, match=r"differs in max_new_tokens \(7 vs 6\)"):
+        run_bench(compose_config(*bench_overrides(tiny_model_dir, other, questions_path, "max_new_tokens=7",
+                                                  f"baseline_run={vanilla}")), other)
