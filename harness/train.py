@@ -1,0 +1,395 @@
+"""`specdec-train`: train a draft head (Medusa, ours) on a frozen target with transformers' Trainer.
+
+    specdec-train train=medusa_smollm2 data_path=D.train.json eval_data_path=D.eval.json
+    specdec-train train=ours_smollm2 ... resume=true                      # continue from the last checkpoint
+    specdec-train eval_only=true head_path=runs/train/x eval_data_path=E  # top-k accuracy of a trained head
+    torchrun --nproc_per_node=4 -m harness.train train=medusa_vicuna7b data_path=D eval_data_path=E output_dir=O
+    accelerate launch -m harness.train train=medusa_vicuna7b ...          # same code: Trainer does DDP
+
+The team's Medusa command maps one to one (conf/train/medusa_vicuna7b.yaml holds it):
+    --model_name_or_path                      -> model=<conf/model name> (model.path=/local/copy)
+    --data_path --eval_data_path --output_dir --model_max_length --lazy_preprocess -> the same names
+    --medusa_num_heads --medusa_num_layers    -> head.medusa_num_heads head.medusa_num_layers
+    any other --name value                    -> training.name=value (transformers TrainingArguments)
+transformers 5 renamed two of them: evaluation_strategy -> eval_strategy, and warmup_ratio -> warmup_steps
+(a float below 1 is a ratio of the total steps); the old names are accepted and mapped. tf32 is a CUDA-only
+switch and is dropped on machines without CUDA; bf16 there runs on the CPU (use_cpu).
+
+What runs: the target is loaded frozen on the Trainer's device (its rank's GPU under torchrun) and kept
+OUT of the module Trainer optimises, so DDP wraps, broadcasts and syncs only the head and checkpoints
+hold only the head. Each batch's target hidden states are computed under no_grad, then
+`head.training_logits(hidden, input_ids, base)` gives logits [K, B, T, V], position k predicting
+token t + k + 2 (Medusa-1).
+
+Loss (Medusa-1): L = sum_k decay**k * CE_k, CE_k the mean cross-entropy of position k over the assistant
+tokens of the batch. FasterDecoding/Medusa's medusa/train/train.py and train_legacy.py sum the heads'
+losses unweighted (decay = 1.0, our presets); the Medusa paper weights head k by 0.8**k (loss.decay=0.8).
+
+Checkpoints (`checkpoint-<step>/` and the final `output_dir/`) are harness.heads.save_head folders:
+model.safetensors (head only) + head_config.json (base-model identity, head config, training settings,
+the last eval's top-k accuracy) + topk_accuracy.json; the final `output_dir` is what `method.head_path=`
+loads. Trainer adds its optimizer / scheduler / RNG state to the checkpoints for `resume=true`.
+
+Eval: loss and teacher-forced top-1 / top-5 accuracy per head position (harness.heads.topk_accuracy,
+summed over the whole eval set), logged as eval/pos{k}_top{j} (W&B) / eval_pos{k}_top{j} (Trainer logs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from harness import CONF_DIR
+from harness.errors import HarnessError
+from harness.heads import (WEIGHTS_FILE, BaseHandles, DraftHead, base_identity, build_head, check_base, load_head,
+                           read_head_config, save_head, topk_accuracy)
+from harness.models import load_model
+from harness.tracking import Tracker
+from harness.train_data import IGNORE_INDEX, Collator, ConversationDataset
+
+log = logging.getLogger(__name__)
+
+TOPK_FILE = "topk_accuracy.json"
+# the team's (transformers 4) names -> transformers 5 TrainingArguments names
+RENAMED = {"evaluation_strategy": "eval_strategy", "warmup_ratio": "warmup_steps"}
+
+
+# ----------------------------------------------------------------------------------------------------- arguments
+
+def training_kwargs(cfg: DictConfig) -> dict:
+    """`training:` + output_dir -> TrainingArguments keyword arguments (renamed keys mapped, unknown refused)."""
+    kwargs = OmegaConf.to_container(cfg.training, resolve=True) if cfg.get("training") else {}
+    for old, new in RENAMED.items():
+        if old in kwargs:
+            if new in kwargs and kwargs[new] != kwargs[old]:
+                raise HarnessError(f"training.{old} and training.{new} disagree; set only one of them")
+            kwargs[new] = kwargs.pop(old)
+    if "warmup_steps" in kwargs and isinstance(kwargs["warmup_steps"], float) and kwargs["warmup_steps"] >= 1:
+        raise HarnessError("training.warmup_ratio must be below 1 (it becomes transformers 5's warmup_steps ratio)")
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise HarnessError(f"training.{unknown[0]} is not a transformers TrainingArguments field; fix or remove "
+                           f"{', '.join('training.' + u for u in unknown)}")
+    kwargs["output_dir"] = str(cfg.output_dir)
+    kwargs["label_names"] = ["labels"]          # Trainer then computes an eval loss and calls compute_metrics
+    kwargs["remove_unused_columns"] = False
+    return kwargs
+
+
+def wandb_enabled(cfg: DictConfig) -> bool:
+    settings = (cfg.get("logger") or {}).get("wandb") or {}
+    return settings.get("mode", "offline") != "disabled"
+
+
+def training_arguments(cfg: DictConfig, report_to_wandb: bool) -> TrainingArguments:
+    """TrainingArguments for this machine: the only device-dependent choices are CUDA-only switches."""
+    kwargs = training_kwargs(cfg)
+    if not torch.cuda.is_available():
+        if kwargs.pop("tf32", None):
+            log.info("training.tf32 ignored: no CUDA device")
+        if kwargs.get("bf16"):
+            kwargs["use_cpu"] = True
+    kwargs["report_to"] = ["wandb"] if report_to_wandb else "none"
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise HarnessError(f"transformers refused the training arguments: {str(exc).splitlines()[0]}") from exc
+
+
+# ----------------------------------------------------------------------------------------------------- model
+
+class HeadTrainingModel(nn.Module):
+    """What Trainer optimises: the head. The frozen target is held in plain attributes (not a submodule), so
+    Trainer/DDP never wrap, move, broadcast or save it; it only provides hidden states under no_grad."""
+
+    def __init__(self, head: DraftHead, target: nn.Module, loss_decay: float = 1.0, ks: tuple[int, ...] = (1, 5)):
+        super().__init__()
+        self.head = head
+        self.base = BaseHandles.of(target)                      # a dataclass: not registered as a submodule
+        self.frozen = (getattr(target, target.base_model_prefix),)   # a tuple: not registered either
+        self.loss_decay, self.ks = float(loss_decay), tuple(ks)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            hidden = self.frozen[0](input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state               # [B, T, H]
+        head_dtype = next(self.head.parameters()).dtype
+        logits = self.head.training_logits(hidden.to(head_dtype), input_ids, self.base)   # [K, B, T, V]
+        if labels is None:
+            labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX) if attention_mask is not None \
+                else input_ids
+        num_positions, batch, length, vocab = logits.shape
+        losses, ce_sums = [], []
+        for k in range(num_positions):
+            shift = k + 2
+            if length <= shift:
+                losses.append(logits[k].sum() * 0.0)            # keeps the graph whole for DDP
+                ce_sums.append(torch.zeros(batch, device=logits.device))
+                continue
+            target = labels[:, shift:]                                              # [B, T - shift]
+            ce = F.cross_entropy(logits[k, :, : length - shift].reshape(-1, vocab).float(), target.reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="none").view(batch, length - shift)
+            losses.append(ce.sum() / (target != IGNORE_INDEX).sum().clamp(min=1))
+            ce_sums.append(ce.detach().sum(dim=1))
+        position_loss = torch.stack(losses)                                         # [K]
+        weights = self.loss_decay ** torch.arange(num_positions, device=logits.device, dtype=position_loss.dtype)
+        out = {"loss": (weights * position_loss).sum(), "position_loss": position_loss.detach()}
+        if not self.training:
+            out["eval_counts"] = self.eval_counts(logits.detach(), input_ids, labels, torch.stack(ce_sums, 1))
+        return out
+
+    def eval_counts(self, logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+                    ce_sums: torch.Tensor) -> torch.Tensor:
+        """Per example [B, K, 2 + len(ks)]: counted tokens, summed CE, top-j hits. Per example (not per batch)
+        so Trainer's gather drops the padding examples of the last distributed batch correctly."""
+        num_positions, batch, length, _ = logits.shape
+        mask = labels != IGNORE_INDEX
+        counts = torch.zeros(batch, num_positions, 2 + len(self.ks), dtype=torch.float64)
+        for b in range(batch):
+            accuracy = topk_accuracy(logits[:, b: b + 1], input_ids[b: b + 1], mask[b: b + 1], self.ks)
+            for k in range(num_positions):
+                tokens = int(mask[b, k + 2:].sum()) if length > k + 2 else 0
+                counts[b, k, 0] = tokens
+                counts[b, k, 1] = float(ce_sums[b, k])
+                for j, top in enumerate(self.ks):
+                    value = accuracy[f"pos{k + 1}_top{top}"]
+                    counts[b, k, 2 + j] = 0.0 if math.isnan(value) else round(value * tokens)
+        return counts.to(logits.device)
+
+
+def metrics_from_counts(counts: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """Summed per-example counts [N, K, 2 + len(ks)] -> {pos{k}_top{j}, pos{k}_loss, pos{k}_tokens}."""
+    total = np.asarray(counts, dtype=np.float64).reshape(-1, *np.shape(counts)[-2:]).sum(axis=0)
+    metrics = {}
+    for k, row in enumerate(total):
+        tokens = row[0]
+        for j, top in enumerate(ks):
+            metrics[f"pos{k + 1}_top{top}"] = float(row[2 + j] / tokens) if tokens else float("nan")
+        metrics[f"pos{k + 1}_loss"] = float(row[1] / tokens) if tokens else float("nan")
+        metrics[f"pos{k + 1}_tokens"] = int(tokens)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------- trainer
+
+def load_head_weights(head: DraftHead, folder: str | Path, identity: dict) -> None:
+    """Load a checkpoint folder's weights into `head` (kept in its training dtype); refuse another head/base."""
+    from safetensors.torch import load_file
+
+    info = read_head_config(folder)
+    check_base(info.get("base") or {}, identity, folder)
+    wanted = json.loads(json.dumps(head.config))
+    if info["head_type"] != head.head_type or info["config"] != wanted:
+        raise HarnessError(f"checkpoint {folder} holds a {info['head_type']} head {info['config']}, this run trains "
+                           f"a {head.head_type} head {wanted}; use another output_dir or resume=false")
+    head.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))
+
+
+class HeadTrainer(Trainer):
+    """Trainer whose checkpoints are head folders (save_head) and whose eval adds top-k accuracy."""
+
+    def __init__(self, *args, identity: dict, run_info: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.identity, self.run_info = identity, run_info
+        self.last_eval: dict | None = None
+        self._position_loss_sum, self._position_loss_batches = None, 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            loss = outputs["position_loss"].float()
+            self._position_loss_sum = loss if self._position_loss_sum is None else self._position_loss_sum + loss
+            self._position_loss_batches += 1
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._position_loss_batches:
+            means = (self._position_loss_sum / self._position_loss_batches).tolist()
+            logs.update({f"pos{k + 1}_loss": value for k, value in enumerate(means)})
+            self._position_loss_sum, self._position_loss_batches = None, 0
+        super().log(logs, start_time)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        counts = outputs["eval_counts"]
+        # returned as "labels" too: Trainer calls compute_metrics only when labels were gathered
+        return loss.detach(), counts, counts
+
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        self.last_eval = {"step": self.state.global_step, **metrics}
+        return metrics
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:
+            return
+        folder = Path(output_dir or self.args.output_dir)
+        head = self.accelerator.unwrap_model(self.model).head
+        save_head(head, folder, self.identity, {"training": self.run_info, "topk_accuracy": self.last_eval})
+        if self.last_eval is not None:
+            write_json(folder / TOPK_FILE, self.last_eval)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        load_head_weights(model.head, resume_from_checkpoint, self.identity)
+
+    def _load_best_model(self) -> None:
+        load_head_weights(self.accelerator.unwrap_model(self.model).head, self.state.best_model_checkpoint,
+                          self.identity)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------- runs
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+
+def run_train(cfg: DictConfig) -> dict:
+    """Train (or with eval_only, evaluate) a head; returns the summary. Raises HarnessError on bad input."""
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    if cfg.eval_only:
+        if not cfg.head_path or not cfg.eval_data_path:
+            raise HarnessError("eval_only=true needs head_path=<trained head folder> and eval_data_path=<ShareGPT>")
+        cfg = cfg.copy()
+        cfg.output_dir = str(cfg.head_path)
+    elif not cfg.data_path:
+        raise HarnessError("specdec-train needs data_path=<ShareGPT .json/.jsonl> (specdec-distill writes one)")
+    if not cfg.output_dir:
+        raise HarnessError("set output_dir=<folder> (checkpoints and the final head go there)")
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    job_type = "eval" if cfg.eval_only else "train"
+    tracker = Tracker(None)
+    if main_process and wandb_enabled(cfg):
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        tracker = Tracker.start(cfg, Path(cfg.output_dir), job_type,
+                                [cfg.model.name, str(cfg.head.type) if cfg.get("head") else "head", cfg.name])
+    args = training_arguments(cfg, report_to_wandb=tracker.run is not None)
+    failed = True
+    try:
+        summary = _run(cfg, args)
+        tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        failed = False
+        return summary
+    finally:
+        tracker.finish(failed=failed)
+
+
+def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    eval_wanted = args.eval_strategy != "no" or cfg.eval_only
+    if eval_wanted and not cfg.eval_data_path:
+        raise HarnessError(f"training.eval_strategy={args.eval_strategy} needs eval_data_path=<held-out ShareGPT>; "
+                           "set it or training.evaluation_strategy=no")
+    # the target in the precision Trainer's autocast expects; fp32 otherwise (exact on CPU)
+    dtype = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    loaded = load_model(cfg.model, str(args.device), dtype)
+    identity = base_identity(loaded, cfg.model)
+    ks = tuple(int(k) for k in cfg.topk)
+    if cfg.eval_only:
+        head = load_head(cfg.head_path, loaded)
+    else:
+        head_cfg = OmegaConf.to_container(cfg.head, resolve=True)
+        head = build_head(head_cfg.pop("type"), loaded.model.config, base=BaseHandles.of(loaded.model), **head_cfg)
+        head = head.to(device=loaded.device, dtype=torch.float32).train()   # trained in fp32 (Trainer's AMP casts)
+    model = HeadTrainingModel(head, loaded.model, float(cfg.loss.decay), ks)
+    template, lazy, max_length = loaded.template, bool(cfg.lazy_preprocess), int(cfg.model_max_length)
+    train_data = None if cfg.eval_only else ConversationDataset(cfg.data_path, template, max_length, lazy)
+    eval_data = ConversationDataset(cfg.eval_data_path, template, max_length, lazy) if cfg.eval_data_path else None
+    tokenizer = loaded.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    run_info = {"data_path": cfg.data_path, "eval_data_path": cfg.eval_data_path, "model_max_length": max_length,
+                "lazy_preprocess": lazy, "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+                "preset": cfg.name, "training_args": training_kwargs(cfg),
+                "train_conversations": len(train_data) if train_data is not None else None,
+                "eval_conversations": len(eval_data) if eval_data is not None else None}
+    trainer = HeadTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                          data_collator=Collator(pad_id), compute_metrics=lambda p: metrics_from_counts(p.predictions,
+                                                                                                         ks),
+                          identity=identity, run_info=run_info)
+    if cfg.eval_only:
+        metrics = trainer.evaluate()
+        write_json(Path(cfg.head_path) / TOPK_FILE, trainer.last_eval)
+        log.info("top-k accuracy of %s written to %s", cfg.head_path, Path(cfg.head_path) / TOPK_FILE)
+        return {"head_path": str(cfg.head_path), **metrics}
+
+    checkpoint = last_checkpoint(cfg.output_dir) if cfg.resume else None
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if eval_data is not None and (trainer.last_eval is None or trainer.last_eval["step"] != trainer.state.global_step):
+        trainer.evaluate()       # the final head's own numbers
+    trainer.save_model(cfg.output_dir)
+    summary = {"output_dir": str(cfg.output_dir), "global_step": trainer.state.global_step,
+               "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
+               "train_conversations": len(train_data), "resumed_from": checkpoint, "eval": trainer.last_eval}
+    if trainer.args.should_save:
+        write_json(Path(cfg.output_dir) / "train_summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    metrics = summary.get("eval") or summary
+    positions = sorted({key.split("_")[0] for key in metrics if key.startswith(("pos", "eval_pos"))})
+    lines = []
+    if "global_step" in summary:
+        lines.append(f"trained {summary['global_step']} steps in {summary['train_runtime_s'] or 0:.0f} s "
+                     f"(loss {summary['train_loss']:.3f}); head folder: {summary['output_dir']}")
+    for name in positions:
+        values = {key.rsplit("_", 1)[1]: value for key, value in metrics.items()
+                  if key.startswith(name + "_") and key.rsplit("_", 1)[1].startswith("top")}
+        lines.append(f"{name.replace('eval_', '')}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(values.items())))
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> dict:
+    try:
+        summary = run_train(cfg)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
+    return summary
+
+
+def main() -> None:
+    from harness.bench import check_choices
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_choices(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

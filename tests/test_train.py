@@ -1,0 +1,294 @@
+"""specdec-train on a tiny chat model: end to end (loss falls, safetensors head folders that load_head reads,
+top-k accuracy logged and written), eval_only, resume after a kill, the assistant-only mask, the frozen
+target, and the team's Medusa command mapped one to one."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+from torch import nn
+
+from conftest import compose_config
+from harness import heads
+from harness.errors import HarnessError
+from harness.heads import DraftHead, base_identity, load_head, topk_accuracy
+from harness.models import load_model
+from harness.sharegpt import write_sharegpt
+from harness.train import (HeadTrainer, HeadTrainingModel, run_train, training_arguments, training_kwargs,
+                           wandb_enabled)
+from harness.train_data import IGNORE_INDEX, Collator, ConversationDataset, tokenize_conversation
+from tiny_chat import make_tiny_chat_model, model_overrides
+
+COUNTING = "one two three four five six seven eight nine ten"
+
+
+class StandInHead(DraftHead):
+    """A trigram-like stand-in (token inputs, teacher-forced): hidden[t] + embed(x[t]) -> K positions."""
+
+    head_type = "standin"
+
+    def __init__(self, hidden_size: int, vocab_size: int, num_positions: int = 2):
+        super().__init__(dict(hidden_size=hidden_size, vocab_size=vocab_size, num_positions=num_positions))
+        self.mix = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_positions))
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.mix)
+
+    def training_logits(self, hidden, input_ids, base):
+        state = hidden + base.embed(input_ids).to(hidden.dtype)
+        return torch.stack([base.lm_head(state + torch.tanh(mix(state))) for mix in self.mix])
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    """A memorisable set: short questions answered by counting (t + 2 follows from t)."""
+    folder = tmp_path_factory.mktemp("toy")
+    words = COUNTING.split()
+    records = []
+    for index in range(8):
+        answer = " ".join(words[index % 3:] + words[:index % 3])
+        records.append({"id": f"t{index}", "conversations": [
+            {"from": "human", "value": f"tell me {words[index]} words"}, {"from": "gpt", "value": answer}]})
+    return write_sharegpt(records[:6], folder / "train.json"), write_sharegpt(records[6:], folder / "eval.jsonl")
+
+
+def train_cfg(chat_model, toy_data, output_dir, *overrides):
+    train, held = toy_data
+    cfg = compose_config(*model_overrides(chat_model)[:-1], "logger=none", f"data_path={train}",
+                         f"eval_data_path={held}", f"output_dir={output_dir}", "model_max_length=64",
+                         "head.medusa_num_heads=2", "training.num_train_epochs=1", "+training.max_steps=24",
+                         "training.per_device_train_batch_size=2", "training.per_device_eval_batch_size=2",
+                         "training.learning_rate=3e-2", "training.warmup_ratio=0.0", "training.logging_steps=1",
+                         "training.eval_steps=12", "training.save_steps=12", "+training.disable_tqdm=true",
+                         "+training.use_cpu=true", *overrides, config_name="train")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(chat_model, toy_data, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("medusa")
+    cfg = train_cfg(chat_model, toy_data, output_dir)
+    return cfg, run_train(cfg)
+
+
+def logged(output_dir: Path, step: int) -> list[dict]:
+    return json.loads((output_dir / f"checkpoint-{step}" / "trainer_state.json").read_text())["log_history"]
+
+
+def test_training_lowers_the_loss_and_writes_a_head_folder_load_head_reads(trained):
+    cfg, summary = trained
+    output_dir = Path(cfg.output_dir)
+    losses = [entry["loss"] for entry in logged(output_dir, 24) if "loss" in entry]
+    assert len(losses) == 24 and summary["global_step"] == 24
+    assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:4]) / 4
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-24"]
+    for folder in (output_dir, output_dir / "checkpoint-12"):
+        assert sorted(p.name for p in folder.glob("*.safetensors")) == ["model.safetensors"]
+        assert not list(folder.glob("*.bin"))
+    info = json.loads((output_dir / "head_config.json").read_text())
+    assert info["head_type"] == "medusa" and info["config"]["medusa_num_heads"] == 2
+    assert info["training"]["training_args"]["eval_strategy"] == "steps"
+    loaded = load_model(cfg.model, "cpu")
+    assert info["base"] == json.loads(json.dumps(base_identity(loaded, cfg.model)))
+    head = load_head(output_dir, loaded)   # what method.head_path=<output_dir> loads
+    assert head.num_positions == 2
+
+
+def test_eval_logs_and_writes_topk_accuracy_per_position(trained):
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    cfg, summary = trained
+    output_dir = Path(cfg.output_dir)
+    evals = [entry for entry in logged(output_dir, 24) if "eval_loss" in entry]
+    assert [entry["step"] for entry in evals] == [12, 24]
+    for key in ("eval_pos1_top1", "eval_pos1_top5", "eval_pos2_top1", "eval_pos2_top5"):
+        assert 0.0 <= evals[-1][key] <= 1.0
+    assert "eval/pos2_top5" in rewrite_logs(evals[-1])      # the W&B names
+    for folder, step in ((output_dir, 24), (output_dir / "checkpoint-12", 12)):
+        written = json.loads((folder / "topk_accuracy.json").read_text())
+        assert written["step"] == step and written["eval_pos1_top1"] == [e for e in evals if e["step"] == step][0][
+            "eval_pos1_top1"]
+
+
+def test_eval_accuracy_is_topk_accuracy_over_the_whole_eval_set(trained, chat_model):
+    cfg, summary = trained
+    loaded = load_model(cfg.model, "cpu")
+    head = load_head(cfg.output_dir, loaded)
+    data = ConversationDataset(cfg.eval_data_path, loaded.template, 64)
+    hits, counted = {}, {}
+    with torch.no_grad():
+        for example in data:   # one example at a time, no padding: the reference
+            ids = torch.tensor([example["input_ids"]])
+            mask = torch.tensor([example["labels"]]) != IGNORE_INDEX
+            hidden = loaded.model.model(input_ids=ids).last_hidden_state
+            accuracy = topk_accuracy(head.training_logits(hidden, ids, heads.BaseHandles.of(loaded.model)), ids,
+                                     mask)
+            for key, value in accuracy.items():
+                tokens = int(mask[0, int(key[3]) + 1:].sum())
+                hits[key] = hits.get(key, 0.0) + value * tokens
+                counted[key] = counted.get(key, 0) + tokens
+    for key in hits:
+        assert summary["eval"][f"eval_{key}"] == pytest.approx(hits[key] / counted[key], abs=1e-9)
+
+
+def test_eval_only_writes_topk_accuracy_into_the_head_folder(trained, chat_model, toy_data, tmp_path):
+    cfg, summary = trained
+    head_copy = tmp_path / "head"
+    head_copy.mkdir()
+    for name in ("model.safetensors", "head_config.json"):
+        (head_copy / name).write_bytes((Path(cfg.output_dir) / name).read_bytes())
+    eval_cfg = train_cfg(chat_model, toy_data, tmp_path / "unused", "eval_only=true", f"head_path={head_copy}")
+    metrics = run_train(eval_cfg)
+    written = json.loads((head_copy / "topk_accuracy.json").read_text())
+    for key in ("eval_pos1_top1", "eval_pos2_top5", "eval_loss"):
+        assert written[key] == pytest.approx(summary["eval"][key], rel=1e-6) == metrics[key]
+    with pytest.raises(HarnessError, match="eval_only=true needs head_path"):
+        run_train(train_cfg(chat_model, toy_data, tmp_path / "x", "eval_only=true"))
+
+
+def test_resume_after_a_kill_continues_from_the_last_checkpoint(chat_model, toy_data, tmp_path, monkeypatch):
+    overrides = ["training.max_steps=6", "training.save_steps=3", "training.eval_steps=3"]
+    straight = run_train(train_cfg(chat_model, toy_data, tmp_path / "straight", *overrides))
+    real, steps = HeadTrainer.training_step, []
+
+    def killed_in_step_5(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 5:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HeadTrainer, "training_step", killed_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(train_cfg(chat_model, toy_data, tmp_path / "killed", *overrides))
+    assert [p.name for p in (tmp_path / "killed").glob("checkpoint-*")] == ["checkpoint-3"]
+    monkeypatch.setattr(HeadTrainer, "training_step", real)
+    resumed = run_train(train_cfg(chat_model, toy_data, tmp_path / "killed", *overrides))
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["global_step"] == 6
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    assert resumed["eval"]["eval_pos1_top1"] == pytest.approx(straight["eval"]["eval_pos1_top1"])
+    with pytest.raises(HarnessError, match="holds a medusa head"):   # another head into the same folder
+        run_train(train_cfg(chat_model, toy_data, tmp_path / "killed", *overrides[1:], "training.max_steps=9",
+                            "head.medusa_num_heads=1"))
+
+
+def test_frozen_target_stays_outside_the_trained_module(chat_model, toy_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(heads.HEAD_TYPES, "standin", "test_train:StandInHead")
+    cfg = train_cfg(chat_model, toy_data, tmp_path / "standin", "training.max_steps=4", "training.save_steps=4",
+                    "training.eval_steps=4")
+    with open_dict(cfg):
+        cfg.head = OmegaConf.create({"type": "standin", "num_positions": 3})
+    loaded = load_model(cfg.model, "cpu")
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    model = HeadTrainingModel(StandInHead(64, len(loaded.tokenizer), 3), loaded.model)
+    assert all(key.startswith("head.") for key in model.state_dict())
+    assert all(p.requires_grad for p in model.parameters())
+    summary = run_train(cfg)   # loads its own target: check the weights on disk did not move either
+    assert summary["global_step"] == 4 and summary["eval"]["eval_pos3_top5"] >= 0.0
+    after = load_model(cfg.model, "cpu").model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    head = load_head(cfg.output_dir, loaded)
+    assert isinstance(head, StandInHead) and head.num_positions == 3
+
+
+def test_labels_cover_exactly_the_assistant_answers(chat_model):
+    cfg = compose_config(*model_overrides(chat_model)[:-1], config_name="train")
+    loaded = load_model(cfg.model, "cpu")
+    pairs = [("hello world", "the cat sat on the mat ."), ("why ?", "red blue green")]
+    example = tokenize_conversation(loaded.template, pairs, 512)
+    labelled = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    assert loaded.tokenizer.decode(labelled) == "the cat sat on the mat . <|im_end|> red blue green <|im_end|>"
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(example["input_ids"], example["labels"]))
+    cut = tokenize_conversation(loaded.template, pairs, 30)
+    assert len(cut["input_ids"]) == 30
+    batch = Collator(pad_id=1)([example, cut])
+    assert batch["input_ids"].shape == (2, len(example["input_ids"]))
+    assert (batch["labels"][1, 30:] == IGNORE_INDEX).all() and batch["attention_mask"][1].sum() == 30
+
+
+@pytest.mark.integration
+def test_real_tokenizer_spans_for_chatml_and_vicuna_templates(default_model):
+    from harness.models import model_config
+    from harness.templates import make_template
+
+    pairs = [("Hi there", "Hello! How can I help?"), ("Name a colour.", "Blue.")]
+    for template, expected in ((default_model.template, ["Hello! How can I help?<|im_end|>\n", "Blue.<|im_end|>\n"]),
+                               (make_template(model_config("vicuna-7b-v1.3"), default_model.tokenizer),
+                                [" Hello! How can I help?</s>", " Blue.</s>"])):
+        example = tokenize_conversation(template, pairs, 2048)
+        labels = example["labels"]
+        runs, current = [], []
+        for token, label in zip(example["input_ids"], labels):
+            if label != IGNORE_INDEX:
+                current.append(token)
+            elif current:
+                runs.append(current)
+                current = []
+        runs += [current] if current else []
+        assert [default_model.tokenizer.decode(run) for run in runs] == expected
+
+
+def test_medusa_vicuna7b_reproduces_the_team_command(tmp_path):
+    cfg = compose_config("train=medusa_vicuna7b", "data_path=/data/sharegpt_vicuna.json",
+                         "eval_data_path=/data/sharegpt_vicuna_eval.json", f"output_dir={tmp_path}",
+                         config_name="train")
+    assert cfg.model.hub_id == "lmsys/vicuna-7b-v1.3"
+    assert (cfg.data_path, cfg.eval_data_path) == ("/data/sharegpt_vicuna.json", "/data/sharegpt_vicuna_eval.json")
+    assert cfg.model_max_length == 2048 and cfg.lazy_preprocess is True
+    assert OmegaConf.to_container(cfg.head) == {"type": "medusa", "medusa_num_heads": 1, "medusa_num_layers": 1,
+                                                "own_lm_head": True}
+    kwargs = training_kwargs(cfg)
+    team = {"num_train_epochs": 4, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+            "gradient_accumulation_steps": 4, "eval_strategy": "steps", "eval_steps": 50, "save_strategy": "steps",
+            "save_steps": 400, "save_total_limit": 2, "learning_rate": 1e-4, "weight_decay": 0.0,
+            "warmup_steps": 0.05, "lr_scheduler_type": "cosine", "logging_steps": 1, "bf16": True, "tf32": True,
+            "output_dir": str(tmp_path), "optim": "adamw_torch"}
+    for key, value in team.items():
+        assert kwargs[key] == value, key
+    assert "evaluation_strategy" not in kwargs and "warmup_ratio" not in kwargs
+    args = training_arguments(cfg, report_to_wandb=False)   # the real TrainingArguments (tf32 dropped on CPU)
+    for key, value in team.items():
+        if key != "tf32" or torch.cuda.is_available():
+            assert getattr(args, key) == value, key
+    assert args.get_warmup_steps(1000) == 50
+
+
+def test_training_arguments_refuse_unknown_or_conflicting_names(tmp_path):
+    cfg = compose_config("+training.evaluation_strategi=steps", f"output_dir={tmp_path}", config_name="train")
+    with pytest.raises(HarnessError, match="training.evaluation_strategi is not a transformers TrainingArguments"):
+        training_kwargs(cfg)
+    cfg = compose_config("+training.eval_strategy=no", f"output_dir={tmp_path}", config_name="train")
+    with pytest.raises(HarnessError, match="evaluation_strategy and training.eval_strategy disagree"):
+        training_kwargs(cfg)
+
+
+def test_wandb_follows_the_logger_config(tmp_path):
+    assert wandb_enabled(compose_config(config_name="train"))            # offline by default
+    assert not wandb_enabled(compose_config("logger=none", config_name="train"))
+    cfg = compose_config(f"output_dir={tmp_path}", "+training.use_cpu=true", config_name="train")
+    assert training_arguments(cfg, report_to_wandb=True).report_to == ["wandb"]
+    assert training_arguments(cfg, report_to_wandb=False).report_to in ([], "none", ["none"])
+
+
+def test_missing_data_is_one_line(chat_model, toy_data, tmp_path):
+    cfg = train_cfg(chat_model, toy_data, tmp_path, "data_path=null")
+    with pytest.raises(HarnessError, match="needs data_path"):
+        run_train(cfg)
+    cfg = train_cfg(chat_model, toy_data, tmp_path, "eval_data_path=null")
+    with pytest.raises(HarnessError, match="needs eval_data_path"):
+        run_train(cfg)
+    assert not math.isnan(0.0)
