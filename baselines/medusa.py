@@ -17,18 +17,15 @@ marks it.
 from __future__ import annotations
 
 import logging
-import math
-import warnings
 
 import torch
 from torch import nn
 
-from harness.acceptance import Acceptance, Sampling
+from harness.acceptance import Acceptance, Sampling, greedy_accept
 from harness.decoding import DecodeContext, Draft, Proposer
 from harness.errors import HarnessError
-from harness.heads import BaseHandles, DraftHead, base_identity, load_head
+from harness.heads import BaseHandles, DraftHead, load_or_init_head
 from harness.target import Scores
-from harness.tree import children_of
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +87,136 @@ class MedusaHead(DraftHead):
                 for head in self.medusa_head:
                     head[self.num_layers].weight.copy_(base.lm_head.weight)
 
-    def states(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> per-head states [K, ..., H] (before the vocabulary projection)."""
-        return torch.stack([head[: self.num_layers](hidden) for head in self.medusa_head])
-
-    def logits(self, hidden: torch.Tensor, base: BaseHandles) -> torch.Tensor:
-        """hidden [..., H] -> [K, ..., V]. A shared lm_head projects all K states in one matmul."""
-        states = self.states(hidden)
-        if self.own_lm_head:
-            return torch.stack([head[self.num_layers](s) for head, s in zip(self.medusa_head, states)])
-        return base.lm_head(states)
+    def logits(self, hidden: torch.Tensor, base: BaseHandles, num_heads: int | None = None) -> torch.Tensor:
+        """hidden [..., H] -> [K, ..., V] for the first num_heads heads (all by default).
+        A shared lm_head projects all K states in one matmul (the projection dominates on a CPU)."""
+        states = []
+        for head in self.medusa_head[: num_heads or len(self.medusa_head)]:
+            x = hidden
+            for j in range(self.num_layers):
+                x = head[j](x)
+            states.append(head[self.num_layers](x) if self.own_lm_head else x)
+        stacked = torch.stack(states)
+        return stacked if self.own_lm_head else base.lm_head(stacked)
 
     def training_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, base: BaseHandles) -> torch.Tensor:
         return self.logits(hidden, base)   # Medusa-1 reads only h_t: no token inputs to teacher-force
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+def choice_tree(choices: list[list[int]], max_depth: int) -> tuple[tuple[int, ...], list[int], list[int]]:
+    """Index paths -> (parents, head index, top-k rank) per node, parents first, depth <= max_depth.
+
+    Node [r_0, .., r_d] = the rank-r_d token of head d, below node [r_0, .., r_{d-1}].
+    """
+    paths = sorted({tuple(int(r) for r in path) for path in choices if 0 < len(path) <= max_depth},
+                   key=lambda path: (len(path), path))
+    index = {path: i for i, path in enumerate(paths)}
+    parents, heads, ranks = [], [], []
+    for path in paths:
+        if len(path) > 1 and path[:-1] not in index:
+            raise HarnessError(f"medusa_choices has {list(path)} without its parent {list(path[:-1])}; every "
+                               f"prefix of a path must be in the tree")
+        if min(path) < 0:
+            raise HarnessError(f"medusa_choices path {list(path)} has a negative rank; ranks start at 0")
+        parents.append(index[path[:-1]] if len(path) > 1 else -1)
+        heads.append(len(path) - 1)
+        ranks.append(path[-1])
+    return tuple(parents), heads, ranks
+
+
+class MedusaProposer(Proposer):
+    """Medusa-1 tree drafting from the heads' top-k at ctx.hidden[-1]."""
+
+    name = "medusa"
+
+    def __init__(self, head_path: str | None = None, medusa_choices: str | list = "mc_cpu_5",
+                 medusa_num_heads: int = 3, medusa_num_layers: int = 1, own_lm_head: bool = False,
+                 acceptance: str = "lossless", posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
+                 lossy: bool = False):
+        if acceptance not in ("lossless", "typical"):
+            raise HarnessError(f"method.acceptance={acceptance}: use lossless (default) or typical (lossy)")
+        if (acceptance == "typical") != bool(lossy):
+            raise HarnessError("method.acceptance=typical is lossy and must be declared: set method.lossy=true "
+                               "together with method.acceptance=typical (and lossy=false otherwise)")
+        if isinstance(medusa_choices, str):
+            if medusa_choices not in PRESETS:
+                raise HarnessError(f"unknown medusa_choices '{medusa_choices}'; use one of "
+                                   f"{', '.join(PRESETS)} or a list of index paths")
+            medusa_choices = PRESETS[medusa_choices]
+        self.choices = [list(path) for path in medusa_choices]
+        self.head_path = head_path
+        self.head_kwargs = dict(medusa_num_heads=medusa_num_heads, medusa_num_layers=medusa_num_layers,
+                                own_lm_head=own_lm_head)
+        self.acceptance = acceptance
+        self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
+        self.lossy = bool(lossy)
+
+    def setup(self, loaded) -> None:
+        self.head = load_or_init_head(self.head_path, loaded, "medusa", **self.head_kwargs)
+        self.base = BaseHandles.of(loaded.model)
+        depth = max(len(path) for path in self.choices)
+        if depth > self.head.num_positions:
+            log.info("medusa: the tree is %d deep but the head has %d positions; deeper nodes are dropped",
+                     depth, self.head.num_positions)
+        self.parents, heads, ranks = choice_tree(self.choices, self.head.num_positions)
+        if not self.parents:
+            raise HarnessError("medusa_choices leaves no node for this head; give at least one path like [0]")
+        device = loaded.device
+        self.node_head = torch.tensor(heads, device=device)     # [n] which head drafts each node
+        self.node_rank = torch.tensor(ranks, device=device)     # [n] its rank in that head's top-k
+        self.top_k = max(ranks) + 1
+        self.used_heads = max(heads) + 1
+
+    def propose(self, ctx: DecodeContext) -> Draft:
+        if ctx.remaining <= 1:       # only the target's own token fits: verifying a draft is waste
+            return Draft.empty()
+        # ctx.hidden[-1] = h_t, the state whose logits chose the pending token x_{t+1}; head i -> x_{t+i+2}
+        logits = self.head.logits(ctx.hidden[-1], self.base, self.used_heads)     # [K', V]
+        ranked = logits.topk(self.top_k, dim=-1).indices                        # [K', top_k]
+        tokens = ranked[self.node_head, self.node_rank].tolist()
+        draft = Draft(tokens, self.parents)   # deterministic candidates: q_draft None, lossless
+        if self.acceptance == "typical":
+            draft.acceptance_override = self.typical_accept
+        return draft
+
+    def typical_accept(self, draft: Draft, scores: Scores, sampling: Sampling,
+                       generator: torch.Generator | None) -> Acceptance:
+        """Medusa's typical acceptance (LOSSY): a candidate passes where p_target(x) > min(threshold,
+        alpha * exp(-entropy(p_target))); the longest passing path wins (ties: higher likelihood), then
+        the next token is drawn from p_target truncated to the tokens above that bar. At temperature 0
+        Medusa falls back to greedy, and so does this."""
+        if sampling.greedy:
+            return greedy_accept(draft.parents, draft.tokens, scores.logits)
+        n_tree = len(draft.parents) + 1
+        probs = torch.softmax(scores.logits[:n_tree].float() / sampling.temperature, dim=-1)   # [N, V]
+        entropy = -(probs * torch.log(probs + 1e-5)).sum(dim=-1)
+        bar = torch.clamp(self.posterior_alpha * torch.exp(-entropy), max=self.posterior_threshold)   # [N]
+        parent_rows = torch.tensor([p + 1 for p in draft.parents], device=probs.device)
+        token_ids = torch.tensor(draft.tokens, device=probs.device)
+        p_token = probs[parent_rows, token_ids]                                   # [n]
+        passes = (p_token > bar[parent_rows]).tolist()
+        log_p = torch.log(p_token).tolist()
+        best, best_key = 0, (0, 0.0)
+        depth, likelihood, alive = [0] * n_tree, [0.0] * n_tree, [True] + [False] * (n_tree - 1)
+        for i, parent in enumerate(draft.parents):
+            node = i + 1
+            alive[node] = alive[parent + 1] and passes[i]
+            if alive[node]:
+                depth[node] = depth[parent + 1] + 1
+                likelihood[node] = likelihood[parent + 1] + log_p[i]
+                if (depth[node], likelihood[node]) > best_key:
+                    best, best_key = node, (depth[node], likelihood[node])
+        path, node = [], best
+        while node > 0:
+            path.insert(0, node)
+            node = draft.parents[node - 1] + 1
+        path = [0] + path
+        last = probs[best]
+        truncated = torch.where(last >= bar[best], last, torch.zeros_like(last))
+        bonus = int(torch.multinomial(truncated / truncated.sum(), 1, generator=generator))
+        tokens = [draft.tokens[node - 1] for node in path[1:]] + [bonus]
+        return Acceptance(path, tokens, len(path) - 1)

@@ -324,3 +324,22 @@ def topk_accuracy(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Ten
             hits = hit_rank[..., : min(j, top)].any(dim=-1) & valid
             result[f"pos{k + 1}_top{j}"] = float(hits.sum()) / counted
     return result
+
+
+def load_or_init_head(head_path, loaded, head_type: str, **kwargs) -> DraftHead:
+    """For a decoder's setup: the trained head at `head_path`, or (null) a fresh UNTRAINED head built from
+    `kwargs` — plumbing and tests only, its drafts are near-random, so say so loudly."""
+    if head_path:
+        head = load_head(head_path, loaded)
+        if head.head_type != head_type:
+            raise HarnessError(f"head {head_path} is a {head.head_type} head, this method needs a {head_type} "
+                               f"head; point method.head_path at a {head_type} checkpoint")
+        return head
+    import warnings
+
+    message = (f"method.head_path is null: using an UNTRAINED, randomly initialised {head_type} head; its "
+               f"drafts are near-random (for tests and plumbing only, not for speed numbers)")
+    warnings.warn(message, stacklevel=2)
+    log.warning(message)
+    head = build_head(head_type, loaded.model.config, base=BaseHandles.of(loaded.model), **kwargs)
+    return head.to(device=loaded.device, dtype=loaded.dtype).eval().requires_grad_(False)

@@ -9,12 +9,8 @@ import torch
 from harness.errors import HarnessError
 from harness.heads import (BaseHandles, base_identity, build_head, check_base, load_head, save_head,
                            topk_accuracy)
-from harness.models import LoadedModel
-from tests.conftest import make_tiny_llama
-
-
-def as_loaded(model, name="tiny") -> LoadedModel:
-    return LoadedModel(name, model, None, None, torch.device("cpu"), torch.float32, "test")
+from conftest import make_tiny_llama
+from head_fitting import as_loaded, one_thread  # noqa: F401 (autouse fixture)
 
 
 def test_topk_accuracy_matches_a_hand_checked_example():

@@ -1,0 +1,163 @@
+"""Medusa: the choice tree, lossless decoding (untrained and fitted heads, greedy and sampling), typical
+acceptance as a declared lossy mode, and head errors through the bench path."""
+
+import json
+
+import pytest
+import torch
+from conftest import compose_config, make_tiny_llama, tiny_bench_overrides
+from head_fitting import as_loaded, fit_head, greedy, one_thread  # noqa: F401 (autouse fixture)
+
+from baselines.medusa import MC_SIM_7B_63, MedusaProposer, choice_tree
+from harness.acceptance import Sampling
+from harness.bench import run_bench
+from harness.decoding import StopCriteria, decode_turn
+from harness.errors import HarnessError
+from harness.heads import BaseHandles, base_identity, build_head, save_head
+from harness.store import RunStore
+from harness.target import Target
+
+pytestmark = pytest.mark.filterwarnings("ignore:method.head_path is null")   # fitted heads replace it
+
+PROMPT = list(range(5, 25))
+TOKENS = 40
+
+
+def medusa(model, head=None, **options) -> MedusaProposer:
+    proposer = MedusaProposer(**options)
+    proposer.setup(as_loaded(model))
+    if head is not None:
+        proposer.head = head
+    return proposer
+
+
+def run(model, proposer, sampling=None, generator=None, tokens=TOKENS):
+    return decode_turn(Target(model), proposer, PROMPT, sampling or Sampling(),
+                       StopCriteria(frozenset(), max_new_tokens=tokens), generator)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A tiny Llama and a 3-head Medusa taught its own greedy continuation of PROMPT."""
+    model = make_tiny_llama()
+    reference = greedy(model, PROMPT, TOKENS)
+    torch.manual_seed(0)
+    head = build_head("medusa", model.config, base=BaseHandles.of(model), medusa_num_heads=3)
+    losses = fit_head(head, model, [PROMPT + reference], steps=60, lr=3e-2)
+    assert losses[-1] < 0.3 * losses[0]
+    return model, head, reference
+
+
+def test_choice_tree_orders_parents_first_and_drops_what_the_head_cannot_draft():
+    parents, heads, ranks = choice_tree([[0, 1], [1], [0], [0, 1, 0], [0, 0]], max_depth=2)
+    # sorted by depth then path: [0] [1] [0,0] [0,1]; [0,1,0] needs a third head
+    assert parents == (-1, -1, 0, 0) and heads == [0, 0, 1, 1] and ranks == [0, 1, 0, 1]
+    full = choice_tree(MC_SIM_7B_63, max_depth=4)[0]
+    assert len(full) == 63 and max(choice_tree(MC_SIM_7B_63, 4)[1]) == 3
+    with pytest.raises(HarnessError, match="without its parent"):
+        choice_tree([[0], [1, 0]], max_depth=2)
+
+
+@pytest.mark.parametrize("options", [dict(medusa_choices="mc_sim_7b_63", medusa_num_heads=4, own_lm_head=True),
+                                     dict(medusa_choices="mc_cpu_5", medusa_num_heads=3, own_lm_head=False)])
+def test_untrained_medusa_is_lossless(tiny_llama, options):
+    reference = greedy(tiny_llama, PROMPT, TOKENS)
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        proposer = medusa(tiny_llama, **options)
+    result = run(tiny_llama, proposer)
+    assert result.token_ids == reference
+    assert max(result.draft_sizes) == (63 if options["medusa_num_heads"] == 4 else 5)
+
+
+@pytest.mark.parametrize("choices", ["mc_cpu_5", "mc_sim_7b_63"])
+def test_fitted_medusa_is_lossless_and_accepts_drafts(fitted, choices):
+    model, head, reference = fitted
+    result = run(model, medusa(model, head, medusa_choices=choices))
+    assert result.token_ids == reference
+    assert result.new_tokens / result.steps > 1.5                   # τ: the heads are mostly right
+    assert result.pos_accepted[0] > 0 and len(result.pos_attempted) == 3
+
+
+def test_sampling_goes_through_rejection_sampling(fitted):
+    model, head, reference = fitted
+    # near-zero temperature: the target distribution is one-hot, so a lossless sampler must give greedy
+    cold = run(model, medusa(model, head), Sampling(temperature=1e-4), torch.Generator().manual_seed(1))
+    assert cold.token_ids == reference and cold.new_tokens / cold.steps > 1.5
+    warm = [run(model, medusa(model, head), Sampling(temperature=0.8), torch.Generator().manual_seed(7)).token_ids
+            for _ in range(2)]
+    assert warm[0] == warm[1] and len(warm[0]) == TOKENS          # reproducible under a seeded generator
+
+
+def test_typical_acceptance_is_lossy_and_must_be_declared(fitted):
+    model, head, reference = fitted
+    with pytest.raises(HarnessError, match="lossy=true"):
+        MedusaProposer(acceptance="typical")
+    with pytest.raises(HarnessError, match="lossy=true"):
+        MedusaProposer(acceptance="lossless", lossy=True)
+    assert compose_config("method=medusa_typical").method.lossy is True
+    assert compose_config("method=medusa").method.lossy is False
+    typical = medusa(model, head, acceptance="typical", lossy=True)
+    ctx_free = typical.propose(_context(model))
+    assert ctx_free.acceptance_override is not None and ctx_free.q_draft is None
+    assert medusa(model, head).propose(_context(model)).acceptance_override is None   # default: shared accept
+    # Medusa falls back to greedy at temperature 0, and so does this
+    assert run(model, typical).token_ids == reference
+    result = run(model, typical, Sampling(temperature=0.7), torch.Generator().manual_seed(3))
+    assert len(result.token_ids) == TOKENS and result.new_tokens / result.steps > 1.5
+
+
+def _context(model):
+    from harness.decoding import DecodeContext
+
+    target = Target(model)
+    with torch.inference_mode():
+        hidden, logits = target.prefill(PROMPT)
+    return DecodeContext(PROMPT + [int(logits.argmax())], len(PROMPT), target, hidden, logits, 10, Sampling())
+
+
+def _save(head, model, folder):
+    return save_head(head, folder, base_identity(model))
+
+
+def test_head_errors_through_the_bench_path(tiny_model_dir, questions_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    good = _save(build_head("medusa", tiny.config, base=BaseHandles.of(tiny), medusa_num_heads=2), tiny,
+                 tmp_path / "good")
+    # through the bench: the trained-head path decodes losslessly against vanilla
+    vanilla_dir, medusa_dir = tmp_path / "vanilla", tmp_path / "medusa"
+    common = ("bench.limit=1", "max_new_tokens=16")
+    run_bench(compose_config(*tiny_bench_overrides(tiny_model_dir, vanilla_dir, questions_path, *common)), vanilla_dir)
+    summary = run_bench(compose_config(*tiny_bench_overrides(
+        tiny_model_dir, medusa_dir, questions_path, *common, "method=medusa_cpu", f"method.head_path={good}",
+        f"reference={vanilla_dir}")), medusa_dir)
+    assert summary["lossless_rate"] == 1.0
+    info = json.loads((medusa_dir / "run.json").read_text())
+    assert info["config"]["method"]["lossy"] is False
+
+    other = make_tiny_llama(seed=1)                                   # another base model (vocab 256)
+    foreign = _save(build_head("medusa", other.config, medusa_num_heads=2), other, tmp_path / "foreign")
+    corrupt = _save(build_head("medusa", tiny.config, medusa_num_heads=2), tiny, tmp_path / "corrupt")
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for name, folder, words in [("foreign", foreign, "was trained for"), ("corrupt", corrupt, "corrupt or truncated"),
+                                ("missing", tmp_path / "nowhere", "does not exist")]:
+        run_dir = tmp_path / f"run-{name}"
+        cfg = compose_config(*tiny_bench_overrides(tiny_model_dir, run_dir, questions_path, *common,
+                                                   "method=medusa_cpu", f"method.head_path={folder}"))
+        with pytest.raises(HarnessError, match=words) as error:
+            run_bench(cfg, run_dir)
+        assert "\n" not in str(error.value)
+        assert not RunStore(run_dir).answers.is_file() or not RunStore(run_dir).records()
+
+
+@pytest.mark.integration
+def test_untrained_medusa_on_the_default_model_is_lossless(questions_path, tmp_path):
+    common = ("bench.question_ids=[81,82,83]", "max_new_tokens=48", "warmup=0", "logger.wandb.mode=disabled",
+              "progress=false", f"bench.path={questions_path}", "device=cpu")
+    vanilla_dir, medusa_dir = tmp_path / "vanilla", tmp_path / "medusa"
+    run_bench(compose_config(*common, f"run_dir={vanilla_dir}"), vanilla_dir)
+    summary = run_bench(compose_config(*common, f"run_dir={medusa_dir}", "method=medusa_cpu",
+                                       f"reference={vanilla_dir}"), medusa_dir)
+    assert summary["questions"] == 3 and summary["turns"] == 6 and summary["lossless_rate"] == 1.0
