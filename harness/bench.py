@@ -177,6 +177,9 @@ def format_summary(summary: dict) -> str:
              f"τ = {tau:.2f}"]
     if summary.get("lossless_rate") is not None:
         lines.append(f"lossless vs reference: {summary['lossless_rate']:.0%} of questions token-identical")
+    if summary.get("speedup") is not None:
+        lines.append(f"speedup vs {summary['baseline_run']}: {summary['speedup']:.2f}x (mean of per-question "
+                     f"ratios), {summary['speedup_total']:.2f}x (total tokens / total time)")
     lines.append(f"run folder: {summary['run_dir']}")
     return "\n".join(lines)
 

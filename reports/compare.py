@@ -177,7 +177,8 @@ def run_metrics(group: Group, tasks: list[str], baseline: str = "vanilla") -> pd
                "draft_tokens_per_step": (sum(sum(s) for s in sizes) / steps
                                          if steps and all(s is not None for s in sizes) else math.nan),
                "draft_share": stage["draft_time"], "verify_share": stage["verify_time"],
-               "lossless_matched": matched, "lossless_compared": compared, "lossless_source": source}
+               "lossless_matched": matched, "lossless_compared": compared, "lossless_source": source,
+               "lossy": run.lossy}
         for definition in DEFINITIONS:
             row[f"speedup_{definition}"] = speedup(mine, theirs, definition)
             for task in tasks:

@@ -80,6 +80,11 @@ class Run:
         return self.config.get("seed")
 
     @property
+    def lossy(self) -> bool:
+        """The method config declares a lossy acceptance rule (e.g. Medusa's typical acceptance)."""
+        return bool(self.config.get("method", {}).get("lossy", False))
+
+    @property
     def greedy(self) -> bool:
         return float(self.settings.get("temperature") or 0.0) == 0.0
 
@@ -169,7 +174,8 @@ def _flat(value, prefix="") -> dict:
 
 def _label_runs(runs: list[Run]) -> None:
     """A label is the method's name, plus the method parameters that differ between runs of that name
-    (`pld[max_draft=5]`), so a sweep over a method's parameters gives one row per setting."""
+    (`pld[max_draft=5]`), so a sweep over a method's parameters gives one row per setting, plus
+    ` (lossy)` when the method config declares `lossy: true`."""
     by_name: dict[str, list[Run]] = {}
     for run in runs:
         by_name.setdefault(run.method, []).append(run)
@@ -179,6 +185,7 @@ def _label_runs(runs: list[Run]) -> None:
         varying = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in params}) > 1]
         for run, p in zip(group, params):
             run.label = name + (f"[{','.join(f'{k}={p.get(k)}' for k in varying)}]" if varying else "")
+            run.label += " (lossy)" if run.lossy else ""
 
 
 def load_runs(sources) -> list[Run]:

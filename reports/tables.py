@@ -44,12 +44,13 @@ def leaderboard(metrics: pd.DataFrame, labels: list[str], tasks: list[str], defi
 
 def _lossless(rows: pd.DataFrame) -> str:
     sources = set(rows["lossless_source"])
+    prefix = "LOSSY by design; " if rows["lossy"].any() else ""
     if sources == {"reference"}:
         return "reference"
     if sources == {"n/a"}:
         return "n/a (sampling)"
     matched, compared = int(rows["lossless_matched"].sum()), int(rows["lossless_compared"].sum())
-    return f"{matched / compared:.0%} ({matched}/{compared})" if compared else "—"
+    return prefix + (f"{matched / compared:.0%} ({matched}/{compared})" if compared else "—")
 
 
 def summary(metrics: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:

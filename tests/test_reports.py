@@ -179,12 +179,34 @@ def test_spec_bench_task_groups_topk_and_trigram_ablation(tmp_path):
     assert set(report.figures) >= {"acceptance_per_position", "speedup_per_category"}
 
 
-def test_method_parameter_sweeps_get_their_own_rows(tmp_path):
+def test_method_parameter_sweeps_get_their_own_rows_and_lossy_methods_are_marked(tmp_path):
     vanilla(tmp_path / "v")
     pld(tmp_path / "p3", max_draft=3)
     pld(tmp_path / "p5", max_draft=5)
-    report = build_report([str(tmp_path / d) for d in ("v", "p3", "p5")], tmp_path / "out", make_figures=False)
-    assert set(report.metrics["label"]) == {"vanilla", "pld[max_draft=3]", "pld[max_draft=5]"}
+    write_run(tmp_path / "t", "medusa_typical", {81: ("writing", [turn(0, 10, 1.0), turn(1, 10, 1.0)]),
+                                                 82: ("roleplay", [turn(0, 10, 1.0), turn(1, 10, 1.0)])}, lossy=True)
+    report = build_report([str(tmp_path / d) for d in ("v", "p3", "p5", "t")], tmp_path / "out", make_figures=False)
+    assert set(report.metrics["label"]) == {"vanilla", "pld[max_draft=3]", "pld[max_draft=5]",
+                                            "medusa_typical (lossy)"}
+    assert "| medusa_typical (lossy) |" in (tmp_path / "out" / "summary.md").read_text().replace("  ", " ")
+    assert "LOSSY by design; 100% (2/2)" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_report_run_logs_tables_and_figures_to_offline_wandb(tmp_path):
+    from reports.report import run_report
+    from tests.conftest import compose_config
+
+    vanilla(tmp_path / "sweep" / "0_vanilla")
+    pld(tmp_path / "sweep" / "1_pld")
+    cfg = compose_config(f"runs={tmp_path / 'sweep'}", f"out_dir={tmp_path / 'out'}", "print=false",
+                         config_name="report")
+    report = run_report(cfg)
+    [offline] = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    images = list((offline / "files" / "media" / "images").rglob("*.png"))
+    assert len(images) == len(report.figures) == 4
+    tables = {p.name.split("_")[0] for p in (offline / "files" / "media" / "table").rglob("*.table.json")}
+    assert {"leaderboard", "summary", "acceptance", "runs"} <= tables
+    assert b"report" in next(offline.glob("run-*.wandb")).read_bytes()     # job_type
 
 
 def test_report_cli_refuses_with_one_line_and_writes_a_report(tmp_path):
