@@ -1,0 +1,175 @@
+"""Ours (methods/trigram.py): teacher-forced training logits, chain / beam / tree drafting, lossless decoding
+with untrained and fitted heads, and the checks on head type and trigram flag."""
+
+import pytest
+import torch
+from conftest import compose_config, make_tiny_llama, tiny_bench_overrides
+from head_fitting import as_loaded, fit_head, greedy, one_thread  # noqa: F401 (autouse fixture)
+
+from harness.acceptance import Sampling
+from harness.bench import run_bench
+from harness.decoding import DecodeContext, StopCriteria, decode_turn
+from harness.errors import HarnessError
+from harness.heads import BaseHandles, base_identity, build_head, save_head
+from harness.target import Target
+from harness.tree import depths_of
+from methods.trigram import TrigramProposer
+
+pytestmark = pytest.mark.filterwarnings("ignore:method.head_path is null")   # fitted heads replace it
+
+PROMPT = list(range(5, 25))
+TOKENS = 40
+MODES = [dict(draft="chain"), dict(draft="beam", beam_width=2, top_k=2),
+         dict(draft="tree", beam_width=2, top_k=3, max_nodes=8)]
+
+
+def ours(model, head=None, **options) -> TrigramProposer:
+    proposer = TrigramProposer(**options)
+    proposer.setup(as_loaded(model))
+    if head is not None:
+        proposer.head = head
+    return proposer
+
+
+def run(model, proposer, sampling=None, generator=None):
+    return decode_turn(Target(model), proposer, PROMPT, sampling or Sampling(),
+                       StopCriteria(frozenset(), max_new_tokens=TOKENS), generator)
+
+
+def context(model, tokens=10):
+    target = Target(model)
+    with torch.inference_mode():
+        hidden, logits = target.prefill(PROMPT)
+    return DecodeContext(PROMPT + [int(logits.argmax())], len(PROMPT), target, hidden, logits, tokens, Sampling())
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A tiny Llama with a trigram head and a no-trigram head taught its greedy continuation of PROMPT."""
+    model = make_tiny_llama()
+    reference = greedy(model, PROMPT, TOKENS)
+    heads = {}
+    for trigram in (True, False):
+        torch.manual_seed(0)
+        head = build_head("trigram", model.config, base=BaseHandles.of(model), num_positions=3, trigram=trigram)
+        losses = fit_head(head, model, [PROMPT + reference], steps=60, lr=3e-2)
+        assert losses[-1] < 0.3 * losses[0]
+        heads[trigram] = head
+    return model, heads, reference
+
+
+def test_training_logits_unroll_the_recurrence_with_true_tokens():
+    model = make_tiny_llama()
+    base = BaseHandles.of(model)
+    torch.manual_seed(1)
+    head = build_head("trigram", model.config, base=base, num_positions=3, num_layers=2)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    ids = torch.randint(0, 256, (2, 6))
+    hidden = torch.randn(2, 6, 64)
+    logits = head.training_logits(hidden, ids, base)
+    assert logits.shape == (3, 2, 6, 256)
+    embed = base.embed.weight
+
+    def e(b, j):   # the embedding of x_j, zeros off the ends (as at t = 0 when decoding a 1-token prompt)
+        return embed[ids[b, j]] if 0 <= j < ids.shape[1] else torch.zeros(64)
+
+    for b, t in [(0, 0), (1, 2), (1, 3), (0, 5)]:
+        state = hidden[b, t]
+        for k in range(3):
+            trigram = torch.cat([e(b, t + k - 1), e(b, t + k), e(b, t + k + 1)])
+            state = head.step(state, trigram)
+            torch.testing.assert_close(logits[k, b, t], base.lm_head(state))
+    # an untrained head starts as "s = h": position 1 repeats the target's own next-token logits
+    hidden = torch.randn(1, 5, 64)
+    fresh = build_head("trigram", model.config, base=base, num_positions=3)
+    torch.testing.assert_close(fresh.training_logits(hidden, torch.zeros(1, 5, dtype=torch.long), base)[0],
+                               base.lm_head(hidden))
+
+
+def test_draft_shapes_for_chain_beam_and_tree(fitted):
+    model, heads, _ = fitted
+    head = heads[True]
+    chain = ours(model, head, draft="chain").propose(context(model))
+    assert depths_of(chain.parents)[1:] == (1, 2, 3) and chain.q_draft is None
+    beam = ours(model, head, draft="beam", beam_width=2, top_k=2).propose(context(model))
+    assert sorted(depths_of(beam.parents)[1:]) == [1, 1, 2, 2, 3, 3]          # the kept prefixes, 2 per depth
+    tree = ours(model, head, draft="tree", beam_width=2, top_k=2).propose(context(model))
+    assert sorted(depths_of(tree.parents)[1:]) == [1, 1] + [2] * 4 + [3] * 4  # all children of the kept beams
+    cut = ours(model, head, draft="tree", beam_width=2, top_k=2, max_nodes=5).propose(context(model))
+    assert len(cut.tokens) == 5 and all(p < i for i, p in enumerate(cut.parents))
+    # the draft never runs past the tokens left (the bonus token always comes from the target)
+    assert len(ours(model, head, draft="chain").propose(context(model, tokens=2)).tokens) == 1
+    assert ours(model, head, draft="chain").propose(context(model, tokens=1)).tokens == []
+    # the fitted chain's first guess is the target's token after the pending one
+    assert chain.tokens[0] == greedy(model, PROMPT, 2)[1]
+
+
+@pytest.mark.parametrize("options", MODES)
+@pytest.mark.parametrize("trigram", [True, False])
+def test_untrained_head_is_lossless(tiny_llama, options, trigram):
+    reference = greedy(tiny_llama, PROMPT, TOKENS)
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        proposer = ours(tiny_llama, trigram=trigram, **options)
+    assert run(tiny_llama, proposer).token_ids == reference
+
+
+@pytest.mark.parametrize("options", MODES)
+@pytest.mark.parametrize("trigram", [True, False])
+def test_fitted_head_is_lossless_and_accepts_drafts(fitted, options, trigram):
+    model, heads, reference = fitted
+    result = run(model, ours(model, heads[trigram], trigram=trigram, **options))
+    assert result.token_ids == reference
+    assert result.new_tokens / result.steps > 1.5                             # τ
+    assert result.pos_accepted[0] > 0
+
+
+def test_sampling_goes_through_rejection_sampling(fitted):
+    model, heads, reference = fitted
+    for options in MODES:
+        cold = run(model, ours(model, heads[True], **options), Sampling(temperature=1e-4),
+                   torch.Generator().manual_seed(1))
+        assert cold.token_ids == reference and cold.new_tokens / cold.steps > 1.5
+
+
+def test_bad_options_and_mismatched_heads_are_refused(fitted, tmp_path):
+    model, heads, _ = fitted
+    with pytest.raises(HarnessError, match="method.draft"):
+        TrigramProposer(draft="greedy")
+    with pytest.raises(HarnessError, match=">= 1"):
+        TrigramProposer(beam_width=0)
+    folder = save_head(heads[True], tmp_path / "trigram", base_identity(model))
+    with pytest.raises(HarnessError, match="method=ours"):
+        TrigramProposer(head_path=str(folder), trigram=False).setup(as_loaded(model))
+    medusa = save_head(build_head("medusa", model.config), tmp_path / "medusa", base_identity(model))
+    with pytest.raises(HarnessError, match="is a medusa head"):
+        TrigramProposer(head_path=str(medusa)).setup(as_loaded(model))
+    loaded = TrigramProposer(head_path=str(folder))
+    loaded.setup(as_loaded(model))
+    assert loaded.depth == 3 and not loaded.head.training
+
+
+def test_bench_path_refuses_a_head_for_another_model(tiny_model_dir, questions_path, tmp_path):
+    other = make_tiny_llama(seed=2)
+    folder = save_head(build_head("trigram", other.config), tmp_path / "head", base_identity(other))
+    run_dir = tmp_path / "run"
+    cfg = compose_config(*tiny_bench_overrides(tiny_model_dir, run_dir, questions_path, "bench.limit=1",
+                                               "max_new_tokens=8", "method=ours", f"method.head_path={folder}"))
+    with pytest.raises(HarnessError, match="was trained for") as error:
+        run_bench(cfg, run_dir)
+    assert "\n" not in str(error.value) and not (run_dir / "answers.jsonl").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["ours", "ours_no_trigram"])
+def test_untrained_ours_on_the_default_model_is_lossless(questions_path, tmp_path, method):
+    common = ("bench.question_ids=[81,82,83]", "max_new_tokens=48", "warmup=0", "logger.wandb.mode=disabled",
+              "progress=false", f"bench.path={questions_path}", "device=cpu")
+    vanilla_dir, ours_dir = tmp_path / "vanilla", tmp_path / method
+    run_bench(compose_config(*common, f"run_dir={vanilla_dir}"), vanilla_dir)
+    overrides = [f"method={method}", f"reference={vanilla_dir}"]
+    if method == "ours":
+        overrides += ["method.draft=tree", "method.max_nodes=6"]
+    summary = run_bench(compose_config(*common, f"run_dir={ours_dir}", *overrides), ours_dir)
+    assert summary["questions"] == 3 and summary["turns"] == 6 and summary["lossless_rate"] == 1.0
