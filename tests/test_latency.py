@@ -1,0 +1,62 @@
+"""The verify-cost curve (harness/latency.py): one entry per size, cache left exactly as it was."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from harness.errors import HarnessError
+from harness.latency import format_curve, main, measure_verify_latency
+from harness.target import Target
+
+PROMPT = list(range(3, 43))
+
+
+def cache_snapshot(target: Target) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys.clone(), layer.values.clone()) for layer in target.cache.layers]
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_curve_has_every_size_and_leaves_the_prefilled_cache(tiny_llama, tree):
+    target = Target(tiny_llama)
+    curve = measure_verify_latency(target, PROMPT, sizes=(1, 3, 8), repeats=2, warmup=1, tree=tree)
+    assert list(curve) == [1, 3, 8] and all(seconds > 0 for seconds in curve.values())
+    assert target.past == len(PROMPT)
+    reference = Target(tiny_llama)
+    with torch.inference_mode():
+        reference.prefill(PROMPT)
+    for (keys, values), (ref_keys, ref_values) in zip(cache_snapshot(target), cache_snapshot(reference)):
+        assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)
+    assert len(format_curve(curve).splitlines()) == 4
+
+
+def test_measuring_over_the_current_cache_keeps_it(tiny_llama):
+    target = Target(tiny_llama)
+    with torch.inference_mode():
+        target.prefill(PROMPT)
+        target.verify(5, [6, 7], (-1, 0))
+        target.commit(len(PROMPT), [0, 1])          # a mid-turn cache: prompt + 2 committed tokens
+    before = cache_snapshot(target)
+    curve = measure_verify_latency(target, None, sizes=(2, 4), repeats=1, warmup=0)
+    assert list(curve) == [2, 4] and target.past == len(PROMPT) + 2
+    for (keys, values), (old_keys, old_values) in zip(cache_snapshot(target), before):
+        assert torch.equal(keys, old_keys) and torch.equal(values, old_values)
+
+
+def test_bad_sizes_fail_clearly(tiny_llama):
+    with pytest.raises(HarnessError, match="sizes must be >= 1"):
+        measure_verify_latency(Target(tiny_llama), PROMPT, sizes=(0, 4))
+    with pytest.raises(HarnessError, match="pass prompt_ids"):
+        measure_verify_latency(Target(tiny_llama), None, sizes=(1,))
+
+
+@pytest.mark.integration
+def test_cli_prints_the_table_for_the_default_model(capsys, tmp_path):
+    out = tmp_path / "curve.json"
+    assert main(["--sizes", "1,4", "--repeats", "1", "--warmup", "1", "--prompt-len", "64", "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# smollm2-135m") and "prefix 64 tokens" in lines[0]
+    assert [line.split()[0] for line in lines[2:]] == ["1", "4"]
+    assert out.is_file() and set(json.loads(out.read_text())) == {"1", "4"}
