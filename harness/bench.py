@@ -25,6 +25,8 @@ from harness.decoding import Proposer, StopCriteria, TurnResult, decode_turn
 from harness.errors import HarnessError
 from harness.metrics import compare_tokens, summarize
 from harness.models import LoadedModel, load_model
+from harness.plan import check_fits
+from harness.quant import weight_memory_bytes
 from harness.store import RunStore, hardware
 from harness.target import Target
 from harness.tracking import Tracker
@@ -120,11 +122,13 @@ def run_bench(cfg: DictConfig, run_dir: str | Path) -> dict:
     torch.manual_seed(int(cfg.seed))
     questions = load_questions(cfg.bench)
     reference = load_reference(cfg.reference)
+    check_fits(cfg)   # plan.gpu_memory set: refuse a run the memory planner says cannot fit, before loading
     method = build_method(cfg.method)
     store = RunStore(run_dir)
     loaded = load_model(cfg.model, cfg.device)
     info = {"hardware": hardware(loaded.device), "model_source": loaded.source,
-            "quantization": loaded.quantization, "method": cfg.method.name}
+            "quantization": loaded.quantization, "weight_memory_bytes": weight_memory_bytes(loaded.model),
+            "method": cfg.method.name}
     done = store.open(cfg, bool(cfg.resume), info)
     baseline = check_baseline(cfg.baseline_run, store.dir) if cfg.get("baseline_run") else None
     todo = [q for q in questions if q.question_id not in done]
