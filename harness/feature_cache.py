@@ -1,0 +1,145 @@
+"""Target features on disk: the frozen target's final (normed) hidden states per conversation, written once
+and read back by every epoch of EAGLE training (EAGLE's own recipe, `ge_data` then `train`).
+
+Size: T x H x 2 bytes per conversation (fp16): a 512-token conversation of SmolLM2-135M (H = 576) is
+0.59 MB; a 2048-token ShareGPT conversation of a 7B Llama (H = 4096) is 16.8 MB, so ~68k conversations
+take ~1.1 TB -- the cache is the fast path on a GPU node with a scratch disk, the on-the-fly path (the
+target runs in the training step) needs no disk at all.
+
+Layout of a cache folder:
+    index.json                  {format, base (heads.base_identity), dtype, hidden_size, examples: [{id, shard,
+                                 num_tokens}], shards: [file names], total_bytes}
+    shard-00000.safetensors     per example i: `{i}.hidden` fp16 [T, H], `{i}.input_ids` int32 [T],
+                                `{i}.loss_mask` uint8 [T]   (`shard_size` examples per file)
+index.json is written last, so a folder without it is an unfinished cache (write_cache starts over).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from harness.errors import HarnessError
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+
+
+def feature_bytes(num_tokens: int, hidden_size: int, bytes_per_value: int = 2) -> int:
+    """Bytes of one conversation's features: T x H x 2 in fp16."""
+    return int(num_tokens) * int(hidden_size) * int(bytes_per_value)
+
+
+@torch.no_grad()
+def target_features(model: torch.nn.Module, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] ids -> the target's final normed hidden states [B, T, H] (its body only: no lm_head)."""
+    body = getattr(model, model.base_model_prefix)
+    return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def write_cache(model: torch.nn.Module, examples: Iterable[dict], folder: str | Path, base: dict,
+                shard_size: int = 256, progress: bool = True, total: int | None = None) -> Path:
+    """Run the target over each example {"id", "input_ids" [T], "loss_mask" [T]} (one at a time: no padding)
+    and store its features; `base` is heads.base_identity(...) of the target, checked on read."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INDEX_FILE).unlink(missing_ok=True)
+    device = next(model.parameters()).device
+    entries, shards, tensors, total_bytes, hidden_size = [], [], {}, 0, None
+    in_shard = 0
+
+    def flush():
+        nonlocal in_shard
+        if tensors:
+            name = f"shard-{len(shards):05d}.safetensors"
+            save_file(tensors, str(folder / name))
+            shards.append(name)
+            tensors.clear()
+            in_shard = 0
+
+    for example in tqdm(examples, total=total, desc="features", unit="conv", disable=not progress):
+        ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
+        mask = torch.as_tensor(example["loss_mask"], dtype=torch.bool)
+        if ids.ndim != 1 or mask.shape != ids.shape:
+            raise HarnessError(f"example {example.get('id')}: input_ids and loss_mask must be 1-D and the same length")
+        hidden = target_features(model, ids[None].to(device))[0].to("cpu", torch.float16)
+        hidden_size = hidden.shape[-1]
+        key = str(in_shard)
+        in_shard += 1
+        tensors[f"{key}.hidden"] = hidden.contiguous()
+        tensors[f"{key}.input_ids"] = ids.to(torch.int32)
+        tensors[f"{key}.loss_mask"] = mask.to(torch.uint8)
+        entries.append({"id": str(example.get("id", len(entries))), "shard": len(shards), "key": key,
+                        "num_tokens": int(ids.numel())})
+        total_bytes += feature_bytes(ids.numel(), hidden_size)
+        if in_shard >= shard_size:
+            flush()
+    flush()
+    index = {"format": FORMAT_VERSION, "base": base, "dtype": "float16", "hidden_size": hidden_size,
+             "examples": entries, "shards": shards, "total_bytes": total_bytes}
+    tmp = folder / (INDEX_FILE + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1))
+    tmp.replace(folder / INDEX_FILE)
+    return folder
+
+
+class FeatureCache(torch.utils.data.Dataset):
+    """A written cache as a Dataset of {"id", "input_ids" [T] long, "loss_mask" [T] bool, "hidden" [T, H] fp16}.
+    Refuses (one line) a cache of another base model when `base` (heads.base_identity) is given."""
+
+    def __init__(self, folder: str | Path, base: dict | None = None):
+        self.folder = Path(folder)
+        path = self.folder / INDEX_FILE
+        if not path.is_file():
+            raise HarnessError(f"{self.folder} is not a finished feature cache (no {INDEX_FILE}); build it with "
+                               f"harness.feature_cache.write_cache (or specdec-train feature_cache=<folder>)")
+        try:
+            self.index = json.loads(path.read_text())
+        except ValueError as exc:
+            raise HarnessError(f"{path} is not valid JSON ({exc}); delete the cache folder and rebuild it") from exc
+        if self.index.get("format") != FORMAT_VERSION:
+            raise HarnessError(f"{self.folder} has cache format {self.index.get('format')}, this code reads "
+                               f"{FORMAT_VERSION}; delete it and rebuild")
+        if base is not None:
+            from harness.heads import check_base
+
+            check_base(self.index.get("base") or {}, base, self.folder)
+        self.examples = self.index["examples"]
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getstate__(self) -> dict:   # DataLoader workers open their own file handles
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.index.get("total_bytes", 0))
+
+    def _shard(self, shard: int):
+        if shard not in self._handles:
+            from safetensors import safe_open
+
+            path = self.folder / self.index["shards"][shard]
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+                raise HarnessError(f"{path} is missing or corrupt ({type(exc).__name__}); rebuild the cache") from exc
+        return self._handles[shard]
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.examples[index]
+        handle, key = self._shard(entry["shard"]), entry["key"]
+        return {"id": entry["id"], "input_ids": handle.get_tensor(f"{key}.input_ids").long(),
+                "loss_mask": handle.get_tensor(f"{key}.loss_mask").bool(),
+                "hidden": handle.get_tensor(f"{key}.hidden")}

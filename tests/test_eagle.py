@@ -1,0 +1,243 @@
+"""EAGLE / EAGLE-2 on a tiny random Llama: the head's training unroll equals what drafting computes, a few
+training steps lower the loss, and static / dynamic trees decode token-identically to vanilla greedy."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from baselines.eagle import (EAGLE_TREE_25, EagleHead, EagleProposer, HeadCache, build_eagle_head, sample_children,
+                             static_tree)
+from harness.acceptance import Sampling
+from harness.bench import run_bench
+from harness.decoding import DecodeContext, Proposer, StopCriteria, decode_turn
+from harness.errors import HarnessError
+from harness.heads import BaseHandles, base_identity, load_head, save_head
+from harness.models import LoadedModel
+from harness.target import Target
+from tests.conftest import compose_config, make_tiny_llama
+
+PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81, 82, 84, 59], [1, 41, 42, 13, 56, 23, 73, 9, 30]]
+
+
+def as_loaded(model) -> LoadedModel:
+    return LoadedModel("tiny", model, None, None, torch.device("cpu"), torch.float32, "test")
+
+
+def greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    return decode_turn(Target(model), Proposer(), prompt, Sampling(),
+                       StopCriteria(frozenset(), max_new_tokens=new_tokens)).token_ids
+
+
+def decode(model, proposer: Proposer, prompt: list[int], new_tokens: int, sampling: Sampling = Sampling(),
+           seed: int = 0):
+    return decode_turn(Target(model), proposer, prompt, sampling, StopCriteria(frozenset(), max_new_tokens=new_tokens),
+                       torch.Generator().manual_seed(seed))
+
+
+def features(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.model(input_ids=ids).last_hidden_state
+
+
+def train_head(head: EagleHead, model, sequences: list[list[int]], steps: int, lr: float = 3e-3) -> list[float]:
+    """EAGLE's own loss (training_loss), AdamW with EAGLE's betas; returns the loss per step."""
+    ids = torch.tensor(sequences)
+    hidden, base = features(model, ids), BaseHandles.of(model)
+    head.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, betas=(0.9, 0.95))
+    losses = []
+    for _ in range(steps):
+        loss, _ = head.training_loss(hidden, ids, torch.ones_like(ids, dtype=torch.bool), base)
+        optimizer.zero_grad()
+        loss.backward()
+        for parameter in head.parameters():          # EAGLE clips by value
+            parameter.grad.clamp_(-0.5, 0.5)
+        optimizer.step()
+        losses.append(loss.item())
+    head.eval().requires_grad_(False)
+    return losses
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine intra-op threads
+    that wait for a busy core make every small op ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_llama(seed=0)
+
+
+@pytest.fixture(scope="module")
+def sequences(tiny):
+    return [prompt + greedy(tiny, prompt, 56 - len(prompt)) for prompt in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def fitted_folder(tiny, sequences, tmp_path_factory):
+    """A head taught the tiny model's own continuations (memorisation: drafts are often right), saved."""
+    torch.manual_seed(0)
+    head = build_eagle_head(tiny.config, BaseHandles.of(tiny), noise_std=0.0)
+    losses = train_head(head, tiny, sequences, steps=150)
+    assert losses[-1] < 0.5 * losses[0]
+    folder = tmp_path_factory.mktemp("eagle-head")
+    save_head(head, folder, base_identity(tiny))
+    return folder
+
+
+def test_published_tree_and_head_layout(tiny):
+    parents, depths, ranks = static_tree(EAGLE_TREE_25)
+    assert len(parents) == 25 and max(depths) == 5 and depths.count(1) == 4
+    assert all(parent < node for node, parent in enumerate(parents))
+    head = build_eagle_head(tiny.config)
+    names = set(head.state_dict())
+    # the official cnets.py names: fc with bias, layer 0 without input_layernorm, no embedding / lm_head stored
+    assert {"fc.weight", "fc.bias", "layers.0.self_attn.q_proj.weight", "layers.0.mlp.down_proj.weight",
+            "layers.0.post_attention_layernorm.weight"} <= names
+    assert not any("input_layernorm" in n or "embed" in n or "lm_head" in n or "inv_freq" in n for n in names)
+    assert head.fc.weight.shape == (64, 128)
+    with pytest.raises(HarnessError, match="use static"):
+        EagleProposer(tree="beam")
+    with pytest.raises(HarnessError, match="tree=dynamic"):
+        EagleProposer(tree="static", total_token="auto")
+
+
+def test_training_unroll_equals_drafting_with_the_cache(tiny):
+    """Unrolled step j at origin t == feeding the head the true pairs 0..t, then its own f^ with the true tokens."""
+    torch.manual_seed(1)
+    head = build_eagle_head(tiny.config, num_layers=2).eval()
+    base = BaseHandles.of(tiny)
+    ids = torch.tensor([list(range(3, 43))])
+    hidden = features(tiny, ids)
+    with torch.no_grad():
+        predicted, logits = head.unroll(hidden, ids, base, steps=3)
+        assert logits.shape == (3, 1, 40, 256)
+        for origin in (0, 7, 20):
+            cache = HeadCache(*head.kv_shape, torch.float32, "cpu")
+            out = head.forward_cached(hidden[0, : origin + 1], ids[0, 1: origin + 2], torch.arange(origin + 1), None,
+                                      cache, base)[-1]
+            torch.testing.assert_close(out, predicted[0, 0, origin], atol=1e-5, rtol=1e-5)
+            for step in (1, 2):
+                out = head.forward_cached(out[None], ids[0, origin + step + 1: origin + step + 2],
+                                          torch.tensor([origin + step]), None, cache, base)[0]
+                torch.testing.assert_close(out, predicted[step, 0, origin], atol=1e-5, rtol=1e-5)
+
+
+def test_a_few_training_steps_lower_the_loss_and_checkpoints_round_trip(tiny, sequences, tmp_path):
+    torch.manual_seed(0)
+    head = build_eagle_head(tiny.config, BaseHandles.of(tiny), train_steps=2)
+    losses = train_head(head, tiny, sequences, steps=12)
+    assert losses[-1] < losses[0]
+    assert set(head.last_losses) == {"vloss", "ploss"}
+    ids = torch.tensor(sequences)
+    _, eval_logits = head.eval().training_loss(features(tiny, ids), ids, torch.ones_like(ids), BaseHandles.of(tiny))
+    assert eval_logits.shape[0] == head.num_positions == 4      # eval mode: every position for top-k accuracy
+    save_head(head, tmp_path, base_identity(tiny))
+    loaded = load_head(tmp_path, as_loaded(tiny))
+    assert isinstance(loaded, EagleHead) and loaded.config == head.config
+    for key, value in head.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("settings", [dict(tree="static"),
+                                      dict(tree="static", tree_choices="eagle_cpu_5"),
+                                      dict(tree="dynamic", total_token=20, depth=3, top_k=4),
+                                      dict(tree="dynamic", total_token=60, depth=5, top_k=10)])
+def test_trees_are_lossless_greedy_and_accept_a_fitted_heads_drafts(tiny, fitted_folder, settings):
+    proposer = EagleProposer(head_path=str(fitted_folder), **settings)
+    proposer.setup(as_loaded(tiny))
+    for prompt in PROMPTS:
+        expected = greedy(tiny, prompt, 48)
+        result = decode(tiny, proposer, prompt, 48)
+        assert result.token_ids == expected
+        assert result.new_tokens / result.steps > 2.0        # memorised continuations: most drafts accepted
+    sizes = {"eagle_25": 25, "eagle_cpu_5": 5}
+    expected_size = sizes[settings.get("tree_choices", "eagle_25")] if settings["tree"] == "static" \
+        else settings["total_token"] - 1
+    assert max(result.draft_sizes) == expected_size
+
+
+def test_untrained_head_is_lossless_and_dynamic_trees_are_prefix_closed(tiny):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proposer = EagleProposer(tree="dynamic", total_token=30, depth=4, top_k=5)
+        proposer.setup(as_loaded(tiny))
+    prompt = PROMPTS[0]
+    assert decode(tiny, proposer, prompt, 40).token_ids == greedy(tiny, prompt, 40)
+    target = Target(tiny)
+    with torch.inference_mode():
+        hidden, logits = target.prefill(prompt)
+        ctx = DecodeContext(prompt + [int(logits.argmax())], len(prompt), target, hidden, logits, 40, Sampling())
+        proposer.reset(ctx)
+        draft = proposer.propose(ctx)
+    assert len(draft.tokens) == 29 and draft.q_draft is None
+    depth = {-1: 0}
+    for node, parent in enumerate(draft.parents):
+        assert parent < node                                   # parents first: the kept set is prefix-closed
+        depth[node] = depth[parent] + 1
+    assert max(depth.values()) <= 5                            # depth expansions after the root's: depth + 1 levels
+    for parent in set(draft.parents):
+        siblings = [draft.tokens[n] for n, p in enumerate(draft.parents) if p == parent]
+        assert len(siblings) == len(set(siblings)) <= 5
+
+
+def test_sampling_runs_through_every_tree(tiny, fitted_folder):
+    sampling = Sampling(temperature=0.8, top_p=0.95)
+    for settings in (dict(tree="static"), dict(tree="static", sample_draft=True),
+                     dict(tree="dynamic", total_token=16, depth=3, top_k=4)):
+        proposer = EagleProposer(head_path=str(fitted_folder), **settings)
+        proposer.setup(as_loaded(tiny))
+        result = decode(tiny, proposer, PROMPTS[1], 32, sampling, seed=3)
+        assert result.new_tokens == 32 and result.steps < 32
+        again = decode(tiny, proposer, PROMPTS[1], 32, sampling, seed=3)
+        assert again.token_ids == result.token_ids             # seeded: reproducible
+
+
+def test_sampled_children_carry_their_exact_draw_distributions():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -30.0])
+    tokens, q = sample_children(logits, 3, 1.0, torch.Generator().manual_seed(0))
+    assert len(set(tokens)) == 3 and q.shape == (3, 5)
+    full = torch.softmax(logits, -1)
+    torch.testing.assert_close(q[0], full)
+    for i in range(1, 3):          # row i = softmax without tokens 0..i-1, renormalised
+        expected = full.clone()
+        expected[tokens[:i]] = 0
+        torch.testing.assert_close(q[i], expected / expected.sum())
+    tokens, q = sample_children(torch.tensor([0.0, -float("inf"), -float("inf")]), 2, 1.0, None)
+    assert tokens[0] == 0 and q[1].sum() == 1 and q[1, tokens[1]] == 1   # support exhausted: a point mass
+
+
+def test_auto_size_follows_the_latency_curve(tiny, fitted_folder):
+    """A flat (GPU-like) curve makes big trees pay; a steep one makes drafting not pay: the sizer stops
+    drafting (with occasional probes) and the output stays identical."""
+    prompt = PROMPTS[2]
+    expected = greedy(tiny, prompt, 40)
+    flat = EagleProposer(head_path=str(fitted_folder), tree="dynamic", total_token="auto", depth=3, top_k=4,
+                         latency_curve={1: 0.010, 64: 0.0101})
+    flat.setup(as_loaded(tiny))
+    result = decode(tiny, flat, prompt, 40)
+    assert result.token_ids == expected and max(result.draft_sizes) >= 8
+    steep = EagleProposer(head_path=str(fitted_folder), tree="dynamic", total_token="auto", depth=3, top_k=4,
+                          latency_curve={1: 0.010, 2: 1.0, 64: 60.0})
+    steep.setup(as_loaded(tiny))
+    result = decode(tiny, steep, prompt, 40)
+    assert result.token_ids == expected and max(result.draft_sizes) == 0
+
+
+@pytest.mark.integration
+def test_untrained_eagle2_on_the_default_model_is_lossless(questions_path, tmp_path):
+    common = ("bench.question_ids=[81,82]", "max_new_tokens=48", "warmup=0", "logger.wandb.mode=disabled",
+              "progress=false", f"bench.path={questions_path}", "device=cpu")
+    vanilla_dir, eagle_dir = tmp_path / "vanilla", tmp_path / "eagle2"
+    run_bench(compose_config(*common, f"run_dir={vanilla_dir}"), vanilla_dir)
+    summary = run_bench(compose_config(*common, f"run_dir={eagle_dir}", "method=eagle2", "method.total_token=16",
+                                       "method.depth=2", "method.top_k=4", f"reference={vanilla_dir}"), eagle_dir)
+    assert summary["questions"] == 2 and summary["turns"] == 4 and summary["lossless_rate"] == 1.0
