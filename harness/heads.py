@@ -109,6 +109,9 @@ def build_head(head_type: str, base_config, base: BaseHandles | None = None, **k
     cls = _head_class(head_type)
     kwargs.setdefault("hidden_size", int(_config_value(base_config, "hidden_size")))
     kwargs.setdefault("vocab_size", int(_config_value(base_config, "vocab_size")))
+    from_base = getattr(cls, "kwargs_from_base", None)   # heads that copy more of the target's shape (EAGLE)
+    if from_base is not None:
+        kwargs = from_base(base_config, kwargs)
     try:
         head = cls(**kwargs)
     except TypeError as exc:
@@ -330,6 +333,10 @@ def load_or_init_head(head_path, loaded, head_type: str, **kwargs) -> DraftHead:
     """For a decoder's setup: the trained head at `head_path`, or (null) a fresh UNTRAINED head built from
     `kwargs` — plumbing and tests only, its drafts are near-random, so say so loudly."""
     if head_path:
+        from harness.official import is_official, load_official
+
+        if is_official(head_path) == head_type:   # a published checkpoint folder (config.json + its weights)
+            return load_official(head_path, loaded, head_type)
         head = load_head(head_path, loaded)
         if head.head_type != head_type:
             raise HarnessError(f"head {head_path} is a {head.head_type} head, this method needs a {head_type} "
