@@ -170,15 +170,18 @@ class MedusaProposer(Proposer):
         self.node_rank = torch.tensor(ranks, device=device)     # [n] its rank in that head's top-k
         self.top_k = max(ranks) + 1
         self.used_heads = max(heads) + 1
+        # nodes come sorted by depth, so "depth <= d" is a prefix: its length for each d (near a turn's end)
+        self.nodes_within = [sum(1 for h in heads if h < d) for d in range(self.used_heads + 1)]
 
     def propose(self, ctx: DecodeContext) -> Draft:
         if ctx.remaining <= 1:       # only the target's own token fits: verifying a draft is waste
             return Draft.empty()
+        count = self.nodes_within[min(self.used_heads, ctx.remaining - 1)]   # no node past the token cap
         # ctx.hidden[-1] = h_t, the state whose logits chose the pending token x_{t+1}; head i -> x_{t+i+2}
         logits = self.head.logits(ctx.hidden[-1], self.base, self.used_heads)     # [K', V]
         ranked = logits.topk(self.top_k, dim=-1).indices                        # [K', top_k]
-        tokens = ranked[self.node_head, self.node_rank].tolist()
-        draft = Draft(tokens, self.parents)   # deterministic candidates: q_draft None, lossless
+        tokens = ranked[self.node_head[:count], self.node_rank[:count]].tolist()
+        draft = Draft(tokens, self.parents[:count])   # deterministic candidates: q_draft None, lossless
         if self.acceptance == "typical":
             draft.acceptance_override = self.typical_accept
         return draft

@@ -106,13 +106,22 @@ def test_typical_acceptance_is_lossy_and_must_be_declared(fitted):
     assert len(result.token_ids) == TOKENS and result.new_tokens / result.steps > 1.5
 
 
-def _context(model):
+def _context(model, remaining=10):
     from harness.decoding import DecodeContext
 
     target = Target(model)
     with torch.inference_mode():
         hidden, logits = target.prefill(PROMPT)
-    return DecodeContext(PROMPT + [int(logits.argmax())], len(PROMPT), target, hidden, logits, 10, Sampling())
+    return DecodeContext(PROMPT + [int(logits.argmax())], len(PROMPT), target, hidden, logits, remaining, Sampling())
+
+
+def test_drafts_never_run_past_the_tokens_left(fitted):
+    model, head, _ = fitted
+    proposer = medusa(model, head, medusa_choices="mc_sim_7b_63")
+    assert len(proposer.propose(_context(model, remaining=10)).tokens) == 61   # 3 heads: the 61 nodes of depth <= 3
+    near_end = proposer.propose(_context(model, remaining=2))
+    assert len(near_end.tokens) == 10 and set(near_end.parents) == {-1}        # depth 1 only
+    assert proposer.propose(_context(model, remaining=1)).tokens == []
 
 
 def _save(head, model, folder):

@@ -162,14 +162,13 @@ def test_bench_path_refuses_a_head_for_another_model(tiny_model_dir, questions_p
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["ours", "ours_no_trigram"])
-def test_untrained_ours_on_the_default_model_is_lossless(questions_path, tmp_path, method):
+def test_untrained_ours_on_the_default_model_is_lossless(questions_path, tmp_path):
     common = ("bench.question_ids=[81,82,83]", "max_new_tokens=48", "warmup=0", "logger.wandb.mode=disabled",
               "progress=false", f"bench.path={questions_path}", "device=cpu")
-    vanilla_dir, ours_dir = tmp_path / "vanilla", tmp_path / method
+    vanilla_dir = tmp_path / "vanilla"
     run_bench(compose_config(*common, f"run_dir={vanilla_dir}"), vanilla_dir)
-    overrides = [f"method={method}", f"reference={vanilla_dir}"]
-    if method == "ours":
-        overrides += ["method.draft=tree", "method.max_nodes=6"]
-    summary = run_bench(compose_config(*common, f"run_dir={ours_dir}", *overrides), ours_dir)
-    assert summary["questions"] == 3 and summary["turns"] == 6 and summary["lossless_rate"] == 1.0
+    for method, options in [("ours", ["method.draft=tree", "method.max_nodes=6"]), ("ours_no_trigram", [])]:
+        run_dir = tmp_path / method
+        summary = run_bench(compose_config(*common, f"run_dir={run_dir}", f"method={method}", *options,
+                                           f"reference={vanilla_dir}"), run_dir)
+        assert summary["questions"] == 3 and summary["turns"] == 6 and summary["lossless_rate"] == 1.0, method
