@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 # Overrides that say where or how a job runs, not what it measures: left out of the W&B run name.
-NAME_EXCLUDED = ("run_dir", "resume", "progress", "logger", "hydra", "reference", "baseline_run")
+NAME_EXCLUDED = ("run_dir", "resume", "progress", "logger", "hydra", "reference", "baseline_run", "bench.path",
+                 "model.path")
 
 
 def _hydra_config():

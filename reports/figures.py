@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +25,11 @@ MARKERS = "osD^v<>"
 def _colors(labels: list[str]) -> dict[str, tuple]:
     cmap = plt.get_cmap("tab10")
     return {label: cmap(i % 10) for i, label in enumerate(labels)}
+
+
+def _title(ax, head: str, settings: str) -> None:
+    """The figure's subject, then the group's settings wrapped so a long model name never clips."""
+    ax.set_title(head + "\n" + "\n".join(textwrap.wrap(settings, 100)), fontsize=8.5)
 
 
 def _save(fig, path: Path) -> Path:
@@ -57,7 +64,7 @@ def speedup_per_category(metrics: pd.DataFrame, labels: list[str], tasks: list[s
     ax.set_xticks(x, columns, rotation=20 if len(columns) > 4 else 0, ha="right" if len(columns) > 4 else "center")
     ax.set_ylabel(f"speedup over {baseline} (×)")
     ax.set_ylim(0, top * 1.3)   # room for the legend above the tallest bar
-    ax.set_title(f"Speedup per category — {DEFINITIONS[definition]}\n{title}", fontsize=9)
+    _title(ax, f"Speedup per category — {DEFINITIONS[definition]}", title)
     ax.legend(fontsize=8, ncol=min(len(methods) + 1, 4), loc="upper left")
     return _save(fig, path)
 
@@ -84,9 +91,12 @@ def accepted_length_histogram(group: Group, labels: list[str], title: str, path:
                label=f"{label} (τ = {taus[label]:.2f})", color=colors[label])
     ax.set_xticks(bins, [str(b) if b < MAX_ACCEPTED else f"{MAX_ACCEPTED}+" for b in bins])
     ax.set_xlabel("tokens committed per verify step\n(accepted draft tokens + the bonus token; prefill = one step of 1)")
-    ax.set_ylabel("fraction of steps")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(f"Accepted length per step\n{title}", fontsize=9)
+    # log scale: the long accepted runs that make a method fast are a few percent of its steps
+    ax.set_yscale("log")
+    smallest = min(n / sum(c.values()) for c in counts.values() for n in c.values())
+    ax.set_ylim(smallest / 2, 1.5)
+    ax.set_ylabel("fraction of steps (log scale)")
+    _title(ax, "Accepted length per step", title)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -101,15 +111,21 @@ def acceptance_per_position(accept: pd.DataFrame, accuracy: pd.DataFrame, labels
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
     colors = _colors(labels)
     ax = axes[0][0]
+    positions = [c for c in accept.columns if re.fullmatch(r"pos\d+", c)]
     for i, (_, row) in enumerate(accept.iterrows()):
-        values = [row[c] for c in accept.columns if c.startswith("pos")]
+        values = [row[c] for c in positions]
         # distinct markers: methods with equal rates would otherwise hide each other
         ax.plot(range(1, len(values) + 1), values, marker=MARKERS[i % len(MARKERS)], markersize=7 - i % 3,
                 label=row["method"], color=colors[row["method"]], alpha=0.85)
+        if len(accept) <= 4:   # attempts per point: a rate over 3 attempts says little
+            for k, value in enumerate(values, 1):
+                if not math.isnan(value):
+                    ax.annotate(str(int(row[f"pos{k}_n"])), (k, value), fontsize=6, xytext=(3, -9 - 7 * i),
+                                textcoords="offset points", color=colors[row["method"]])
     ax.set_xlabel("draft position k")
     ax.set_ylabel("acceptance rate")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Acceptance per position\n(given positions 1..k-1 accepted)", fontsize=9)
+    ax.set_title("Acceptance per position (given 1..k-1 accepted)\nsmall numbers: attempts", fontsize=9)
     if len(accept):
         ax.legend(fontsize=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -131,7 +147,7 @@ def acceptance_per_position(accept: pd.DataFrame, accuracy: pd.DataFrame, labels
         ax.set_title("Draft top-k accuracy per position\n(teacher-forced)", fontsize=9)
         ax.legend(fontsize=7)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle(title, fontsize=8, y=0.995)
+    fig.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=8, y=0.995)
     return _save(fig, path)
 
 
@@ -150,15 +166,16 @@ def tokens_per_s_vs_draft(metrics: pd.DataFrame, labels: list[str], title: str, 
             for _, row in rows.iterrows():
                 ax.annotate(f"τ={row['tau']:.2f}", (row["draft_tokens_per_step"], row["tokens_per_s"]),
                             fontsize=7, xytext=(4, 3), textcoords="offset points")
-    base = metrics[metrics["label"] == baseline]["tokens_per_s"]
-    if len(base):
-        ax.axhline(float(base.mean()), color="black", linestyle="--", linewidth=0.8)
-        ax.text(ax.get_xlim()[1], float(base.mean()), f"{baseline} ", va="bottom", ha="right", fontsize=7)
     unknown = sorted(set(metrics.loc[metrics["draft_tokens_per_step"].isna(), "label"]))
     note = f"\n(not plotted, draft size not observable: {', '.join(unknown)})" if unknown else ""
     ax.set_xlabel("mean draft tokens per verify step")
     ax.set_ylabel("tokens/s (total tokens / total time)")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"Throughput against draft size{note}\n{title}", fontsize=9)
+    ax.set_ylim(0, max(float(metrics["tokens_per_s"].max()), 1e-9) * 1.15)
+    ax.set_xlim(-0.1, max(1.0, float(known["draft_tokens_per_step"].max()) * 1.15))
+    base = metrics[metrics["label"] == baseline]["tokens_per_s"]
+    if len(base):
+        ax.axhline(float(base.mean()), color="black", linestyle="--", linewidth=0.8)
+        ax.text(ax.get_xlim()[1], float(base.mean()), f"{baseline} ", va="bottom", ha="right", fontsize=7)
+    _title(ax, f"Throughput against draft size{note}", title)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -92,13 +92,20 @@ def acceptance(group: Group, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFr
                 attempted[k] += tried[k]
                 accepted[k] += took[k]
         if any(attempted):
-            rates[label] = [a / n if n else math.nan for a, n in zip(accepted, attempted)]
-    depth = max((len(v) for v in rates.values()), default=0)
-    numbers = pd.DataFrame([{"method": label, **{f"pos{k + 1}": (v[k] if k < len(v) else math.nan)
-                                                 for k in range(depth)}} for label, v in rates.items()])
-    display = numbers.rename(columns={"method": "Method"}).copy()
-    for column in display.columns[1:]:
-        display[column] = [cell(v, math.nan) for v in numbers[column]]
+            rates[label] = ([a / n if n else math.nan for a, n in zip(accepted, attempted)], attempted)
+    depth = max((len(v) for v, _ in rates.values()), default=0)
+    rows = []
+    for label, (rate, tried) in rates.items():
+        row = {"method": label}
+        for k in range(depth):
+            row[f"pos{k + 1}"] = rate[k] if k < len(rate) else math.nan
+            row[f"pos{k + 1}_n"] = tried[k] if k < len(tried) else 0     # attempts: how much a rate is worth
+        rows.append(row)
+    numbers = pd.DataFrame(rows)
+    display = pd.DataFrame({"Method": numbers["method"]} if len(numbers) else {})
+    for k in range(depth):
+        display[f"pos{k + 1}"] = [f"{cell(r, math.nan)} ({n})" if n else "—"
+                                  for r, n in zip(numbers[f"pos{k + 1}"], numbers[f"pos{k + 1}_n"])]
     return display, numbers
 
 
@@ -141,7 +148,8 @@ def ablation(group: Group, metrics: pd.DataFrame, full: str = "ours", ablated: s
         for frame in (accept, accuracy):
             if len(frame) and label in set(frame["method"]):
                 row = frame[frame["method"] == label].iloc[0]
-                values.update({k: row[k] for k in frame.columns if k != "method" and not k.endswith("_std")})
+                values.update({k: row[k] for k in frame.columns
+                               if k != "method" and not k.endswith(("_std", "_n"))})
         numbers.append(values)
     numbers = pd.DataFrame(numbers)
     delta = {"method": "Δ trigram"}

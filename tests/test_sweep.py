@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from harness import CONF_DIR, REPO_ROOT
 from harness.demo import available_methods, sweep_args
 from reports.report import build_report
+from tests.test_tracking import wandb_run_info
 
 # Methods the experiments name that other issues are still building. A name outside this set that has
 # no conf/method file is a typo: the test fails. Once a method's config exists, its experiments compose
@@ -93,9 +94,10 @@ def test_local_launcher_sweep_gives_one_folder_per_job_and_a_report(questions_pa
         assert (sweep / job / "summary.json").is_file()
         assert len((sweep / job / "answers.jsonl").read_text().splitlines()) == 2
         [offline] = list((sweep / job / "wandb").glob("offline-run-*/run-*.wandb"))
-        data = offline.read_bytes()
+        run, _ = wandb_run_info(offline)
         method = job.split("_", 1)[1].rsplit("_", 1)[0]
-        assert f"method={method}".encode() in data and sweep.name.encode() in data   # name and group
+        # named by the job's overrides, grouped by its sweep
+        assert run["name"] == f"bench.limit=2,max_new_tokens=4,method={method},warmup=0" and run["group"] == "sweep"
     report = build_report(sweep, tmp_path / "report")
     board = report.tables["leaderboard"]
     assert set(board["method"]) == {"vanilla", "hf_generate"}
