@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def training_arguments(cfg: DictConfig, report_to_wandb: bool) -> TrainingArgume
             log.info("training.tf32 ignored: no CUDA device")
         if kwargs.get("bf16"):
             kwargs["use_cpu"] = True
+        kwargs.setdefault("dataloader_pin_memory", False)   # pinning needs an accelerator
     kwargs["report_to"] = ["wandb"] if report_to_wandb else "none"
     try:
         return TrainingArguments(**kwargs)
@@ -358,16 +360,18 @@ def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    metrics = summary.get("eval") or summary
-    positions = sorted({key.split("_")[0] for key in metrics if key.startswith(("pos", "eval_pos"))})
     lines = []
     if "global_step" in summary:
         lines.append(f"trained {summary['global_step']} steps in {summary['train_runtime_s'] or 0:.0f} s "
                      f"(loss {summary['train_loss']:.3f}); head folder: {summary['output_dir']}")
-    for name in positions:
-        values = {key.rsplit("_", 1)[1]: value for key, value in metrics.items()
-                  if key.startswith(name + "_") and key.rsplit("_", 1)[1].startswith("top")}
-        lines.append(f"{name.replace('eval_', '')}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(values.items())))
+    table: dict[int, dict[int, float]] = {}
+    for key, value in (summary.get("eval") or summary).items():
+        found = re.fullmatch(r"(?:eval_)?pos(\d+)_top(\d+)", key)
+        if found:
+            table.setdefault(int(found[1]), {})[int(found[2])] = value
+    for position, accuracies in sorted(table.items()):
+        lines.append(f"position {position} (token t+{position + 1}): "
+                     + ", ".join(f"top-{j} {value:.3f}" for j, value in sorted(accuracies.items())))
     return "\n".join(lines)
 
 

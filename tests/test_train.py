@@ -5,7 +5,8 @@ target, and the team's Medusa command mapped one to one."""
 from __future__ import annotations
 
 import json
-import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from conftest import compose_config
-from harness import heads
+from harness import REPO_ROOT, heads
 from harness.errors import HarnessError
 from harness.heads import DraftHead, base_identity, load_head, topk_accuracy
 from harness.models import load_model
@@ -291,4 +292,38 @@ def test_missing_data_is_one_line(chat_model, toy_data, tmp_path):
     cfg = train_cfg(chat_model, toy_data, tmp_path, "eval_data_path=null")
     with pytest.raises(HarnessError, match="needs eval_data_path"):
         run_train(cfg)
-    assert not math.isnan(0.0)
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_same_command_on_two_processes(chat_model, toy_data, trained, tmp_path):
+    """DDP (gloo on CPU): only the head is wrapped; eval counts every held-out token exactly once."""
+    train, held = toy_data
+    output_dir = tmp_path / "ddp"
+    overrides = [*model_overrides(chat_model)[:-1], "logger=none", f"data_path={train}", f"eval_data_path={held}",
+                 f"output_dir={output_dir}", "model_max_length=64", "head.medusa_num_heads=2", "+training.max_steps=4",
+                 "training.per_device_train_batch_size=1", "training.per_device_eval_batch_size=1",
+                 "training.eval_steps=4", "training.save_steps=4", "+training.disable_tqdm=true",
+                 "+training.use_cpu=true", "+training.ddp_backend=gloo", "threads=1"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                    "harness.train", *overrides], cwd=REPO_ROOT, check=True, capture_output=True, timeout=600)
+    written = json.loads((output_dir / "topk_accuracy.json").read_text())
+    single = trained[1]["eval"]
+    assert written["eval_pos1_tokens"] == single["eval_pos1_tokens"] > 0
+    assert written["eval_pos2_tokens"] == single["eval_pos2_tokens"]
+    cfg = trained[0]
+    assert load_head(output_dir, load_model(cfg.model, "cpu")).num_positions == 2
+
+
+@pytest.mark.parametrize("preset, head_type, positions", [("medusa_smollm2", "medusa", 3), ("ours_smollm2", "trigram", 4),
+                                                          ("ours_no_trigram_smollm2", "trigram", 4)])
+def test_cpu_presets_train_their_head(chat_model, toy_data, tmp_path, preset, head_type, positions):
+    train, held = toy_data
+    cfg = compose_config(f"train={preset}", *model_overrides(chat_model)[:-1], "logger=none", f"data_path={train}",
+                         f"eval_data_path={held}", f"output_dir={tmp_path}", "+training.max_steps=2",
+                         "training.eval_steps=2", "training.save_steps=2", "+training.disable_tqdm=true",
+                         "+training.use_cpu=true", config_name="train")
+    summary = run_train(cfg)
+    head = load_head(tmp_path, load_model(cfg.model, "cpu"))
+    assert (head.head_type, head.num_positions) == (head_type, positions)
+    assert head.config.get("trigram", True) == (preset != "ours_no_trigram_smollm2")
+    assert summary["global_step"] == 2 and f"eval_pos{positions}_top5" in summary["eval"]
