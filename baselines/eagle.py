@@ -490,9 +490,9 @@ class EagleProposer(Proposer):
             self.sizer = sizing.OnlineSizer(self.verify_curve, calibrate=self.calibrate)
 
     def _load_head(self, loaded) -> EagleHead:
-        if self.head_path and self.official:
-            from harness.official import load_official_eagle
+        from harness.official import is_official, load_official_eagle
 
+        if self.head_path and (self.official or is_official(self.head_path) == "eagle"):
             return load_official_eagle(self.head_path, loaded)
         if self.head_path:
             head = load_head(self.head_path, loaded)

@@ -143,3 +143,44 @@ class FeatureCache(torch.utils.data.Dataset):
         return {"id": entry["id"], "input_ids": handle.get_tensor(f"{key}.input_ids").long(),
                 "loss_mask": handle.get_tensor(f"{key}.loss_mask").bool(),
                 "hidden": handle.get_tensor(f"{key}.hidden")}
+
+
+class CachedTrainingSet(torch.utils.data.Dataset):
+    """A FeatureCache as specdec-train examples: {"input_ids", "labels" (IGNORE_INDEX off the loss mask),
+    "hidden" [T, H]}, so the training step skips the target's forward."""
+
+    def __init__(self, cache: FeatureCache, ignore_index: int = -100):
+        self.cache, self.ignore_index = cache, ignore_index
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.cache[index]
+        labels = item["input_ids"].masked_fill(~item["loss_mask"], self.ignore_index)
+        return {"input_ids": item["input_ids"].tolist(), "labels": labels.tolist(), "hidden": item["hidden"]}
+
+
+class FeatureCollator:
+    """Wraps a token collator (right padding) and pads the cached features the same way: [B, T_max, H]."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collate([{k: v for k, v in e.items() if k != "hidden"} for e in examples])
+        width = batch["input_ids"].shape[1]
+        first = examples[0]["hidden"]
+        hidden = first.new_zeros(len(examples), width, first.shape[-1])
+        for row, example in enumerate(examples):
+            hidden[row, : example["hidden"].shape[0]] = example["hidden"]
+        batch["hidden"] = hidden
+        return batch
+
+
+def training_examples(dataset, ignore_index: int = -100):
+    """specdec-train examples ({"input_ids", "labels"}) -> write_cache examples ({"id", "input_ids", "loss_mask"})."""
+    for index in range(len(dataset)):
+        example = dataset[index]
+        labels = torch.as_tensor(example["labels"])
+        yield {"id": str(index), "input_ids": example["input_ids"], "loss_mask": labels != ignore_index}

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import chisquare
 
 from baselines.eagle import (EAGLE_TREE_25, EagleHead, EagleProposer, HeadCache, build_eagle_head, sample_children,
                              static_tree)
-from harness.acceptance import Sampling
+from harness.acceptance import Sampling, target_probs
 from harness.bench import run_bench
 from harness.decoding import DecodeContext, Proposer, StopCriteria, decode_turn
 from harness.errors import HarnessError
@@ -241,3 +243,81 @@ def test_untrained_eagle2_on_the_default_model_is_lossless(questions_path, tmp_p
     summary = run_bench(compose_config(*common, f"run_dir={eagle_dir}", "method=eagle2", "method.total_token=16",
                                        "method.depth=2", "method.top_k=4", f"reference={vanilla_dir}"), eagle_dir)
     assert summary["questions"] == 2 and summary["turns"] == 4 and summary["lossless_rate"] == 1.0
+
+
+
+SMALL_VOCAB, SMALL_PROMPT = 8, [1, 5, 2, 7, 3]
+
+
+@torch.inference_mode()
+def exact_pairs(model, sampling: Sampling) -> np.ndarray:
+    """[V, V] exact P(token 2 = b, token 3 = c), token 1 marginalised out (token 1 is the prefill's own sample)."""
+    vocab, prompt = SMALL_VOCAB, SMALL_PROMPT
+    p_first = target_probs(model(torch.tensor([prompt])).logits[0, -1], sampling).double()
+    logits = model(torch.tensor([prompt + [a, b] for a in range(vocab) for b in range(vocab)])).logits
+    logits = logits.view(vocab, vocab, len(prompt) + 2, vocab)
+    p_second = target_probs(logits[:, 0, -2], sampling).double()
+    p_third = target_probs(logits[:, :, -1], sampling).double()
+    return (p_first[:, None, None] * p_second[:, :, None] * p_third).sum(0).numpy()
+
+
+def chi_square_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
+    counts, probs = counts.ravel(), probs.ravel()
+    assert counts[probs == 0].sum() == 0, "drew a pair the target gives probability 0"
+    keep = probs > 0
+    counts, expected = counts[keep], probs[keep] / probs[keep].sum() * counts.sum()
+    small = expected < 5          # pooled so the chi-square approximation holds
+    if small.any():
+        counts = np.append(counts[~small], counts[small].sum())
+        expected = np.append(expected[~small], expected[small].sum())
+    return float(chisquare(counts, expected).pvalue)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [dict(tree="static", tree_choices="eagle_cpu_5", sample_draft=True),
+                                      dict(tree="dynamic", total_token=6, depth=2, top_k=3)])
+def test_sampling_follows_the_target_distribution(settings):
+    """Chi-square of (token 2, token 3) over 1500 seeded generations against the exact distribution (as
+    tests/test_sampling_distribution.py does for the engine): EAGLE-1's drawn children with their q rows,
+    and EAGLE-2's deterministic top-ranked candidates with q_draft = None."""
+    target = make_tiny_llama(seed=0, vocab=SMALL_VOCAB, layers=1, hidden=32)
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proposer = EagleProposer(**settings)
+        proposer.setup(as_loaded(target))
+    sampling = Sampling(temperature=1.0)
+    generator = torch.Generator().manual_seed(0)
+    stop = StopCriteria(frozenset(), max_new_tokens=4)
+    counts = np.zeros((SMALL_VOCAB, SMALL_VOCAB), dtype=np.int64)
+    accepted = 0
+    for _ in range(1500):
+        result = decode_turn(Target(target), proposer, SMALL_PROMPT, sampling, stop, generator)
+        counts[result.token_ids[1], result.token_ids[2]] += 1
+        accepted += sum(result.pos_accepted)
+    assert accepted > 300                                       # drafts are accepted (and rejected) often
+    assert chi_square_p_value(counts, exact_pairs(target, sampling)) > 1e-3
+
+
+def test_feature_cache_round_trip_size_and_base_check(tiny, sequences, tmp_path):
+    from harness.feature_cache import (CachedTrainingSet, FeatureCache, FeatureCollator, feature_bytes,
+                                       target_features, write_cache)
+    from harness.train_data import Collator
+
+    examples = [{"id": f"c{i}", "input_ids": seq[: 40 + i], "loss_mask": [i % 2 == 0] * (40 + i)}
+                for i, seq in enumerate(sequences)]
+    write_cache(tiny, examples, tmp_path, base_identity(tiny), shard_size=2, progress=False)
+    cache = FeatureCache(tmp_path, base_identity(tiny))
+    assert len(cache) == 3 and len(cache.index["shards"]) == 2
+    assert cache.total_bytes == sum(feature_bytes(40 + i, 64) for i in range(3)) == (40 + 41 + 42) * 64 * 2
+    for i, example in enumerate(examples):
+        item = cache[i]
+        assert item["id"] == f"c{i}" and item["input_ids"].tolist() == example["input_ids"]
+        assert item["hidden"].dtype == torch.float16 and bool(item["loss_mask"].all()) == (i % 2 == 0)
+        exact = target_features(tiny, torch.tensor([example["input_ids"]]))[0]
+        torch.testing.assert_close(item["hidden"].float(), exact, atol=2e-2, rtol=1e-3)
+    with pytest.raises(HarnessError, match="trained for"):
+        FeatureCache(tmp_path, base_identity(make_tiny_llama(seed=1)))
+    batch = FeatureCollator(Collator(pad_id=0))([CachedTrainingSet(cache)[i] for i in range(3)])
+    assert batch["hidden"].shape == (3, 42, 64) and batch["input_ids"].shape == (3, 42)
+    assert (batch["labels"][1] == -100).all() and bool(batch["hidden"][0, 40:].eq(0).all())

@@ -1,0 +1,246 @@
+"""Published checkpoints: synthetic folders in the exact layout of yuhuili/EAGLE-* (config.json +
+pytorch_model.bin / model.safetensors, cnets.py key names) and FasterDecoding/medusa-* (config.json +
+medusa_lm_head.pt, `{head}.{layer}.linear.*` / `{head}.{layers}.weight`), with tiny dims. The reference
+forwards below are written from the published architecture, independently of our head classes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baselines.eagle import EagleHead, EagleProposer
+from baselines.medusa import MedusaHead, MedusaProposer
+from harness.acceptance import Sampling
+from harness.decoding import Proposer, StopCriteria, decode_turn
+from harness.errors import HarnessError
+from harness.heads import BaseHandles
+from harness.models import LoadedModel
+from harness.official import is_official, load_official_eagle, load_official_medusa, medusa_state_dict
+from harness.target import Target
+from tests.conftest import make_tiny_llama
+
+HIDDEN, VOCAB, HEADS, KV_HEADS, INTER = 64, 256, 4, 2, 128
+HEAD_DIM = HIDDEN // HEADS
+PROMPT = [3, 14, 15, 92, 65, 35, 89, 79]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_llama(seed=0, vocab=VOCAB, hidden=HIDDEN)
+
+
+def as_loaded(model) -> LoadedModel:
+    return LoadedModel("tiny", model, None, None, torch.device("cpu"), torch.float32, "test")
+
+
+def greedy_reference(model, new_tokens: int) -> list[int]:
+    return decode_turn(Target(model), Proposer(), PROMPT, Sampling(),
+                       StopCriteria(frozenset(), max_new_tokens=new_tokens)).token_ids
+
+
+def decode(model, proposer: Proposer, new_tokens: int) -> list[int]:
+    return decode_turn(Target(model), proposer, PROMPT, Sampling(), StopCriteria(frozenset(), max_new_tokens=new_tokens)
+                       ).token_ids
+
+
+# ---------------------------------------------------------------------------------------------------- EAGLE
+
+def eagle_checkpoint(model, seed: int = 0, bias: bool = True) -> dict[str, torch.Tensor]:
+    """The official cnets.py `Model` state dict (1 layer) with random weights, its embedding copied from the target."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.08):
+        return torch.randn(*shape, generator=generator) * scale
+
+    state = {"embed_tokens.weight": model.model.embed_tokens.weight.detach().clone(),
+             "fc.weight": rand(HIDDEN, 2 * HIDDEN),
+             "layers.0.self_attn.q_proj.weight": rand(HEADS * HEAD_DIM, HIDDEN),
+             "layers.0.self_attn.k_proj.weight": rand(KV_HEADS * HEAD_DIM, HIDDEN),
+             "layers.0.self_attn.v_proj.weight": rand(KV_HEADS * HEAD_DIM, HIDDEN),
+             "layers.0.self_attn.o_proj.weight": rand(HIDDEN, HEADS * HEAD_DIM),
+             "layers.0.self_attn.rotary_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2) / HEAD_DIM),
+             "layers.0.mlp.gate_proj.weight": rand(INTER, HIDDEN),
+             "layers.0.mlp.up_proj.weight": rand(INTER, HIDDEN),
+             "layers.0.mlp.down_proj.weight": rand(HIDDEN, INTER),
+             "layers.0.post_attention_layernorm.weight": 1.0 + rand(HIDDEN)}
+    if bias:
+        state["fc.bias"] = rand(HIDDEN)
+    return state
+
+
+def eagle_config(**changes) -> dict:
+    """An EAGLE config.json: the target's Llama config with num_hidden_layers = 1 (transformers 4.28 era keys)."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "hidden_size": HIDDEN, "intermediate_size": INTER, "num_attention_heads": HEADS,
+              "num_key_value_heads": KV_HEADS, "num_hidden_layers": 1, "max_position_embeddings": 1024,
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": VOCAB, "torch_dtype": "float16",
+              "bias": True}
+    config.update(changes)
+    return config
+
+
+def write_eagle(folder, state: dict, config: dict, safetensors: bool = False):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+def reference_eagle(state: dict, hidden: torch.Tensor, next_tokens: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """EAGLE-1's draft forward written from cnets.py: fc(cat(embed, feature)) -> attention WITHOUT input norm
+    (RoPE theta 10000, rotate_half, causal, grouped KV) -> residual -> post norm -> SiLU MLP -> residual."""
+    def rms(x, weight):
+        return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    length = hidden.shape[0]
+    x = torch.cat([state["embed_tokens.weight"][next_tokens], hidden], -1) @ state["fc.weight"].T
+    if "fc.bias" in state:
+        x = x + state["fc.bias"]
+    q = (x @ state["layers.0.self_attn.q_proj.weight"].T).view(length, HEADS, HEAD_DIM).transpose(0, 1)
+    k = (x @ state["layers.0.self_attn.k_proj.weight"].T).view(length, KV_HEADS, HEAD_DIM).transpose(0, 1)
+    v = (x @ state["layers.0.self_attn.v_proj.weight"].T).view(length, KV_HEADS, HEAD_DIM).transpose(0, 1)
+    angles = torch.arange(length)[:, None].float() * (1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2) / HEAD_DIM))
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+
+    def rotate(t):
+        half = t.shape[-1] // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+    q, k = rotate(q), rotate(k)
+    k, v = k.repeat_interleave(HEADS // KV_HEADS, 0), v.repeat_interleave(HEADS // KV_HEADS, 0)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(HEAD_DIM)
+    scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool).tril(), float("-inf"))
+    attended = (scores.softmax(-1) @ v).transpose(0, 1).reshape(length, HIDDEN)
+    x = x + attended @ state["layers.0.self_attn.o_proj.weight"].T
+    normed = rms(x, state["layers.0.post_attention_layernorm.weight"])
+    gate = F.silu(normed @ state["layers.0.mlp.gate_proj.weight"].T) * (normed @ state["layers.0.mlp.up_proj.weight"].T)
+    return x + gate @ state["layers.0.mlp.down_proj.weight"].T
+
+
+@pytest.mark.parametrize("safetensors,bias", [(False, True), (True, False)])
+def test_published_eagle_layout_loads_and_computes_the_official_forward(tiny, tmp_path, safetensors, bias):
+    state = eagle_checkpoint(tiny, bias=bias)
+    folder = write_eagle(tmp_path / "EAGLE-tiny", state, eagle_config(bias=bias), safetensors)
+    assert is_official(folder) == "eagle"
+    head = load_official_eagle(folder, as_loaded(tiny))
+    assert isinstance(head, EagleHead) and head.config["fc_bias"] is bias
+    ids = torch.tensor([list(range(5, 45))])
+    with torch.no_grad():
+        hidden = tiny.model(input_ids=ids).last_hidden_state
+        predicted, _ = head.unroll(hidden, ids, BaseHandles.of(tiny), steps=1)
+    expected = reference_eagle(state, hidden[0, :-1], ids[0, 1:])
+    torch.testing.assert_close(predicted[0, 0, :-1], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_published_eagle_decodes_losslessly_through_the_method_config(tiny, tmp_path):
+    folder = write_eagle(tmp_path / "EAGLE-tiny", eagle_checkpoint(tiny), eagle_config())
+    expected = greedy_reference(tiny, 40)
+    for settings in (dict(official=True, tree="static"), dict(tree="dynamic", total_token=24, depth=3, top_k=4)):
+        proposer = EagleProposer(head_path=str(folder), **settings)   # official=false: detected from the folder
+        proposer.setup(as_loaded(tiny))
+        assert decode(tiny, proposer, 40) == expected
+
+
+def test_published_eagle_for_another_model_is_refused(tiny, tmp_path):
+    state = eagle_checkpoint(tiny)
+    state["embed_tokens.weight"] = torch.randn(VOCAB, HIDDEN)
+    with pytest.raises(HarnessError, match="another model's embedding"):
+        load_official_eagle(write_eagle(tmp_path / "other", state, eagle_config()), as_loaded(tiny))
+    with pytest.raises(HarnessError, match="hidden_size=128"):
+        load_official_eagle(write_eagle(tmp_path / "wide", eagle_checkpoint(tiny), eagle_config(hidden_size=128)),
+                            as_loaded(tiny))
+    state = eagle_checkpoint(tiny)
+    del state["layers.0.mlp.up_proj.weight"]
+    with pytest.raises(HarnessError, match="does not have the EAGLE layout"):
+        load_official_eagle(write_eagle(tmp_path / "broken", state, eagle_config()), as_loaded(tiny))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HarnessError, match="no config.json"):
+        load_official_eagle(tmp_path / "empty", as_loaded(tiny))
+    with pytest.raises(HarnessError, match="does not exist"):
+        load_official_eagle(tmp_path / "missing", as_loaded(tiny))
+
+
+# ---------------------------------------------------------------------------------------------------- Medusa
+
+def medusa_checkpoint(heads: int, layers: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`medusa_head.state_dict()` of the official MedusaModel: ResBlocks then each head's own lm_head."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for h in range(heads):
+        for layer in range(layers):
+            state[f"{h}.{layer}.linear.weight"] = torch.randn(HIDDEN, HIDDEN, generator=generator) * 0.1
+            state[f"{h}.{layer}.linear.bias"] = torch.randn(HIDDEN, generator=generator) * 0.1
+        state[f"{h}.{layers}.weight"] = torch.randn(VOCAB, HIDDEN, generator=generator)
+    return state
+
+
+def write_medusa(folder, state: dict, heads: int, layers: int, safetensors: bool = False):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"medusa_num_heads": heads, "medusa_num_layers": layers,
+                                                    "base_model_name_or_path": "lmsys/vicuna-7b-v1.3"}))
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file(state, str(folder / "medusa_lm_head.safetensors"))
+    else:
+        torch.save(state, folder / "medusa_lm_head.pt")
+    return folder
+
+
+@pytest.mark.parametrize("safetensors", [False, True])
+def test_published_medusa_layout_maps_onto_medusa_head(tiny, tmp_path, safetensors):
+    heads, layers = 3, 2
+    state = medusa_checkpoint(heads, layers)
+    folder = write_medusa(tmp_path / "medusa-tiny", state, heads, layers, safetensors)
+    assert is_official(folder) == "medusa"
+    head = load_official_medusa(folder, as_loaded(tiny))
+    assert isinstance(head, MedusaHead) and head.num_positions == heads and head.own_lm_head
+    features = torch.randn(5, HIDDEN)
+    expected = []
+    for h in range(heads):      # Medusa: x + SiLU(W x + b) per block, then the head's own lm_head
+        x = features
+        for layer in range(layers):
+            x = x + F.silu(x @ state[f"{h}.{layer}.linear.weight"].T + state[f"{h}.{layer}.linear.bias"])
+        expected.append(x @ state[f"{h}.{layers}.weight"].T)
+    with torch.no_grad():
+        torch.testing.assert_close(head.logits(features, BaseHandles.of(tiny)), torch.stack(expected))
+    mapped = medusa_state_dict(state, heads, layers)
+    assert set(mapped) == set(head.state_dict()) and "medusa_head.1.2.weight" in mapped
+
+
+def test_published_medusa_decodes_losslessly_through_head_path(tiny, tmp_path):
+    folder = write_medusa(tmp_path / "medusa-tiny", medusa_checkpoint(4, 1), 4, 1)
+    proposer = MedusaProposer(head_path=str(folder), medusa_choices="mc_sim_7b_63")
+    proposer.setup(as_loaded(tiny))
+    assert isinstance(proposer.head, MedusaHead) and proposer.head.num_positions == 4
+    assert decode(tiny, proposer, 40) == greedy_reference(tiny, 40)
+
+
+def test_medusa_checkpoint_that_disagrees_with_its_config_is_refused(tiny, tmp_path):
+    state = medusa_checkpoint(2, 1)
+    with pytest.raises(HarnessError, match="lacks 2.0.linear.weight"):
+        load_official_medusa(write_medusa(tmp_path / "a", state, 3, 1), as_loaded(tiny))
+    with pytest.raises(HarnessError, match="does not explain"):
+        load_official_medusa(write_medusa(tmp_path / "b", state, 1, 1), as_loaded(tiny))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text("{}")
+    torch.save({"0.0.linear.weight": torch.zeros(2, 2)}, tmp_path / "c" / "medusa_lm_head.pt")
+    with pytest.raises(HarnessError, match="medusa_num_heads"):
+        load_official_medusa(tmp_path / "c", as_loaded(tiny))
