@@ -168,6 +168,8 @@ class FeatureCollator:
         self.collate = collate
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if "hidden" not in examples[0]:          # eval examples: the target runs on the fly
+            return self.collate(examples)
         batch = self.collate([{k: v for k, v in e.items() if k != "hidden"} for e in examples])
         width = batch["input_ids"].shape[1]
         first = examples[0]["hidden"]
@@ -184,3 +186,4 @@ def training_examples(dataset, ignore_index: int = -100):
         example = dataset[index]
         labels = torch.as_tensor(example["labels"])
         yield {"id": str(index), "input_ids": example["input_ids"], "loss_mask": labels != ignore_index}
+

@@ -321,3 +321,68 @@ def test_feature_cache_round_trip_size_and_base_check(tiny, sequences, tmp_path)
     batch = FeatureCollator(Collator(pad_id=0))([CachedTrainingSet(cache)[i] for i in range(3)])
     assert batch["hidden"].shape == (3, 42, 64) and batch["input_ids"].shape == (3, 42)
     assert (batch["labels"][1] == -100).all() and bool(batch["hidden"][0, 40:].eq(0).all())
+
+
+def test_specdec_train_eagle_end_to_end_from_a_feature_cache(tmp_path):
+    """train=eagle_smollm2 on a tiny chat model: the cache is written once and reused, the loss falls, the
+    head folder loads as an EAGLE head and eval reports top-k accuracy for every unrolled position."""
+    import json
+
+    from harness.models import load_model
+    from harness.sharegpt import write_sharegpt
+    from harness.train import run_train
+    from tiny_chat import make_tiny_chat_model, model_overrides
+
+    chat = make_tiny_chat_model(tmp_path / "chat")
+    words = "one two three four five six seven eight nine ten".split()
+    records = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"tell me {words[i]} words"},
+                                                  {"from": "gpt", "value": " ".join(words[i % 3:] + words[:i % 3])}]}
+               for i in range(8)]
+    train, held = write_sharegpt(records[:6], tmp_path / "train.json"), write_sharegpt(records[6:], tmp_path / "e.json")
+
+    def run(output_dir):
+        cfg = compose_config(*model_overrides(chat)[:-1], "train=eagle_smollm2", "logger=none", f"data_path={train}",
+                             f"eval_data_path={held}", f"output_dir={output_dir}", "model_max_length=64",
+                             f"feature_cache={tmp_path / 'features'}", "training.num_train_epochs=1",
+                             "+training.max_steps=12", "training.per_device_train_batch_size=2",
+                             "training.per_device_eval_batch_size=2", "training.learning_rate=3e-3",
+                             "training.warmup_ratio=0.0", "training.logging_steps=1", "training.eval_steps=12",
+                             "training.save_steps=12", "+training.disable_tqdm=true", "+training.use_cpu=true",
+                             config_name="train")
+        return cfg, run_train(cfg)
+
+    cfg, summary = run(tmp_path / "eagle")
+    index = tmp_path / "features" / "index.json"
+    written = index.stat().st_mtime_ns
+    assert summary["global_step"] == 12 and json.loads(index.read_text())["hidden_size"] == 64
+    history = json.loads((tmp_path / "eagle" / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    for position in (1, 2, 3, 4):
+        assert 0.0 <= summary["eval"][f"eval_pos{position}_top5"] <= 1.0
+    head = load_head(tmp_path / "eagle", load_model(cfg.model, "cpu"))
+    assert isinstance(head, EagleHead) and head.config["p_weight"] == 0.1
+    run(tmp_path / "again")                                 # the finished cache is read, not rewritten
+    assert index.stat().st_mtime_ns == written
+
+
+def test_static_sampled_draft_gives_each_node_the_row_it_was_drawn_from(tiny, fitted_folder):
+    proposer = EagleProposer(head_path=str(fitted_folder), tree="static", sample_draft=True)
+    proposer.setup(as_loaded(tiny))
+    target = Target(tiny)
+    with torch.inference_mode():
+        hidden, logits = target.prefill(PROMPTS[0])
+        ctx = DecodeContext(PROMPTS[0] + [int(logits.argmax())], len(PROMPTS[0]), target, hidden, logits, 40,
+                            Sampling(temperature=0.7), torch.Generator().manual_seed(5))
+        proposer.reset(ctx)
+        draft = proposer.propose(ctx)
+    q = draft.q_draft
+    assert q.shape == (25, 256)
+    for parent in set(draft.parents):
+        siblings = [n for n, p in enumerate(draft.parents) if p == parent]     # ranks 0, 1, .. in draft order
+        first = q[siblings[0]]
+        for i, node in enumerate(siblings):
+            assert q[node, draft.tokens[node]] > 0
+            expected = first.clone()
+            expected[[draft.tokens[s] for s in siblings[:i]]] = 0
+            torch.testing.assert_close(q[node], expected / expected.sum())
