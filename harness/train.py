@@ -24,6 +24,12 @@ token t + k + 2 (Medusa-1).
 Loss (Medusa-1): L = sum_k decay**k * CE_k, CE_k the mean cross-entropy of position k over the assistant
 tokens of the batch. FasterDecoding/Medusa's medusa/train/train.py and train_legacy.py sum the heads'
 losses unweighted (decay = 1.0, our presets); the Medusa paper weights head k by 0.8**k (loss.decay=0.8).
+A head with its own objective defines `training_loss(hidden, input_ids, loss_mask, base) -> (loss, logits)`
+(EAGLE: feature regression + cross-entropy); its `last_losses` are logged.
+
+`feature_cache=<folder>` writes the target's features for the training set once (harness.feature_cache)
+and reads them every epoch instead of running the target in each step (eval stays on the fly);
+`clip_grad_value=v` clamps gradients before each optimizer step (EAGLE-1).
 
 Checkpoints (`checkpoint-<step>/` and the final `output_dir/`) are harness.heads.save_head folders:
 model.safetensors (head only) + head_config.json (base-model identity, head config, training settings,
@@ -51,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from harness import CONF_DIR
 from harness.errors import HarnessError
@@ -126,15 +132,33 @@ class HeadTrainingModel(nn.Module):
         self.loss_decay, self.ks = float(loss_decay), tuple(ks)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            hidden = self.frozen[0](input_ids=input_ids, attention_mask=attention_mask,
-                                    use_cache=False).last_hidden_state               # [B, T, H]
-        head_dtype = next(self.head.parameters()).dtype
-        logits = self.head.training_logits(hidden.to(head_dtype), input_ids, self.base)   # [K, B, T, V]
+                labels: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> dict:
+        """hidden: the target's features from a feature cache (then the target does not run)."""
+        if hidden is None:
+            with torch.no_grad():
+                hidden = self.frozen[0](input_ids=input_ids, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state           # [B, T, H]
+        hidden = hidden.to(next(self.head.parameters()).dtype)
         if labels is None:
             labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX) if attention_mask is not None \
                 else input_ids
+        custom = getattr(self.head, "training_loss", None)
+        if custom is not None:      # a head with its own objective (EAGLE: feature regression + CE)
+            loss, logits = custom(hidden, input_ids, labels != IGNORE_INDEX, self.base)
+            logs = {name: float(value) for name, value in (getattr(self.head, "last_losses", None) or {}).items()}
+            ce_sums = None
+        else:
+            logits = self.head.training_logits(hidden, input_ids, self.base)                # [K, B, T, V]
+            loss, position_loss, ce_sums = self.medusa_loss(logits, labels)
+            logs = {f"pos{k + 1}_loss": value for k, value in enumerate(position_loss.tolist())}
+        out = {"loss": loss, "logs": logs}
+        if not self.training:
+            out["eval_counts"] = self.eval_counts(logits.detach(), input_ids, labels, ce_sums)
+        return out
+
+    def medusa_loss(self, logits: torch.Tensor, labels: torch.Tensor):
+        """sum_k decay**k * (mean CE of position k over assistant tokens); per-position losses [K] and per-example
+        CE sums [B, K] for the eval metrics."""
         num_positions, batch, length, vocab = logits.shape
         losses, ce_sums = [], []
         for k in range(num_positions):
@@ -150,17 +174,21 @@ class HeadTrainingModel(nn.Module):
             ce_sums.append(ce.detach().sum(dim=1))
         position_loss = torch.stack(losses)                                         # [K]
         weights = self.loss_decay ** torch.arange(num_positions, device=logits.device, dtype=position_loss.dtype)
-        out = {"loss": (weights * position_loss).sum(), "position_loss": position_loss.detach()}
-        if not self.training:
-            out["eval_counts"] = self.eval_counts(logits.detach(), input_ids, labels, torch.stack(ce_sums, 1))
-        return out
+        return (weights * position_loss).sum(), position_loss.detach(), torch.stack(ce_sums, 1)
 
     def eval_counts(self, logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-                    ce_sums: torch.Tensor) -> torch.Tensor:
+                    ce_sums: torch.Tensor | None) -> torch.Tensor:
         """Per example [B, K, 2 + len(ks)]: counted tokens, summed CE, top-j hits. Per example (not per batch)
         so Trainer's gather drops the padding examples of the last distributed batch correctly."""
-        num_positions, batch, length, _ = logits.shape
+        num_positions, batch, length, vocab = logits.shape
         mask = labels != IGNORE_INDEX
+        if ce_sums is None:   # a head with its own loss: the cross-entropy of its logits, for the metric only
+            ce_sums = torch.zeros(batch, num_positions, device=logits.device)
+            for k in range(num_positions):
+                if length > k + 2:
+                    ce = F.cross_entropy(logits[k, :, : length - k - 2].reshape(-1, vocab).float(),
+                                         labels[:, k + 2:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+                    ce_sums[:, k] = ce.view(batch, -1).sum(dim=1)
         counts = torch.zeros(batch, num_positions, 2 + len(self.ks), dtype=torch.float64)
         for b in range(batch):
             accuracy = topk_accuracy(logits[:, b: b + 1], input_ids[b: b + 1], mask[b: b + 1], self.ks)
@@ -209,21 +237,21 @@ class HeadTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.identity, self.run_info = identity, run_info
         self.last_eval: dict | None = None
-        self._position_loss_sum, self._position_loss_batches = None, 0
+        self._loss_sums: dict[str, float] = {}      # per-position (or the head's own) losses since the last log
+        self._loss_batches = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         if model.training:
-            loss = outputs["position_loss"].float()
-            self._position_loss_sum = loss if self._position_loss_sum is None else self._position_loss_sum + loss
-            self._position_loss_batches += 1
+            for name, value in outputs["logs"].items():
+                self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value
+            self._loss_batches += 1
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._position_loss_batches:
-            means = (self._position_loss_sum / self._position_loss_batches).tolist()
-            logs.update({f"pos{k + 1}_loss": value for k, value in enumerate(means)})
-            self._position_loss_sum, self._position_loss_batches = None, 0
+        if "loss" in logs and self._loss_batches:   # this rank's means (rank 0 logs)
+            logs.update({name: total / self._loss_batches for name, total in self._loss_sums.items()})
+            self._loss_sums, self._loss_batches = {}, 0
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -257,6 +285,55 @@ class HeadTrainer(Trainer):
     def _load_best_model(self) -> None:
         load_head_weights(self.accelerator.unwrap_model(self.model).head, self.state.best_model_checkpoint,
                           self.identity)
+
+
+class ClipGradValue(TrainerCallback):
+    """`clip_grad_value`: clamp every gradient element to [-v, v] before the optimizer step (EAGLE-1's
+    clip_grad_value_), after Trainer's own norm clip (max_grad_norm; 0 disables it)."""
+
+    def __init__(self, value: float, trainer: Trainer):
+        self.value, self.trainer = float(value), trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.accelerator.clip_grad_value_(self.trainer.model.parameters(), self.value)
+
+
+class BatchCollator:
+    """Token batches (right padding); with cached target features ("hidden") they are padded the same way."""
+
+    def __init__(self, pad_id: int):
+        self.tokens = Collator(pad_id)
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if "hidden" in examples[0]:
+            from harness.feature_cache import FeatureCollator
+
+            return FeatureCollator(self.tokens)(examples)
+        return self.tokens(examples)
+
+
+def cached_training_set(cfg: DictConfig, loaded, identity: dict, train_data: ConversationDataset,
+                        args: TrainingArguments):
+    """`feature_cache=<folder>`: the target's features for the training set, written once (rank 0, one
+    conversation at a time) and read every epoch instead of running the target in each step."""
+    from harness.feature_cache import INDEX_FILE, CachedTrainingSet, FeatureCache, training_examples, write_cache
+
+    folder = Path(cfg.feature_cache)
+    source = {"data_path": str(Path(cfg.data_path).expanduser().resolve()),
+              "model_max_length": int(cfg.model_max_length), "template": loaded.template.name,
+              "conversations": len(train_data)}
+    with args.main_process_first(local=False, desc="feature cache"):
+        if args.process_index == 0 and not (folder / INDEX_FILE).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / "source.json", source)      # before the index: an unfinished cache is rebuilt
+            log.info("writing target features for %d conversations to %s (once)", len(train_data), folder)
+            write_cache(loaded.model, training_examples(train_data, IGNORE_INDEX), folder, identity,
+                        progress=True, total=len(train_data))
+    saved = json.loads((folder / "source.json").read_text()) if (folder / "source.json").is_file() else None
+    if saved != source:
+        raise HarnessError(f"feature_cache {folder} holds features of other data ({saved}); delete it or point "
+                           "feature_cache at another folder")
+    return CachedTrainingSet(FeatureCache(folder, identity), IGNORE_INDEX)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -326,16 +403,20 @@ def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
     model = HeadTrainingModel(head, loaded.model, float(cfg.loss.decay), ks)
     template, lazy, max_length = loaded.template, bool(cfg.lazy_preprocess), int(cfg.model_max_length)
     train_data = None if cfg.eval_only else ConversationDataset(cfg.data_path, template, max_length, lazy)
+    if train_data is not None and cfg.get("feature_cache"):
+        train_data = cached_training_set(cfg, loaded, identity, train_data, args)
     eval_data = ConversationDataset(cfg.eval_data_path, template, max_length, lazy) if cfg.eval_data_path else None
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    collator = Collator(pad_id)
     run_info = {"data_path": cfg.data_path, "eval_data_path": cfg.eval_data_path, "model_max_length": max_length,
                 "lazy_preprocess": lazy, "loss": OmegaConf.to_container(cfg.loss, resolve=True),
                 "preset": cfg.name, "training_args": training_kwargs(cfg),
+                "feature_cache": cfg.get("feature_cache"), "clip_grad_value": cfg.get("clip_grad_value"),
                 "train_conversations": len(train_data) if train_data is not None else None,
                 "eval_conversations": len(eval_data) if eval_data is not None else None}
     trainer = HeadTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                          data_collator=Collator(pad_id), compute_metrics=lambda p: metrics_from_counts(p.predictions,
+                          data_collator=collator, compute_metrics=lambda p: metrics_from_counts(p.predictions,
                                                                                                          ks),
                           identity=identity, run_info=run_info)
     if cfg.eval_only:

@@ -314,16 +314,53 @@ def test_torchrun_runs_the_same_command_on_two_processes(chat_model, toy_data, t
     assert load_head(output_dir, load_model(cfg.model, "cpu")).num_positions == 2
 
 
-@pytest.mark.parametrize("preset, head_type, positions", [("medusa_smollm2", "medusa", 3), ("ours_smollm2", "trigram", 4),
-                                                          ("ours_no_trigram_smollm2", "trigram", 4)])
+@pytest.mark.parametrize("preset, head_type, positions", [("medusa_smollm2", "medusa", 3),
+                                                          ("ours_smollm2", "trigram", 4),
+                                                          ("ours_no_trigram_smollm2", "trigram", 4),
+                                                          ("eagle_smollm2", "eagle", 4)])
 def test_cpu_presets_train_their_head(chat_model, toy_data, tmp_path, preset, head_type, positions):
     train, held = toy_data
     cfg = compose_config(f"train={preset}", *model_overrides(chat_model)[:-1], "logger=none", f"data_path={train}",
                          f"eval_data_path={held}", f"output_dir={tmp_path}", "+training.max_steps=2",
-                         "training.eval_steps=2", "training.save_steps=2", "+training.disable_tqdm=true",
+                         "training.logging_steps=1", "training.eval_steps=2", "training.save_steps=2",
+                         "+training.disable_tqdm=true",
                          "+training.use_cpu=true", config_name="train")
     summary = run_train(cfg)
     head = load_head(tmp_path, load_model(cfg.model, "cpu"))
     assert (head.head_type, head.num_positions) == (head_type, positions)
     assert head.config.get("trigram", True) == (preset != "ours_no_trigram_smollm2")
     assert summary["global_step"] == 2 and f"eval_pos{positions}_top5" in summary["eval"]
+    logged_names = {key for entry in logged(tmp_path, 2) for key in entry}
+    # a head with its own objective (EAGLE) logs its parts; the others their per-position cross-entropies
+    assert ({"vloss", "ploss"} if head_type == "eagle" else {f"pos{positions}_loss"}) <= logged_names
+
+
+def test_feature_cache_trains_like_the_target_in_the_loop(chat_model, toy_data, tmp_path):
+    common = ["training.max_steps=6", "training.save_steps=6", "training.eval_steps=6"]
+    on_the_fly = run_train(train_cfg(chat_model, toy_data, tmp_path / "fly", *common))
+    cache = tmp_path / "features"
+    cached = run_train(train_cfg(chat_model, toy_data, tmp_path / "cached", *common, f"+feature_cache={cache}"))
+    assert (cache / "index.json").is_file() and json.loads((cache / "source.json").read_text())["conversations"] == 6
+    # fp16 features: the same training up to rounding
+    assert cached["train_loss"] == pytest.approx(on_the_fly["train_loss"], rel=2e-2)
+    again = run_train(train_cfg(chat_model, toy_data, tmp_path / "again", *common, f"+feature_cache={cache}"))
+    assert again["train_loss"] == pytest.approx(cached["train_loss"], rel=1e-6)      # read back, not rebuilt
+    with pytest.raises(HarnessError, match="holds features of other data"):
+        run_train(train_cfg(chat_model, toy_data, tmp_path / "other", *common, f"+feature_cache={cache}",
+                            "model_max_length=32"))
+
+
+def test_clip_grad_value_clamps_gradients_before_the_step():
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from harness.train import ClipGradValue
+
+    layer = nn.Linear(4, 4)
+    layer.weight.grad = torch.full((4, 4), 3.0)
+    layer.bias.grad = torch.tensor([-5.0, 0.1, 0.2, 9.0])
+    ClipGradValue(0.5, SimpleNamespace(accelerator=Accelerator(cpu=True), model=layer)).on_pre_optimizer_step(
+        None, None, None)
+    assert bool((layer.weight.grad == 0.5).all())
+    assert layer.bias.grad.tolist() == pytest.approx([-0.5, 0.1, 0.2, 0.5])
