@@ -339,14 +339,14 @@ def test_feature_cache_trains_like_the_target_in_the_loop(chat_model, toy_data, 
     common = ["training.max_steps=6", "training.save_steps=6", "training.eval_steps=6"]
     on_the_fly = run_train(train_cfg(chat_model, toy_data, tmp_path / "fly", *common))
     cache = tmp_path / "features"
-    cached = run_train(train_cfg(chat_model, toy_data, tmp_path / "cached", *common, f"+feature_cache={cache}"))
+    cached = run_train(train_cfg(chat_model, toy_data, tmp_path / "cached", *common, f"feature_cache={cache}"))
     assert (cache / "index.json").is_file() and json.loads((cache / "source.json").read_text())["conversations"] == 6
     # fp16 features: the same training up to rounding
     assert cached["train_loss"] == pytest.approx(on_the_fly["train_loss"], rel=2e-2)
-    again = run_train(train_cfg(chat_model, toy_data, tmp_path / "again", *common, f"+feature_cache={cache}"))
+    again = run_train(train_cfg(chat_model, toy_data, tmp_path / "again", *common, f"feature_cache={cache}"))
     assert again["train_loss"] == pytest.approx(cached["train_loss"], rel=1e-6)      # read back, not rebuilt
     with pytest.raises(HarnessError, match="holds features of other data"):
-        run_train(train_cfg(chat_model, toy_data, tmp_path / "other", *common, f"+feature_cache={cache}",
+        run_train(train_cfg(chat_model, toy_data, tmp_path / "other", *common, f"feature_cache={cache}",
                             "model_max_length=32"))
 
 
