@@ -364,3 +364,31 @@ def test_clip_grad_value_clamps_gradients_before_the_step():
         None, None, None)
     assert bool((layer.weight.grad == 0.5).all())
     assert layer.bias.grad.tolist() == pytest.approx([-0.5, 0.1, 0.2, 0.5])
+
+
+@pytest.mark.parametrize("head_type, kwargs, context", [("medusa", {"medusa_num_heads": 3}, 0),
+                                                        ("trigram", {"num_positions": 4}, 1),
+                                                        ("trigram", {"num_positions": 4, "trigram": False}, 0)])
+def test_cropping_prompt_columns_changes_no_counted_prediction(chat_model, head_type, kwargs, context):
+    from harness.heads import BaseHandles, build_head
+
+    cfg = compose_config(*model_overrides(chat_model)[:-1], config_name="train")
+    loaded = load_model(cfg.model, "cpu")
+    torch.manual_seed(0)
+    head = build_head(head_type, loaded.model.config, base=BaseHandles.of(loaded.model), **kwargs)
+    for parameter in head.parameters():   # an untrained Medusa block is the identity: make every input count
+        torch.nn.init.normal_(parameter, std=0.2)
+    pairs = [[("tell me about the red car and the blue house in the city please", "one two three")],
+             [("why ?", "the cat sat on the mat"), ("and the dog ?", "it sat on the road")]]
+    batch = Collator(pad_id=1)([tokenize_conversation(loaded.template, p, 128) for p in pairs])
+    full = HeadTrainingModel(head, loaded.model).eval()
+    cropped = HeadTrainingModel(head, loaded.model, crop_context=context).eval()
+    with torch.no_grad():
+        expected, got = full(**batch), cropped(**batch)
+        hidden = loaded.model.model(input_ids=batch["input_ids"]).last_hidden_state
+        kept = cropped.crop(hidden, batch["input_ids"], batch["labels"])[0].shape[1]
+    assert kept < batch["input_ids"].shape[1]          # the first prompt's columns are gone
+    torch.testing.assert_close(got["loss"], expected["loss"])
+    counts, reference = got["eval_counts"], expected["eval_counts"]
+    assert torch.equal(counts[..., [0, 2, 3]], reference[..., [0, 2, 3]])     # counted tokens, top-1 / top-5 hits
+    torch.testing.assert_close(counts[..., 1], reference[..., 1], rtol=1e-5, atol=1e-5)   # CE sums (matmul order)
