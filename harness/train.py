@@ -11,8 +11,9 @@ The team's Medusa command maps one to one (conf/train/medusa_vicuna7b.yaml holds
     --data_path --eval_data_path --output_dir --model_max_length --lazy_preprocess -> the same names
     --medusa_num_heads --medusa_num_layers    -> head.medusa_num_heads head.medusa_num_layers
     any other --name value                    -> training.name=value (transformers TrainingArguments)
-transformers 5 renamed two of them: evaluation_strategy -> eval_strategy, and warmup_ratio -> warmup_steps
-(a float below 1 is a ratio of the total steps); the old names are accepted and mapped. tf32 is a CUDA-only
+transformers 5 renamed some of them: evaluation_strategy -> eval_strategy, warmup_ratio -> warmup_steps (a float
+below 1 is a ratio of the total steps), group_by_length -> train_sampling_strategy=group_by_length; the old
+names are accepted and mapped. tf32 is a CUDA-only
 switch and is dropped on machines without CUDA; bf16 there runs on the CPU (use_cpu).
 
 What runs: the target is loaded frozen on the Trainer's device (its rank's GPU under torchrun) and kept
@@ -84,6 +85,9 @@ def training_kwargs(cfg: DictConfig) -> dict:
             if new in kwargs and kwargs[new] != kwargs[old]:
                 raise HarnessError(f"training.{old} and training.{new} disagree; set only one of them")
             kwargs[new] = kwargs.pop(old)
+    if "group_by_length" in kwargs:   # transformers 4's flag -> transformers 5's sampling strategy
+        if kwargs.pop("group_by_length"):
+            kwargs.setdefault("train_sampling_strategy", "group_by_length")
     if "warmup_steps" in kwargs and isinstance(kwargs["warmup_steps"], float) and kwargs["warmup_steps"] >= 1:
         raise HarnessError("training.warmup_ratio must be below 1 (it becomes transformers 5's warmup_steps ratio)")
     known = {f.name for f in dataclasses.fields(TrainingArguments)}

@@ -275,6 +275,9 @@ def test_training_arguments_refuse_unknown_or_conflicting_names(tmp_path):
     cfg = compose_config("+training.eval_strategy=no", f"output_dir={tmp_path}", config_name="train")
     with pytest.raises(HarnessError, match="evaluation_strategy and training.eval_strategy disagree"):
         training_kwargs(cfg)
+    cfg = compose_config("+training.group_by_length=true", "~training.train_sampling_strategy",
+                         f"output_dir={tmp_path}", config_name="train")
+    assert training_kwargs(cfg)["train_sampling_strategy"] == "group_by_length"   # transformers 4's flag
 
 
 def test_wandb_follows_the_logger_config(tmp_path):
