@@ -460,16 +460,34 @@ def memory_plan_doc(cfg: DictConfig, gpus=("32GB", "48GB")) -> str:
 # entry point
 
 
+DOC_SECTIONS = (  # (title, method config, mode)
+    ("Inference, vanilla", "vanilla", "infer"),
+    ("Inference, Medusa-1 (conf/method/medusa.yaml: 4 heads with own lm_heads, the 63-node tree)", "medusa", "infer"),
+    ("Training that Medusa head (batch doc_train_batch_size x max_seq_len, AdamW, frozen base)", "medusa", "train"),
+)
+
+
+def write_doc(cfg: DictConfig) -> Path:
+    """Rewrite everything below DOC_MARKER in `cfg.doc` with the model's tables; the text above is kept."""
+    gpus = tuple(cfg.get("doc_gpus") or ("32GB", "48GB"))
+    sections = []
+    for title, method, mode in DOC_SECTIONS:
+        section_cfg = OmegaConf.merge(cfg, {"mode": mode})
+        section_cfg.method = OmegaConf.load(CONF_DIR / "method" / f"{method}.yaml")
+        if mode == "train":
+            section_cfg.batch_size = int(cfg.get("doc_train_batch_size") or 4)
+        sections.append(f"## {title}\n\n" + memory_plan_doc(section_cfg, gpus))
+    path = Path(str(cfg.doc))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.is_file() else ""
+    header = old.split(DOC_MARKER)[0] if DOC_MARKER in old else (old or DOC_HEADER)
+    path.write_text(header + DOC_MARKER + "\n\n" + "\n".join(sections))
+    return path
+
+
 def run_plan(cfg: DictConfig) -> int:
     if cfg.get("doc"):
-        sections = [memory_plan_doc(cfg, tuple(cfg.get("doc_gpus") or ("32GB", "48GB")))]
-        train_cfg = OmegaConf.merge(cfg, {"mode": "train", "batch_size": cfg.get("doc_train_batch_size") or 4})
-        sections.append("Training a head (mode=train):\n\n" + memory_plan_doc(train_cfg, tuple(cfg.get("doc_gpus") or ("32GB", "48GB"))))
-        path = Path(str(cfg.doc))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        header = path.read_text().split(DOC_MARKER)[0] if path.is_file() and DOC_MARKER in path.read_text() else DOC_HEADER
-        path.write_text(header + DOC_MARKER + "\n\n" + "\n".join(sections))
-        print(f"wrote {path}")
+        print(f"wrote {write_doc(cfg)}")
         return 0
     plan = plan_from_config(cfg)
     print(plan.table().to_markdown(index=False))
