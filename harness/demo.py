@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     done = subprocess.run(report_cmd, env=env)
     if done.returncode != 0:
         return done.returncode
-    offline = sorted(str(p) for p in sweep_dir.glob("*/wandb/offline-run-*"))
+    offline = sorted(str(p) for p in sweep_dir.glob("*/wandb/offline-run-*") if (p.parents[1] / "run.json").is_file())
     if offline:
-        print(f"W&B offline runs ({len(offline)}): {sweep_dir}/*/wandb/offline-run-*  "
+        print(f"W&B offline bench runs ({len(offline)}): {sweep_dir}/*/wandb/offline-run-*  "
               f"(upload: wandb sync {offline[0]} ...)")
     return 0
 
