@@ -169,3 +169,30 @@ def test_default_model_int8_vanilla_and_pld_are_token_identical(questions_path):
         vanilla = decode_turn(target, Proposer(), prompt, Sampling(), stop)
         pld = decode_turn(target, PromptLookupProposer(), prompt, Sampling(), stop)
         assert pld.token_ids == vanilla.token_ids and len(vanilla.token_ids) > 8
+
+
+def test_bench_records_quantization_and_the_lossless_check_uses_the_same_quantized_vanilla(
+        tiny_model_dir, questions_path, tmp_path):
+    import json
+
+    from harness.bench import run_bench
+
+    runs = {}
+    for quantization in ("none", "int8"):
+        run_dir = tmp_path / f"vanilla-{quantization}"
+        run_bench(compose_config_for(tiny_model_dir, run_dir, questions_path, f"model.quantization={quantization}"),
+                  run_dir)
+        runs[quantization] = json.loads((run_dir / "run.json").read_text())
+    assert runs["int8"]["quantization"] == "int8" and runs["none"]["quantization"] == "none"
+    assert 0 < runs["int8"]["weight_memory_bytes"] < runs["none"]["weight_memory_bytes"]
+    pld_dir = tmp_path / "pld-int8"
+    summary = run_bench(compose_config_for(tiny_model_dir, pld_dir, questions_path, "model.quantization=int8",
+                                           "method=pld", f"reference={tmp_path / 'vanilla-int8'}"), pld_dir)
+    assert summary["lossless_rate"] == 1.0
+
+
+def compose_config_for(model_dir, run_dir, questions, *extra):
+    from conftest import compose_config, tiny_bench_overrides
+
+    return compose_config(*tiny_bench_overrides(model_dir, run_dir, questions, "bench.limit=2", "max_new_tokens=12",
+                                                *extra))
