@@ -440,6 +440,8 @@ def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
                           data_collator=collator, compute_metrics=lambda p: metrics_from_counts(p.predictions,
                                                                                                          ks),
                           identity=identity, run_info=run_info)
+    if cfg.get("clip_grad_value") and not cfg.eval_only:
+        trainer.add_callback(ClipGradValue(cfg.clip_grad_value, trainer))
     if cfg.eval_only:
         metrics = trainer.evaluate()
         write_json(Path(cfg.head_path) / TOPK_FILE, trainer.last_eval)

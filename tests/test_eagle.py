@@ -323,14 +323,26 @@ def test_feature_cache_round_trip_size_and_base_check(tiny, sequences, tmp_path)
     assert (batch["labels"][1] == -100).all() and bool(batch["hidden"][0, 40:].eq(0).all())
 
 
-def test_specdec_train_eagle_end_to_end_from_a_feature_cache(tmp_path):
-    """train=eagle_smollm2 on a tiny chat model: the cache is written once and reused, the loss falls, the
-    head folder loads as an EAGLE head and eval reports top-k accuracy for every unrolled position."""
+def test_specdec_train_eagle_end_to_end_from_a_feature_cache(tmp_path, monkeypatch):
+    """train=eagle_smollm2 on a tiny chat model: the cache is written once and reused, the loss falls, gradients
+    are clipped by value before every optimizer step, the head folder loads as an EAGLE head and eval reports
+    top-k accuracy for every unrolled position."""
     import json
 
+    from harness import train as train_module
     from harness.models import load_model
     from harness.sharegpt import write_sharegpt
     from harness.train import run_train
+
+    clipped = []
+    original = train_module.ClipGradValue.on_pre_optimizer_step
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        clipped.append(max(float(g.abs().max()) for g in grads) <= self.value)
+
+    monkeypatch.setattr(train_module.ClipGradValue, "on_pre_optimizer_step", spy)
     from tiny_chat import make_tiny_chat_model, model_overrides
 
     chat = make_tiny_chat_model(tmp_path / "chat")
@@ -352,6 +364,7 @@ def test_specdec_train_eagle_end_to_end_from_a_feature_cache(tmp_path):
         return cfg, run_train(cfg)
 
     cfg, summary = run(tmp_path / "eagle")
+    assert len(clipped) == 12 and all(clipped)             # EAGLE-1's clip_grad_value 0.5 on every step
     index = tmp_path / "features" / "index.json"
     written = index.stat().st_mtime_ns
     assert summary["global_step"] == 12 and json.loads(index.read_text())["hidden_size"] == 64
