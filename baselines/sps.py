@@ -47,6 +47,7 @@ class SpSProposer(Proposer):
         self.k = self.k_start
         self.cache: DynamicCache | None = None
         self.cached_tokens: list[int] = []   # the tokens whose keys/values are in self.cache, in order
+        self.checked = 0                     # cached_tokens[:checked] are known to equal committed tokens
 
     def setup(self, loaded) -> None:
         """Load the draft named by `draft_model` (a conf/model config) on the target's device."""
@@ -67,6 +68,7 @@ class SpSProposer(Proposer):
         # a fresh draft cache per turn, as the target's is (its prefill is counted as draft time)
         self.cache = DynamicCache(config=self.draft.config)
         self.cached_tokens = []
+        self.checked = 0
         # k restarts every turn (transformers' "heuristic_transient"), so a resumed run repeats itself
         self.k = self.k_start
 
@@ -89,13 +91,14 @@ class SpSProposer(Proposer):
     def _sync(self, committed: list[int]) -> list[int]:
         """Crop the draft cache to its longest prefix agreeing with `committed` (keeping at least one
         token to feed); return the committed tokens the draft still has to see."""
-        keep = 0
         limit = min(len(self.cached_tokens), len(committed) - 1)
+        keep = min(self.checked, limit)   # committed tokens never change within a turn: skip what matched
         while keep < limit and self.cached_tokens[keep] == committed[keep]:
             keep += 1
         if keep < len(self.cached_tokens):
             compact_cache(self.cache, keep, [])   # keep=[] after `keep` positions: a crop to that length
             del self.cached_tokens[keep:]
+        self.checked = len(committed)             # everything fed below is committed
         return committed[keep:]
 
     def propose(self, ctx: DecodeContext) -> Draft:
@@ -105,7 +108,7 @@ class SpSProposer(Proposer):
         feed = self._sync(ctx.tokens)
         tokens: list[int] = []
         q_rows: list[torch.Tensor] = []
-        for i in range(budget):
+        for _ in range(budget):
             logits = self._forward(feed)
             if ctx.sampling.greedy:
                 token = int(logits.argmax())
