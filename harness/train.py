@@ -429,17 +429,17 @@ def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
     eval_data = ConversationDataset(cfg.eval_data_path, template, max_length, lazy) if cfg.eval_data_path else None
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    collator = Collator(pad_id)
+    collator = BatchCollator(pad_id)   # cached features (feature_cache) ride along as "hidden"
     run_info = {"data_path": cfg.data_path, "eval_data_path": cfg.eval_data_path, "model_max_length": max_length,
                 "lazy_preprocess": lazy, "loss": OmegaConf.to_container(cfg.loss, resolve=True),
                 "preset": cfg.name, "training_args": training_kwargs(cfg),
-                "feature_cache": cfg.get("feature_cache"), "crop_context": cfg.get("crop_context"), "clip_grad_value": cfg.get("clip_grad_value"),
+                "feature_cache": cfg.get("feature_cache"), "crop_context": cfg.get("crop_context"),
+                "clip_grad_value": cfg.get("clip_grad_value"),
                 "train_conversations": len(train_data) if train_data is not None else None,
                 "eval_conversations": len(eval_data) if eval_data is not None else None}
     trainer = HeadTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                          data_collator=collator, compute_metrics=lambda p: metrics_from_counts(p.predictions,
-                                                                                                         ks),
-                          identity=identity, run_info=run_info)
+                          data_collator=collator, identity=identity, run_info=run_info,
+                          compute_metrics=lambda prediction: metrics_from_counts(prediction.predictions, ks))
     if cfg.get("clip_grad_value") and not cfg.eval_only:
         trainer.add_callback(ClipGradValue(cfg.clip_grad_value, trainer))
     if cfg.eval_only:

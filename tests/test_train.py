@@ -338,7 +338,7 @@ def test_cpu_presets_train_their_head(chat_model, toy_data, tmp_path, preset, he
     assert ({"vloss", "ploss"} if head_type == "eagle" else {f"pos{positions}_loss"}) <= logged_names
 
 
-def test_feature_cache_trains_like_the_target_in_the_loop(chat_model, toy_data, tmp_path):
+def test_feature_cache_trains_like_the_target_in_the_loop(chat_model, toy_data, tmp_path, monkeypatch):
     common = ["training.max_steps=6", "training.save_steps=6", "training.eval_steps=6"]
     on_the_fly = run_train(train_cfg(chat_model, toy_data, tmp_path / "fly", *common))
     cache = tmp_path / "features"
@@ -346,8 +346,18 @@ def test_feature_cache_trains_like_the_target_in_the_loop(chat_model, toy_data, 
     assert (cache / "index.json").is_file() and json.loads((cache / "source.json").read_text())["conversations"] == 6
     # fp16 features: the same training up to rounding
     assert cached["train_loss"] == pytest.approx(on_the_fly["train_loss"], rel=2e-2)
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    target_runs, forward = [], LlamaModel.forward
+
+    def counted(self, *args, **kwargs):
+        target_runs.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaModel, "forward", counted)
     again = run_train(train_cfg(chat_model, toy_data, tmp_path / "again", *common, f"feature_cache={cache}"))
     assert again["train_loss"] == pytest.approx(cached["train_loss"], rel=1e-6)      # read back, not rebuilt
+    assert len(target_runs) == 1        # the one eval batch; the 6 training steps read cached features
     with pytest.raises(HarnessError, match="holds features of other data"):
         run_train(train_cfg(chat_model, toy_data, tmp_path / "other", *common, f"feature_cache={cache}",
                             "model_max_length=32"))
