@@ -1,0 +1,151 @@
+"""Lookahead decoding: window mask and positions, the n-gram pool, the Jacobi window, losslessness."""
+
+import pytest
+import torch
+
+from baselines.lookahead import LookaheadProposer, NgramPool, window_layout
+from harness.acceptance import Sampling
+from harness.bench import build_method
+from harness.decoding import DecodeContext, Proposer, Step, StopCriteria, decode_turn
+from harness.errors import HarnessError
+from harness.target import Target
+from tests.conftest import compose_config, make_tiny_llama
+
+REPETITIVE_PROMPT = [5, 6, 7, 8, 9, 10, 11, 12] * 4 + list(range(30, 50))
+
+
+def test_pool_keeps_the_most_recent_guess_set_per_first_token():
+    pool = NgramPool(capacity=2)
+    pool.add(1, (2, 3))
+    pool.add(1, (4, 5))
+    pool.add(1, (2, 3))              # seen again: becomes the most recent
+    pool.add(1, (6, 7))              # full: evicts the least recent, (4, 5)
+    assert pool.get(1) == [(6, 7), (2, 3)] and pool.get(9) == [] and len(pool) == 2
+    text = NgramPool(capacity=5)
+    text.add_text([1, 2, 3, 1, 2, 4], n=3)
+    assert text.get(1) == [(2, 4), (2, 3)] and text.get(2) == [(3, 1)] and text.get(3) == [(1, 2)]
+    text.add_text([1, 2, 3, 1, 2, 4, 9], n=3, start=6)           # only the n-gram ending at the new token
+    assert text.get(2) == [(4, 9), (3, 1)] and len(text) == 5
+
+
+def test_window_layout_by_hand():
+    # N = 3, W = 3: level 0 = root + 2 guesses (offsets 1, 2), level 1 = 3 tokens (offsets 1, 2, 3)
+    visible, offsets = window_layout((2, 3))
+    assert offsets.tolist() == [1, 2, 1, 2, 3]
+    assert visible.int().tolist() == [[1, 0, 0, 0, 0],     # level 0 col 1: root + itself
+                                      [1, 1, 0, 0, 0],     # level 0 col 2: root, col 1, itself
+                                      [0, 0, 1, 0, 0],     # level 1 col 0: root + itself
+                                      [1, 0, 0, 1, 0],     # level 1 col 1: root, level 0 col 1, itself
+                                      [1, 1, 0, 0, 1]]     # level 1 col 2: root, level 0 cols 1-2, itself
+
+
+def test_every_window_row_equals_a_sequential_run_of_its_diagonal(tiny_llama):
+    """Each extra token's logits = the model run on the cache + root + the extras it sees, in position
+    order; the draft nodes in the same forward are invisible to it."""
+    target = Target(tiny_llama)
+    prompt = list(range(10, 30))
+    visible, offsets = window_layout((3, 4, 4))             # N = 4, W = 4
+    extras = list(range(40, 40 + len(offsets)))
+    draft_tokens, parents = [7, 8, 9], (-1, 0, -1)
+    n, m = len(draft_tokens), len(extras)
+    extra_mask = torch.zeros(m, 1 + n + m, dtype=torch.bool)
+    extra_mask[:, 0] = True
+    extra_mask[:, 1 + n:] = visible
+    with torch.inference_mode():
+        _, logits = target.prefill(prompt)
+        root = int(logits.argmax())
+        scores = target.verify(root, draft_tokens, parents, extras, extra_mask, offsets)
+        for row in range(m):
+            seen = sorted((j for j in range(m) if visible[row, j]), key=lambda j: int(offsets[j]))
+            assert [int(offsets[j]) for j in seen] == list(range(1, int(offsets[row]) + 1))
+            sequential = tiny_llama(torch.tensor([prompt + [root] + [extras[j] for j in seen]])).logits[0, -1]
+            torch.testing.assert_close(scores.logits[1 + n + row], sequential, atol=1e-4, rtol=1e-4)
+        # and the draft rows are untouched by the extras
+        sequential = tiny_llama(torch.tensor([prompt + [root, 7, 8]])).logits[0, -1]
+        torch.testing.assert_close(scores.logits[2], sequential, atol=1e-4, rtol=1e-4)
+
+
+def _context(tokens, prompt_len, remaining=100):
+    return DecodeContext(list(tokens), prompt_len, None, torch.zeros(1, 1), torch.zeros(1), remaining, Sampling())
+
+
+def test_window_warms_up_then_harvests_columns_and_slides():
+    proposer = LookaheadProposer(level=3, window=2, guess_set_size=4)
+    ctx = _context([1, 2, 3, 4, 5], prompt_len=4)
+    proposer.reset(ctx)
+    assert [len(level) for level in proposer.levels] == [2]          # W + N - 3 prompt tokens
+    draft = proposer.propose(ctx)
+    assert draft.tokens == [] and draft.extra_offsets.tolist() == [1, 2]
+    proposer._advance([20, 21])                                       # warm-up: level 1 appears
+    assert proposer.levels == [[proposer.levels[0][0]], [20, 21]]
+    first = proposer.levels[0][0]
+    proposer.root = 7
+    proposer._advance([30, 31])                                       # full: harvest, then slide
+    # columns: (root 7, 20, 30) and (level-0 token, 21, 31)
+    assert proposer.pool.get(7) == [(20, 30)] and proposer.pool.get(first) == [(21, 31)]
+    assert proposer.levels == [[21], [30, 31]]
+    draft = proposer.propose(_context([1, 2, 3, 4, 5, 7], prompt_len=4))   # the root 7 has a pooled n-gram
+    assert draft.tokens == [20, 30] and draft.parents == (-1, 0)
+    assert draft.extra_tokens == [21, 30, 31] and draft.extra_offsets.tolist() == [1, 1, 2]
+    assert draft.extra_mask[:, 1:3].sum() == 0                        # the window never sees the draft
+    draft = proposer.propose(_context([1, 2, 3, 4, 5, 7], prompt_len=4, remaining=2))
+    assert draft.tokens == [20]                                       # never draft past the token cap
+
+
+def _turn(model, proposer, prompt=REPETITIVE_PROMPT, tokens=48, sampling=None, generator=None):
+    return decode_turn(Target(model), proposer, prompt, sampling or Sampling(),
+                       StopCriteria(frozenset(), max_new_tokens=tokens), generator)
+
+
+@pytest.mark.parametrize("options", [dict(level=5, window=7, guess_set_size=7),
+                                     dict(level=4, window=5, guess_set_size=5, pool_from_prompt=True),
+                                     dict(level=3, window=4, guess_set_size=4)])
+def test_greedy_lookahead_is_lossless(tiny_llama, options):
+    reference = _turn(tiny_llama, Proposer())
+    result = _turn(tiny_llama, LookaheadProposer(**options))
+    assert result.token_ids == reference.token_ids
+    if options["level"] >= 4:                                         # the Jacobi/prompt n-grams hit the loop
+        assert result.new_tokens / result.steps > 1.3
+
+
+def test_an_empty_pool_drafts_nothing(tiny_llama):
+    result = _turn(tiny_llama, LookaheadProposer(level=3, window=2, guess_set_size=2), prompt=list(range(60, 90)),
+                   tokens=6)
+    assert result.draft_sizes[:3] == [0, 0, 0]                        # prefill, then two warm-up steps
+
+
+def test_sampling_runs_through_the_loop():
+    model = make_tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)                                # near-deterministic: text repeats
+    sampling = Sampling(temperature=0.7)
+    result = _turn(model, LookaheadProposer(level=4, window=5, guess_set_size=5, pool_from_prompt=True),
+                   sampling=sampling, generator=torch.Generator().manual_seed(1))
+    again = _turn(model, LookaheadProposer(level=4, window=5, guess_set_size=5, pool_from_prompt=True),
+                  sampling=sampling, generator=torch.Generator().manual_seed(1))
+    assert result.new_tokens == 48 and result.token_ids == again.token_ids
+    assert sum(result.draft_sizes) > 0 and result.steps < 48
+
+
+def test_configs_build_the_official_defaults_and_the_cpu_preset():
+    official = build_method(compose_config("method=lookahead").method)
+    assert isinstance(official, LookaheadProposer) and official.name == "lookahead"
+    assert (official.level, official.window, official.guess_set_size) == (5, 15, 15)
+    cpu = build_method(compose_config("method=lookahead_cpu").method)
+    assert cpu.name == "lookahead_cpu" and cpu.level * cpu.window < 5 * 15
+    with pytest.raises(HarnessError, match="level"):
+        build_method(compose_config("method=lookahead", "method.level=2").method)
+
+
+def test_observe_reads_the_last_level_from_the_tail_of_the_verify_logits():
+    proposer = LookaheadProposer(level=3, window=2, guess_set_size=2)
+    ctx = _context([1, 2, 3, 4, 5], prompt_len=4)
+    proposer.reset(ctx)
+    draft = proposer.propose(ctx)
+    vocab = 50
+    logits = torch.zeros(1 + len(draft.extra_tokens), vocab)
+    logits[-2, 11] = logits[-1, 12] = 1.0                             # the level-0 rows predict 11, 12
+    from harness.target import Scores
+    ctx.scores = Scores(logits, torch.zeros(len(logits), 1))
+    proposer.observe(Step(draft, None, [6]), ctx)
+    assert proposer.levels[-1] == [11, 12]
