@@ -31,7 +31,7 @@ Draft head: its parameters in the model dtype (built on the meta device from the
 Training (mode=train; the base frozen, its forward under no_grad): the head in fp32 (AMP master weights) +
   fp32 gradients + AdamW exp_avg and exp_avg_sq (16 bytes/parameter); base activations of one layer for
   batch x max_seq_len tokens; the head's logits K x B x T x vocab in the dtype + fp32 log-softmax + fp32
-  gradient; the head's hidden activations K x B x T x H x (2 per block + 2) in fp32.
+  gradient; the head's hidden activations, 4 hidden-sized fp32 tensors per position and token.
 Overhead (CUDA only): `overhead.fixed_gib` for the CUDA context, cuBLAS workspaces and kernels (0.5-1 GiB on
   current GPUs) + `overhead.fraction` of everything for the caching allocator's fragmentation.
 """
@@ -272,7 +272,7 @@ def estimate(arch: Architecture, *, quantization: str = "none", dtype: str = "fp
              max_seq_len: int = 2048, batch_size: int = 1, tree_size: int = 1, head_params: int = 0,
              head_type: str | None = None, head_positions: int = 1, draft_model: tuple[Architecture, str] | None = None,
              mode: str = "infer", overhead_gib: float = 1.0, overhead_fraction: float = 0.05) -> list[Row]:
-    """Component rows (bytes) for one configuration; `plan_table` adds the total and the verdict."""
+    """Component rows (bytes) for one configuration; `Plan` adds the total and the verdict."""
     if quantization not in QUANTIZATIONS:
         raise HarnessError(f"unknown quantization '{quantization}'; use one of {', '.join(QUANTIZATIONS)}")
     if dtype not in DTYPE_BYTES:
