@@ -162,7 +162,7 @@ def test_default_model_int8_vanilla_and_pld_are_token_identical(questions_path):
     loaded = load_model(cfg.model, "cpu")
     assert loaded.quantization == "int8"
     assert isinstance(loaded.model.model.layers[0].mlp.up_proj, WeightOnlyInt8Linear)
-    stop = StopCriteria(frozenset(loaded.template.stop_token_ids), max_new_tokens=48)
+    stop = StopCriteria(frozenset(loaded.template.stop_token_ids), max_new_tokens=32)
     target = Target(loaded.model)
     for question in load_questions(cfg.bench)[:2]:
         prompt = loaded.template.encode([(question.turns[0], None)])
