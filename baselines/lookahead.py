@@ -18,6 +18,13 @@ the window by one level (the official multi-level fill).
 
 `pool_from_prompt` also seeds the pool with every N-gram of the prompt and of the accepted text
 (the official POOL_FROM_PROMPT). With an empty pool the draft is empty: a vanilla step plus the window.
+
+On a 2-core CPU every window token costs verify time (shared DESIGN.md: ~41 ms a step, ~2.2 ms per
+extra input token). τ measured with this code on SmolLM2-135M, MT-Bench 81/82/85 x 2 turns, 96 tokens
+(load-independent; the speed estimate uses that cost curve): N,W,G = 5,7,7: τ 1.74 but 34 inputs a
+step (est. 0.64x; the official package measured 0.59x); 3,4,4: τ 1.39 (est. 0.93x); 3,2,2 with the
+prompt pool: τ 1.53 on 7 inputs (est. 1.21x) -> conf/method/lookahead_cpu.yaml. Wider windows raise τ
+slowly (4,3,3 + pool: 1.80) but cost more than they save here.
 """
 
 from __future__ import annotations
@@ -89,12 +96,13 @@ class LookaheadProposer(Proposer):
     name = "lookahead"
 
     def __init__(self, level: int = 5, window: int = 15, guess_set_size: int = 15,
-                 pool_from_prompt: bool = False, seed: int = 0):
+                 pool_from_prompt: bool = False, window_with_draft_only: bool = False, seed: int = 0):
         if level < 3 or window < 1 or guess_set_size < 1:
             raise HarnessError(f"lookahead needs level (N) >= 3, window (W) >= 1, guess_set_size (G) >= 1 "
                                f"(got N={level}, W={window}, G={guess_set_size}); fix the method config")
         self.level, self.window, self.guess_set_size = level, window, guess_set_size
         self.pool_from_prompt, self.seed = pool_from_prompt, seed
+        self.window_with_draft_only = window_with_draft_only
         self.pool = NgramPool(guess_set_size)
         self.levels: list[list[int]] = []
         self.root = -1
@@ -116,6 +124,8 @@ class LookaheadProposer(Proposer):
         budget = ctx.remaining - 1               # one verify emits at most draft depth + 1 tokens
         branches = [list(c[:budget]) for c in self.pool.get(self.root)] if budget > 0 else []
         draft = trie_draft(branches) if branches else Draft.empty()
+        if self.window_with_draft_only and not draft.tokens:
+            return draft                         # a plain one-token step; the window waits
         visible, offsets = window_layout(tuple(len(level) for level in self.levels))
         n, m = len(draft.tokens), len(offsets)
         extra_mask = torch.zeros(m, 1 + n + m, dtype=torch.bool)

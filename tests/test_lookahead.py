@@ -92,6 +92,17 @@ def test_window_warms_up_then_harvests_columns_and_slides():
     assert draft.tokens == [20]                                       # never draft past the token cap
 
 
+def test_window_can_ride_only_on_steps_that_verify_a_draft():
+    proposer = LookaheadProposer(level=3, window=2, guess_set_size=2, window_with_draft_only=True)
+    ctx = _context([1, 2, 3, 4, 5], prompt_len=4)
+    proposer.reset(ctx)
+    empty = proposer.propose(ctx)
+    assert empty.tokens == [] and not empty.extra_tokens          # nothing pooled for 5: a plain step
+    proposer.pool.add(5, (6, 7))
+    draft = proposer.propose(ctx)
+    assert draft.tokens == [6, 7] and len(draft.extra_tokens) == 2
+
+
 def _turn(model, proposer, prompt=REPETITIVE_PROMPT, tokens=48, sampling=None, generator=None):
     return decode_turn(Target(model), proposer, prompt, sampling or Sampling(),
                        StopCriteria(frozenset(), max_new_tokens=tokens), generator)
@@ -99,7 +110,9 @@ def _turn(model, proposer, prompt=REPETITIVE_PROMPT, tokens=48, sampling=None, g
 
 @pytest.mark.parametrize("options", [dict(level=5, window=7, guess_set_size=7),
                                      dict(level=4, window=5, guess_set_size=5, pool_from_prompt=True),
-                                     dict(level=3, window=4, guess_set_size=4)])
+                                     dict(level=3, window=4, guess_set_size=4),
+                                     dict(level=4, window=3, guess_set_size=3, pool_from_prompt=True,
+                                          window_with_draft_only=True)])
 def test_greedy_lookahead_is_lossless(tiny_llama, options):
     reference = _turn(tiny_llama, Proposer())
     result = _turn(tiny_llama, LookaheadProposer(**options))
