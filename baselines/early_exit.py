@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from harness.acceptance import target_probs
-from harness.decoding import DecodeContext, Draft, Proposer, Step
+from harness.decoding import DecodeContext, Draft, DraftLength, Proposer, Step
 from harness.errors import HarnessError
 from harness.target import Target
 from harness.tree import compact_cache
@@ -54,11 +54,8 @@ class EarlyExitProposer(Proposer):
                  k_min: int = 1, k_max: int = 12):
         if exit_layer < 1:
             raise HarnessError(f"early_exit: exit_layer={exit_layer} must be >= 1 (the number of layers the draft runs)")
-        if k < 1 or k_min < 1 or k_max < k_min:
-            raise HarnessError(f"early_exit: need 1 <= k_min <= k_max and k >= 1 (got k={k}, k_min={k_min}, k_max={k_max})")
         self.exit_layer = int(exit_layer)
-        self.k_start, self.adaptive_k, self.k_min, self.k_max = int(k), bool(adaptive_k), int(k_min), int(k_max)
-        self.k = self.k_start
+        self.length = DraftLength("early_exit", k, adaptive_k, k_min, k_max)
         self.min_confidence = float(min_confidence)
         self._model = None
 
@@ -78,7 +75,7 @@ class EarlyExitProposer(Proposer):
 
     def reset(self, ctx: DecodeContext) -> None:
         self._bind(ctx.target.model)
-        self.k = self.k_start   # per turn, so a resumed run repeats itself
+        self.length.reset()
 
     def _draft_logits(self, target: Target, token: int, position: int) -> torch.Tensor:
         """One token through layers < L (appending to their cache), final norm, lm_head -> [vocab]."""
@@ -93,7 +90,7 @@ class EarlyExitProposer(Proposer):
 
     def propose(self, ctx: DecodeContext) -> Draft:
         # a step emits at most len(draft) + 1 tokens; drafting past the cap is wasted work
-        budget = min(self.k, ctx.remaining - 1)
+        budget = min(self.length.k, ctx.remaining - 1)
         if budget <= 0:
             return Draft.empty()
         target = ctx.target
@@ -123,10 +120,4 @@ class EarlyExitProposer(Proposer):
         return Draft.chain(tokens, torch.stack(q_rows) if q_rows else None)
 
     def observe(self, step: Step, ctx: DecodeContext) -> None:
-        # transformers' assisted-decoding "heuristic": +2 after a fully accepted draft, -1 otherwise
-        if not self.adaptive_k or not step.draft.tokens:
-            return
-        if step.acceptance.accepted_draft == len(step.draft.tokens):
-            self.k = min(self.k + 2, self.k_max)
-        else:
-            self.k = max(self.k - 1, self.k_min)
+        self.length.update(step)

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from harness.acceptance import target_probs
-from harness.decoding import DecodeContext, Draft, Proposer, Step
+from harness.decoding import DecodeContext, Draft, DraftLength, Proposer, Step
 from harness.errors import HarnessError
 from harness.tree import compact_cache
 
@@ -39,12 +39,9 @@ class SpSProposer(Proposer):
 
     def __init__(self, draft_model: str | torch.nn.Module = "smollm2-135m", k: int = 5, adaptive_k: bool = False,
                  k_min: int = 1, k_max: int = 16):
-        if k < 1 or k_min < 1 or k_max < k_min:
-            raise HarnessError(f"sps: need 1 <= k_min <= k_max and k >= 1 (got k={k}, k_min={k_min}, k_max={k_max})")
         self.draft_name = draft_model if isinstance(draft_model, str) else type(draft_model).__name__
         self.draft = None if isinstance(draft_model, str) else draft_model.eval()
-        self.k_start, self.adaptive_k, self.k_min, self.k_max = int(k), bool(adaptive_k), int(k_min), int(k_max)
-        self.k = self.k_start
+        self.length = DraftLength("sps", k, adaptive_k, k_min, k_max)
         self.cache: DynamicCache | None = None
         self.cached_tokens: list[int] = []   # the tokens whose keys/values are in self.cache, in order
         self.checked = 0                     # cached_tokens[:checked] are known to equal committed tokens
@@ -70,7 +67,7 @@ class SpSProposer(Proposer):
         self.cached_tokens = []
         self.checked = 0
         # k restarts every turn (transformers' "heuristic_transient"), so a resumed run repeats itself
-        self.k = self.k_start
+        self.length.reset()
 
     def _forward(self, tokens: list[int]) -> torch.Tensor:
         """Feed tokens after the cached ones; returns the draft logits for the next token [vocab]."""
@@ -102,7 +99,7 @@ class SpSProposer(Proposer):
         return committed[keep:]
 
     def propose(self, ctx: DecodeContext) -> Draft:
-        budget = min(self.k, ctx.remaining - 1)
+        budget = min(self.length.k, ctx.remaining - 1)
         if budget <= 0:
             return Draft.empty()
         feed = self._sync(ctx.tokens)
@@ -122,9 +119,4 @@ class SpSProposer(Proposer):
         return Draft.chain(tokens, torch.stack(q_rows) if q_rows else None)
 
     def observe(self, step: Step, ctx: DecodeContext) -> None:
-        if not self.adaptive_k or not step.draft.tokens:
-            return
-        if step.acceptance.accepted_draft == len(step.draft.tokens):
-            self.k = min(self.k + 2, self.k_max)
-        else:
-            self.k = max(self.k - 1, self.k_min)
+        self.length.update(step)

@@ -8,18 +8,16 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from harness import CONF_DIR
 from harness.acceptance import Sampling
+from harness.app import hydra_app
 from harness.data import Question, load_questions
 from harness.decoding import Proposer, StopCriteria, TurnResult, decode_turn
 from harness.errors import HarnessError
@@ -188,40 +186,13 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> dict:
+def _run_in_hydra_dir(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    run_dir = cfg.run_dir or HydraConfig.get().runtime.output_dir
-    try:
-        summary = run_bench(cfg, run_dir)
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print(format_summary(summary))
-    return summary
+    return run_bench(cfg, cfg.run_dir or HydraConfig.get().runtime.output_dir)
 
 
-def check_choices(argv: list[str]) -> None:
-    """Unknown `model=`/`method=`/`bench=` names get one line listing the choices, before Hydra."""
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in {"model", "method", "bench", "logger", "experiment", "train"}:
-            continue
-        folder = CONF_DIR / key
-        known = sorted(p.stem for p in folder.glob("*.yaml"))
-        for name in value.split(","):
-            name = name.strip()
-            if name and not name.startswith(("glob(", "choice(", "range(")) and name not in known:
-                print(f"error: unknown {key} '{name}'; choose one of: {', '.join(known)} "
-                      f"(files in conf/{key}/)", file=sys.stderr)
-                sys.exit(2)
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    check_choices(sys.argv[1:])
-    _hydra_main()
+main = hydra_app("config", _run_in_hydra_dir, lambda summary: print(format_summary(summary)))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from harness.acceptance import Acceptance, Sampling, accept, select_token
+from harness.errors import HarnessError
 from harness.target import Scores, Target
 from harness.tree import children_of, depths_of
 
@@ -82,6 +83,28 @@ class Proposer:
 
     def observe(self, step: Step, ctx: DecodeContext) -> None:
         """After the target committed the accepted path; ctx is already updated."""
+
+
+class DraftLength:
+    """Chain length k, optionally adapted by transformers' assisted-decoding "heuristic" schedule:
+    +2 after a step whose whole draft was accepted, -1 after any rejection, within [k_min, k_max]."""
+
+    def __init__(self, method: str, k: int, adaptive: bool, k_min: int, k_max: int):
+        if k < 1 or k_min < 1 or k_max < k_min:
+            raise HarnessError(f"{method}: need 1 <= k_min <= k_max and k >= 1 (got k={k}, k_min={k_min}, k_max={k_max})")
+        self.start, self.adaptive, self.k_min, self.k_max = int(k), bool(adaptive), int(k_min), int(k_max)
+        self.k = self.start
+
+    def reset(self) -> None:
+        self.k = self.start        # per turn, so a resumed run repeats itself
+
+    def update(self, step: Step) -> None:
+        if not self.adaptive or not step.draft.tokens:
+            return
+        if step.acceptance.accepted_draft == len(step.draft.tokens):
+            self.k = min(self.k + 2, self.k_max)
+        else:
+            self.k = max(self.k - 1, self.k_min)
 
 
 @dataclass

@@ -30,18 +30,16 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from harness import CONF_DIR
 from harness.acceptance import Sampling
+from harness.app import hydra_app
 from harness.data import load_questions
 from harness.decoding import Proposer, StopCriteria, decode_turn
 from harness.errors import HarnessError
@@ -397,23 +395,7 @@ def merge(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="distill", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> dict:
-    try:
-        summary = run_distill(cfg)
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(summary, indent=1))
-    return summary
-
-
-def main() -> None:
-    from harness.bench import check_choices
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    check_choices(sys.argv[1:])
-    _hydra_main()
+main = hydra_app("distill", run_distill, lambda summary: print(json.dumps(summary, indent=1)))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    from harness.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ class LoadedModel:
     name: str
     model: torch.nn.Module          # a *ForCausalLM, eval mode, frozen
     tokenizer: object
-    template: "ChatTemplate"
+    template: ChatTemplate
     device: torch.device
     dtype: torch.dtype
     source: str                     # where the weights came from (path, hub id or gguf cache)

@@ -49,10 +49,8 @@ import logging
 import math
 import os
 import re
-import sys
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -60,11 +58,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from harness import CONF_DIR
+from harness.app import hydra_app
 from harness.errors import HarnessError
 from harness.heads import (WEIGHTS_FILE, BaseHandles, DraftHead, base_identity, build_head, check_base, load_head,
                            read_head_config, save_head, topk_accuracy)
 from harness.models import load_model
+from harness.quant import quantization_signature
 from harness.tracking import Tracker
 from harness.train_data import IGNORE_INDEX, Collator, ConversationDataset
 
@@ -294,7 +293,8 @@ class HeadTrainer(Trainer):
             return
         folder = Path(output_dir or self.args.output_dir)
         head = self.accelerator.unwrap_model(self.model).head
-        save_head(head, folder, self.identity, {"training": self.run_info, "topk_accuracy": self.last_eval})
+        save_head(head, folder, self.identity, {"training": self.run_info, "topk_accuracy": self.last_eval,
+                                                "base_quantization": self.run_info["base_quantization"]})
         if self.last_eval is not None:
             write_json(folder / TOPK_FILE, self.last_eval)
 
@@ -341,7 +341,7 @@ def cached_training_set(cfg: DictConfig, loaded, identity: dict, train_data: Con
     folder = Path(cfg.feature_cache)
     source = {"data_path": str(Path(cfg.data_path).expanduser().resolve()),
               "model_max_length": int(cfg.model_max_length), "template": loaded.template.name,
-              "conversations": len(train_data)}
+              "conversations": len(train_data), "base_quantization": loaded.quantization}
     with args.main_process_first(local=False, desc="feature cache"):
         if args.process_index == 0 and not (folder / INDEX_FILE).is_file():
             folder.mkdir(parents=True, exist_ok=True)
@@ -435,6 +435,8 @@ def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
                 "preset": cfg.name, "training_args": training_kwargs(cfg),
                 "feature_cache": cfg.get("feature_cache"), "crop_context": cfg.get("crop_context"),
                 "clip_grad_value": cfg.get("clip_grad_value"),
+                # the head stays fp32 over a quantized frozen base; benchmarks warn on a mismatch
+                "base_quantization": quantization_signature(cfg.model, loaded.device),
                 "train_conversations": len(train_data) if train_data is not None else None,
                 "eval_conversations": len(eval_data) if eval_data is not None else None}
     trainer = HeadTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
@@ -479,24 +481,12 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> dict:
-    try:
-        summary = run_train(cfg)
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    if int(os.environ.get("RANK", "0")) == 0:
+def _show(summary: dict) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:   # one summary from a torchrun / accelerate job
         print(format_summary(summary))
-    return summary
 
 
-def main() -> None:
-    from harness.bench import check_choices
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    check_choices(sys.argv[1:])
-    _hydra_main()
+main = hydra_app("train", run_train, _show)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,9 @@ def acceptance_per_position(accept: pd.DataFrame, accuracy: pd.DataFrame, labels
         if len(accept) <= 4:   # attempts per point: a rate over 3 attempts says little
             for k, value in enumerate(values, 1):
                 if not math.isnan(value):
-                    ax.annotate(str(int(row[f"pos{k}_n"])), (k, value), fontsize=6, xytext=(3, -9 - 7 * i),
+                    # below the point, or above it near the floor so the label stays inside the axes
+                    offset = -9 - 7 * i if value > 0.2 else 4 + 7 * i
+                    ax.annotate(str(int(row[f"pos{k}_n"])), (k, value), fontsize=6, xytext=(3, offset),
                                 textcoords="offset points", color=colors[row["method"]])
     ax.set_xlabel("draft position k")
     ax.set_ylabel("acceptance rate")
@@ -147,7 +149,7 @@ def acceptance_per_position(accept: pd.DataFrame, accuracy: pd.DataFrame, labels
         ax.set_title("Draft top-k accuracy per position\n(teacher-forced)", fontsize=9)
         ax.legend(fontsize=7)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=8, y=0.995)
+    fig.suptitle("\n".join(textwrap.wrap(title, 75 * panels)), fontsize=8, y=0.995)   # fits the figure width
     return _save(fig, path)
 
 

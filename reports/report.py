@@ -13,16 +13,14 @@ turns.csv (one row per run x question x turn), runs.csv (one row per run), figur
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import hydra
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from harness import CONF_DIR
+from harness.app import hydra_app
 from harness.errors import HarnessError
 from reports import figures, tables
 from reports.compare import DEFINITIONS, Group, group_runs, label_order, run_metrics
@@ -200,18 +198,7 @@ def run_report(cfg: DictConfig) -> Report:
     return report
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="report", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run_report(cfg)
-    except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _hydra_main()
+main = hydra_app("report", run_report)
 
 
 if __name__ == "__main__":

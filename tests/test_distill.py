@@ -7,7 +7,6 @@ import json
 import logging
 
 import pytest
-import torch
 from omegaconf import open_dict
 
 from conftest import compose_config

@@ -9,7 +9,6 @@ feeds after the bonus token, chain verify) on a real model, not a speedup.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from harness.bench import Runner, answer_question, build_method
 from harness.data import load_questions

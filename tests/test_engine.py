@@ -1,6 +1,5 @@
 """The loop's core on a tiny random Llama: tree attention, KV compaction, vanilla == transformers."""
 
-import pytest
 import torch
 
 from harness.acceptance import Sampling, greedy_accept

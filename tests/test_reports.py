@@ -141,7 +141,7 @@ def test_runs_that_do_not_match_are_refused_in_one_line(tmp_path):
     # sampling runs: the lossless column does not claim token identity
     vanilla(tmp_path / "vs", temperature=0.7)
     pld(tmp_path / "ps", temperature=0.7, diverge=True)
-    report = build_report([str(tmp_path / "vs"), str(tmp_path / "ps")], tmp_path / "out2")
+    build_report([str(tmp_path / "vs"), str(tmp_path / "ps")], tmp_path / "out2")
     assert "n/a (sampling)" in (tmp_path / "out2" / "summary.md").read_text()
 
 

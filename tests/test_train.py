@@ -405,3 +405,18 @@ def test_cropping_prompt_columns_changes_no_counted_prediction(chat_model, head_
     counts, reference = got["eval_counts"], expected["eval_counts"]
     assert torch.equal(counts[..., [0, 2, 3]], reference[..., [0, 2, 3]])     # counted tokens, top-1 / top-5 hits
     torch.testing.assert_close(counts[..., 1], reference[..., 1], rtol=1e-5, atol=1e-5)   # CE sums (matmul order)
+
+
+def test_a_head_trained_over_an_int8_base_records_it_and_warns_on_fp32(chat_model, toy_data, tmp_path, caplog):
+    cfg = train_cfg(chat_model, toy_data, tmp_path / "int8", "model.quantization=int8", "training.max_steps=4",
+                    "training.eval_strategy=no", "training.save_strategy=no")
+    assert run_train(cfg)["global_step"] == 4
+    info = json.loads((tmp_path / "int8" / "head_config.json").read_text())
+    assert info["base_quantization"]["quantization"] == "int8"
+    assert info["training"]["base_quantization"] == info["base_quantization"]
+    head = load_head(tmp_path / "int8", load_model(cfg.model, "cpu"))
+    assert {tensor.dtype for tensor in head.state_dict().values()} == {torch.float32}   # the head stays fp32
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_head(tmp_path / "int8", load_model(OmegaConf.merge(cfg.model, {"quantization": "none"}), "cpu"))
+    assert "trained over a base with quantization=int8 but runs on quantization=none" in caplog.text
