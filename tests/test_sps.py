@@ -107,7 +107,7 @@ def test_vocabulary_mismatch_is_one_clear_error():
 
 def test_config_builds_the_proposer_and_a_bad_draft_name_fails_clearly(tiny_llama):
     proposer = build_method(compose_config("method=sps", "method.k=3", "method.draft_model=no-such-model").method)
-    assert isinstance(proposer, SpSProposer) and proposer.k == 3 and proposer.name == "sps"
+    assert isinstance(proposer, SpSProposer) and proposer.length.k == 3 and proposer.name == "sps"
     loaded = SimpleNamespace(name="smollm2-135m", model=tiny_llama, tokenizer=None, device=torch.device("cpu"))
     with pytest.raises(HarnessError, match="unknown model 'no-such-model'"):
         proposer.setup(loaded)

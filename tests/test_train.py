@@ -409,7 +409,7 @@ def test_cropping_prompt_columns_changes_no_counted_prediction(chat_model, head_
 
 def test_a_head_trained_over_an_int8_base_records_it_and_warns_on_fp32(chat_model, toy_data, tmp_path, caplog):
     cfg = train_cfg(chat_model, toy_data, tmp_path / "int8", "model.quantization=int8", "training.max_steps=4",
-                    "training.eval_strategy=no", "training.save_strategy=no")
+                    "training.evaluation_strategy=no", "training.save_strategy=no")
     assert run_train(cfg)["global_step"] == 4
     info = json.loads((tmp_path / "int8" / "head_config.json").read_text())
     assert info["base_quantization"]["quantization"] == "int8"
