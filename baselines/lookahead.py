@@ -25,6 +25,8 @@ extra input token). τ measured with this code on SmolLM2-135M, MT-Bench 81/82/8
 step (est. 0.64x; the official package measured 0.59x); 3,4,4: τ 1.39 (est. 0.93x); 3,2,2 with the
 prompt pool: τ 1.53 on 7 inputs (est. 1.21x) -> conf/method/lookahead_cpu.yaml. Wider windows raise τ
 slowly (4,3,3 + pool: 1.80) but cost more than they save here.
+Those estimates used last session's cost curve; measured on 2026-11-28 (a 1-token verify at 99 ms,
+~7 tokens at ~228 ms) the 3,2,2 preset ran at 0.80x vanilla (τ 1.86, multirun/cpu_compare): re-size it.
 """
 
 from __future__ import annotations

@@ -252,9 +252,9 @@ def load_head_weights(head: DraftHead, folder: str | Path, identity: dict) -> No
 class HeadTrainer(Trainer):
     """Trainer whose checkpoints are head folders (save_head) and whose eval adds top-k accuracy."""
 
-    def __init__(self, *args, identity: dict, run_info: dict, **kwargs):
+    def __init__(self, *args, identity: dict, run_info: dict, base_quantization: dict, **kwargs):
         super().__init__(*args, **kwargs)
-        self.identity, self.run_info = identity, run_info
+        self.identity, self.run_info, self.base_quantization = identity, run_info, base_quantization
         self.last_eval: dict | None = None
         self._loss_sums: dict[str, float] = {}      # per-position (or the head's own) losses since the last log
         self._loss_batches = 0
@@ -294,7 +294,7 @@ class HeadTrainer(Trainer):
         folder = Path(output_dir or self.args.output_dir)
         head = self.accelerator.unwrap_model(self.model).head
         save_head(head, folder, self.identity, {"training": self.run_info, "topk_accuracy": self.last_eval,
-                                                "base_quantization": self.run_info["base_quantization"]})
+                                                "base_quantization": self.base_quantization})
         if self.last_eval is not None:
             write_json(folder / TOPK_FILE, self.last_eval)
 
@@ -435,12 +435,12 @@ def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
                 "preset": cfg.name, "training_args": training_kwargs(cfg),
                 "feature_cache": cfg.get("feature_cache"), "crop_context": cfg.get("crop_context"),
                 "clip_grad_value": cfg.get("clip_grad_value"),
-                # the head stays fp32 over a quantized frozen base; benchmarks warn on a mismatch
-                "base_quantization": quantization_signature(cfg.model, loaded.device),
                 "train_conversations": len(train_data) if train_data is not None else None,
                 "eval_conversations": len(eval_data) if eval_data is not None else None}
     trainer = HeadTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                           data_collator=collator, identity=identity, run_info=run_info,
+                          # the head stays fp32 over a quantized frozen base; benchmarks warn on a mismatch
+                          base_quantization=quantization_signature(cfg.model, loaded.device),
                           compute_metrics=lambda prediction: metrics_from_counts(prediction.predictions, ks))
     if cfg.get("clip_grad_value") and not cfg.eval_only:
         trainer.add_callback(ClipGradValue(cfg.clip_grad_value, trainer))
