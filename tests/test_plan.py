@@ -139,6 +139,9 @@ RSS_SCRIPT = textwrap.dedent("""
     from harness.plan import estimate, read_architecture
     from harness.target import Target
 
+    # no transparent huge pages: with THP "always" a mapping's RSS rounds up to 2 MiB pages (kernel setting, not ours)
+    ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0)   # PR_SET_THP_DISABLE
+
     def status(key):
         return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
@@ -164,19 +167,21 @@ RSS_SCRIPT = textwrap.dedent("""
 @pytest.mark.integration
 @pytest.mark.parametrize("quantization", ["none", "int8"])
 def test_peak_rss_growth_of_a_run_is_within_the_estimate(quantization):
-    """Tolerance: measured / estimated in [0.5, 1.15]. The estimate is an upper bound (it assumes the
-    eager attention path's heads x T x S scores, which CPU SDPA's fused kernel does not materialise); measured
-    here 0.93-0.95 at a 512-token prompt (fp32, int8) and 0.73-0.87 at 1024 tokens, where the P x P term
-    grows. 15 % above covers allocator rounding and Python-side lists; below 0.5 the estimate would be useless."""
+    """The estimate must bound the run's live memory from above, and not by more than 2x: measured / estimated
+    in [0.45, 1.0]. Measured here 0.64 (fp32) and 0.61 (int8) at a 512-token prompt; the gap is mostly the eager
+    attention path's heads x T x S scores (10.6 MB at 544 tokens), which the estimate assumes and CPU SDPA's fused
+    kernel never materialises."""
     from conftest import REPO_ROOT
 
-    # one malloc arena: with per-thread arenas, memory freed by one intra-op thread is not reused by another
-    # and RSS measured 1.9x the tensors' bytes (int8); with one arena 0.95x, and with the trim above, freed
-    # quantization temporaries cannot hide the run's growth (0.00x without it)
-    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    # RSS must follow the live tensors, not the heap's history. Every block of 128 KiB or more gets its own
+    # mapping, returned to the kernel when freed (a fixed threshold also stops glibc raising it after frees), so
+    # the peak is the live peak: with glibc's default heap it read 0.93-1.17x (fp32) and 0.95-2.24x (int8) on
+    # different machines, fragmentation included. One arena: memory freed by one intra-op thread is reused by
+    # the others.
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(REPO_ROOT / "tests"), quantization, "512", "32"],
                          capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = result["growth"] / result["estimate"]
-    assert 0.5 <= ratio <= 1.15, result
+    assert 0.45 <= ratio <= 1.0, result
