@@ -157,6 +157,12 @@ def position_counts(run: Run) -> tuple[list[int], list[int]]:
     return attempted, accepted
 
 
+def weight_mb(run: Run) -> float:
+    """The target's weight memory as the run measured it after loading (MiB); NaN for runs that predate it."""
+    measured = run.info.get("weight_memory_bytes")
+    return measured / 2**20 if measured else math.nan
+
+
 def run_metrics(group: Group, tasks: list[str], baseline: str = "vanilla") -> pd.DataFrame:
     """One row per run: tokens/s, τ, draft size, both speedups overall and per task, lossless."""
     rows = []
@@ -178,7 +184,8 @@ def run_metrics(group: Group, tasks: list[str], baseline: str = "vanilla") -> pd
                                          if steps and all(s is not None for s in sizes) else math.nan),
                "draft_share": stage["draft_time"], "verify_share": stage["verify_time"],
                "lossless_matched": matched, "lossless_compared": compared, "lossless_source": source,
-               "lossy": run.lossy}
+               "lossy": run.lossy, "quantization": run.settings.get("quantization", "none"),
+               "weight_mb": weight_mb(run)}
         for definition in DEFINITIONS:
             row[f"speedup_{definition}"] = speedup(mine, theirs, definition)
             for task in tasks:

@@ -59,12 +59,16 @@ def summary(metrics: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame, pd.
                ("Speedup (total)", "speedup_total", 2, "x"),
                ("τ", "tau", 2, ""),
                ("Draft tokens/step", "draft_tokens_per_step", 2, ""),
-               ("Draft time %", "draft_share", 1, ""), ("Verify time %", "verify_share", 1, "")]
+               ("Draft time %", "draft_share", 1, ""), ("Verify time %", "verify_share", 1, ""),
+               ("Weights MiB", "weight_mb", 1, "")]
     display, numbers = [], []
     for label in labels:
         rows = metrics[metrics["label"] == label]
-        shown = {"Method": label, "Runs": len(rows), "Questions": int(rows["questions"].iloc[0])}
-        values = {"method": label, "runs": len(rows), "questions": int(rows["questions"].iloc[0])}
+        quantization = ", ".join(sorted(set(rows["quantization"])))
+        shown = {"Method": label, "Runs": len(rows), "Questions": int(rows["questions"].iloc[0]),
+                 "Quantization": quantization}
+        values = {"method": label, "runs": len(rows), "questions": int(rows["questions"].iloc[0]),
+                  "quantization": quantization}
         for name, column, digits, suffix in columns:
             scale = 100.0 if column.endswith("_share") else 1.0
             mean, std, _ = mean_std((rows[column] * scale).tolist())

@@ -91,3 +91,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_bench_overrides(model_dir: Path, run_dir: Path, questions: Path, *extra: str) -> list[str]:
     return [f"model.path={model_dir}", f"run_dir={run_dir}", f"bench.path={questions}", "warmup=0",
             "logger.wandb.mode=disabled", "progress=false", *extra]
+
+
+# The real default model's greedy reference: 5 MT-Bench questions x 2 turns, 48 new tokens. Every real-model
+# lossless test compares with this ONE vanilla run (reference=<its folder>) instead of decoding its own.
+REAL_LIMIT, REAL_NEW_TOKENS = 5, 48
+
+
+def real_bench_overrides(questions: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"bench.path={questions}", f"run_dir={run_dir}", f"max_new_tokens={REAL_NEW_TOKENS}", "warmup=0",
+            "logger.wandb.mode=disabled", "progress=false", "device=cpu", *extra]
+
+
+@pytest.fixture(scope="session")
+def vanilla_reference(questions_path, tmp_path_factory) -> Path:
+    """Folder of a finished vanilla run of the default model over MT-Bench questions 81-85 (both turns)."""
+    from harness.bench import run_bench
+
+    run_dir = tmp_path_factory.mktemp("real-vanilla")
+    run_bench(compose_config(*real_bench_overrides(questions_path, run_dir, f"bench.limit={REAL_LIMIT}")), run_dir)
+    return run_dir

@@ -12,16 +12,15 @@ import pytest
 
 from harness.bench import Runner, answer_question, build_method
 from harness.data import load_questions
-from tests.conftest import compose_config
+from harness.store import RunStore
+from tests.conftest import REAL_LIMIT, REAL_NEW_TOKENS, compose_config
 
 pytestmark = pytest.mark.integration
 
-NEW_TOKENS = 48
-
 
 def bench_config(method: str, questions_path, *overrides: str):
-    return compose_config(f"method={method}", f"bench.path={questions_path}", "bench.limit=5",
-                          f"max_new_tokens={NEW_TOKENS}", *overrides)
+    return compose_config(f"method={method}", f"bench.path={questions_path}", f"bench.limit={REAL_LIMIT}",
+                          f"max_new_tokens={REAL_NEW_TOKENS}", *overrides)
 
 
 def answers(loaded, cfg) -> dict[int, list[dict]]:
@@ -30,8 +29,9 @@ def answers(loaded, cfg) -> dict[int, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def vanilla_answers(default_model, questions_path):
-    return answers(default_model, bench_config("vanilla", questions_path))
+def vanilla_answers(vanilla_reference):
+    """The shared vanilla run (conftest), same questions, token budget and seed."""
+    return {r["question_id"]: r["turns"] for r in RunStore(vanilla_reference).records()}
 
 
 def token_ids(result: dict[int, list[dict]]) -> dict[int, list[list[int]]]:

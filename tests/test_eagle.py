@@ -19,7 +19,7 @@ from harness.errors import HarnessError
 from harness.heads import BaseHandles, base_identity, load_head, save_head
 from harness.models import LoadedModel
 from harness.target import Target
-from tests.conftest import compose_config, make_tiny_llama
+from tests.conftest import compose_config, make_tiny_llama, real_bench_overrides
 
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81, 82, 84, 59], [1, 41, 42, 13, 56, 23, 73, 9, 30]]
 
@@ -235,13 +235,12 @@ def test_auto_size_follows_the_latency_curve(tiny, fitted_folder):
 
 
 @pytest.mark.integration
-def test_untrained_eagle2_on_the_default_model_is_lossless(questions_path, tmp_path):
-    common = ("bench.question_ids=[81,82]", "max_new_tokens=48", "warmup=0", "logger.wandb.mode=disabled",
-              "progress=false", f"bench.path={questions_path}", "device=cpu")
-    vanilla_dir, eagle_dir = tmp_path / "vanilla", tmp_path / "eagle2"
-    run_bench(compose_config(*common, f"run_dir={vanilla_dir}"), vanilla_dir)
-    summary = run_bench(compose_config(*common, f"run_dir={eagle_dir}", "method=eagle2", "method.total_token=16",
-                                       "method.depth=2", "method.top_k=4", f"reference={vanilla_dir}"), eagle_dir)
+def test_untrained_eagle2_on_the_default_model_is_lossless(questions_path, vanilla_reference, tmp_path):
+    eagle_dir = tmp_path / "eagle2"
+    summary = run_bench(compose_config(*real_bench_overrides(questions_path, eagle_dir, "bench.question_ids=[81,82]",
+                                                             "method=eagle2", "method.total_token=16", "method.depth=2",
+                                                             "method.top_k=4", f"reference={vanilla_reference}")),
+                        eagle_dir)
     assert summary["questions"] == 2 and summary["turns"] == 4 and summary["lossless_rate"] == 1.0
 
 

@@ -60,3 +60,21 @@ def test_cli_prints_the_table_for_the_default_model(capsys, tmp_path):
     assert lines[0].startswith("# smollm2-135m") and "prefix 64 tokens" in lines[0]
     assert [line.split()[0] for line in lines[2:]] == ["1", "4"]
     assert out.is_file() and set(json.loads(out.read_text())) == {"1", "4"}
+
+
+def test_interleaved_timing_pairs_methods_per_question(tiny_model_dir, questions_path, tmp_path, capsys):
+    """Two methods take turns on every question (order flipping), in one process; greedy answers compared."""
+    from harness.interleave import main
+
+    out = tmp_path / "ab.json"
+    overrides = [f"model.path={tiny_model_dir}", f"bench.path={questions_path}", "bench.limit=3", "max_new_tokens=12",
+                 "warmup=1", "warmup_tokens=2", "progress=false"]
+    assert main(["--methods", "vanilla,pld", "--passes", "2", "--json", str(out), *overrides]) == 0
+    result = json.loads(out.read_text())
+    rows = {row["method"]: row for row in result["rows"]}
+    assert result["questions"] == 3 and rows["vanilla"]["answers"] == rows["pld"]["answers"] == 6
+    assert rows["pld"]["identical"] == 6 and rows["vanilla"]["ratio_total"] == rows["vanilla"]["ratio_paired"] == 1.0
+    assert rows["pld"]["tokens"] == rows["vanilla"]["tokens"] and rows["pld"]["ratio_paired"] > 0
+    assert "paired" in capsys.readouterr().out
+    assert main(["--methods", "vanilla"]) == 2
+    assert "two or more distinct" in capsys.readouterr().err

@@ -5,25 +5,14 @@ import pytest
 
 from harness.bench import run_bench
 from harness.store import RunStore
-from tests.conftest import compose_config
+from tests.conftest import REAL_LIMIT, compose_config, real_bench_overrides
 
 
-def _overrides(questions_path, run_dir, *extra):
-    return [f"bench.path={questions_path}", "bench.limit=5", "max_new_tokens=48", f"run_dir={run_dir}",
-            "warmup=0", "logger.wandb.mode=disabled", "progress=false", *extra]
-
-
-@pytest.fixture(scope="module")
-def vanilla_run(questions_path, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("lookup-vanilla")
-    run_bench(compose_config(*_overrides(questions_path, run_dir, "method=vanilla")), run_dir)
-    return run_dir
-
-
-def _check_against_vanilla(method, questions_path, vanilla_run, tmp_path, *extra):
+def _check_against_vanilla(method, questions_path, vanilla_reference, tmp_path, *extra):
     run_dir = tmp_path / method
-    summary = run_bench(compose_config(*_overrides(questions_path, run_dir, f"method={method}",
-                                                   f"reference={vanilla_run}", *extra)), run_dir)
+    summary = run_bench(compose_config(*real_bench_overrides(questions_path, run_dir, f"bench.limit={REAL_LIMIT}",
+                                                             f"method={method}", f"reference={vanilla_reference}",
+                                                             *extra)), run_dir)
     records = RunStore(run_dir).records()
     assert len(records) == 5 and all(len(r["turns"]) == 2 for r in records)
     assert summary["lossless_rate"] == 1.0, [r["lossless"] for r in records if not r["lossless"]["match"]]
@@ -31,20 +20,20 @@ def _check_against_vanilla(method, questions_path, vanilla_run, tmp_path, *extra
 
 
 @pytest.mark.integration
-def test_pld_matches_vanilla_on_the_real_model(questions_path, vanilla_run, tmp_path):
-    summary = _check_against_vanilla("pld", questions_path, vanilla_run, tmp_path)
+def test_pld_matches_vanilla_on_the_real_model(questions_path, vanilla_reference, tmp_path):
+    summary = _check_against_vanilla("pld", questions_path, vanilla_reference, tmp_path)
     # turn 2 often quotes turn 1 or the question: some lookups succeed
     assert summary["draft_tokens"] > 0 and summary["tau"] > 1.0
 
 
 @pytest.mark.integration
-def test_lookahead_cpu_preset_matches_vanilla_on_the_real_model(questions_path, vanilla_run, tmp_path):
-    summary = _check_against_vanilla("lookahead_cpu", questions_path, vanilla_run, tmp_path)
+def test_lookahead_cpu_preset_matches_vanilla_on_the_real_model(questions_path, vanilla_reference, tmp_path):
+    summary = _check_against_vanilla("lookahead_cpu", questions_path, vanilla_reference, tmp_path)
     assert summary["draft_tokens"] > 0 and summary["tau"] > 1.0
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_lookahead_official_defaults_match_vanilla_on_the_real_model(questions_path, vanilla_run, tmp_path):
-    summary = _check_against_vanilla("lookahead", questions_path, vanilla_run, tmp_path)
+def test_lookahead_official_defaults_match_vanilla_on_the_real_model(questions_path, vanilla_reference, tmp_path):
+    summary = _check_against_vanilla("lookahead", questions_path, vanilla_reference, tmp_path)
     assert summary["tau"] > 1.0

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose_config, make_tiny_llama, tiny_bench_overrides
+from conftest import compose_config, make_tiny_llama, real_bench_overrides, tiny_bench_overrides
 from head_fitting import as_loaded, fit_head, greedy, one_thread  # noqa: F401 (autouse fixture)
 
 from baselines.medusa import MC_SIM_7B_63, MedusaProposer, choice_tree
@@ -162,11 +162,9 @@ def test_head_errors_through_the_bench_path(tiny_model_dir, questions_path, tmp_
 
 
 @pytest.mark.integration
-def test_untrained_medusa_on_the_default_model_is_lossless(questions_path, tmp_path):
-    common = ("bench.question_ids=[81,82,83]", "max_new_tokens=48", "warmup=0", "logger.wandb.mode=disabled",
-              "progress=false", f"bench.path={questions_path}", "device=cpu")
-    vanilla_dir, medusa_dir = tmp_path / "vanilla", tmp_path / "medusa"
-    run_bench(compose_config(*common, f"run_dir={vanilla_dir}"), vanilla_dir)
-    summary = run_bench(compose_config(*common, f"run_dir={medusa_dir}", "method=medusa_cpu",
-                                       f"reference={vanilla_dir}"), medusa_dir)
+def test_untrained_medusa_on_the_default_model_is_lossless(questions_path, vanilla_reference, tmp_path):
+    medusa_dir = tmp_path / "medusa"
+    summary = run_bench(compose_config(*real_bench_overrides(questions_path, medusa_dir, "bench.question_ids=[81,82,83]",
+                                                             "method=medusa_cpu", f"reference={vanilla_reference}")),
+                        medusa_dir)
     assert summary["questions"] == 3 and summary["turns"] == 6 and summary["lossless_rate"] == 1.0

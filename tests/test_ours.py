@@ -3,7 +3,7 @@ with untrained and fitted heads, and the checks on head type and trigram flag.""
 
 import pytest
 import torch
-from conftest import compose_config, make_tiny_llama, tiny_bench_overrides
+from conftest import compose_config, make_tiny_llama, real_bench_overrides, tiny_bench_overrides
 from head_fitting import as_loaded, fit_head, greedy, one_thread  # noqa: F401 (autouse fixture)
 
 from harness.acceptance import Sampling
@@ -162,13 +162,10 @@ def test_bench_path_refuses_a_head_for_another_model(tiny_model_dir, questions_p
 
 
 @pytest.mark.integration
-def test_untrained_ours_on_the_default_model_is_lossless(questions_path, tmp_path):
-    common = ("bench.question_ids=[81,82,83]", "max_new_tokens=48", "warmup=0", "logger.wandb.mode=disabled",
-              "progress=false", f"bench.path={questions_path}", "device=cpu")
-    vanilla_dir = tmp_path / "vanilla"
-    run_bench(compose_config(*common, f"run_dir={vanilla_dir}"), vanilla_dir)
+def test_untrained_ours_on_the_default_model_is_lossless(questions_path, vanilla_reference, tmp_path):
     for method, options in [("ours", ["method.draft=tree", "method.max_nodes=6"]), ("ours_no_trigram", [])]:
         run_dir = tmp_path / method
-        summary = run_bench(compose_config(*common, f"run_dir={run_dir}", f"method={method}", *options,
-                                           f"reference={vanilla_dir}"), run_dir)
-        assert summary["questions"] == 3 and summary["turns"] == 6 and summary["lossless_rate"] == 1.0, method
+        summary = run_bench(compose_config(*real_bench_overrides(questions_path, run_dir, "bench.question_ids=[81,82]",
+                                                                 f"method={method}", *options,
+                                                                 f"reference={vanilla_reference}")), run_dir)
+        assert summary["questions"] == 2 and summary["turns"] == 4 and summary["lossless_rate"] == 1.0, method

@@ -31,14 +31,17 @@ def turn(index: int, tokens: int, wall: float, accepted: list[int] | None = None
 
 
 def write_run(folder: Path, method: str, questions: dict, seed: int = 0, bench: str = "mt_bench",
-              max_new_tokens: int = 32, temperature: float = 0.0, topk: dict | None = None, **method_params) -> Path:
+              max_new_tokens: int = 32, temperature: float = 0.0, topk: dict | None = None,
+              quantization: str = "none", weight_bytes: int | None = None, **method_params) -> Path:
     """questions: {question_id: (category, [turn, ...])}."""
     folder.mkdir(parents=True)
-    config = {"model": {"name": "tiny", "dtype": "auto", "quantization": "none"},
+    config = {"model": {"name": "tiny", "dtype": "auto", "quantization": quantization},
               "method": {"name": method, "_target_": f"x.{method}", **method_params},
               "bench": {"name": bench, "max_turns": None}, "seed": seed, "max_new_tokens": max_new_tokens,
               "decoding": {"temperature": temperature, "top_p": 1.0}, "device": "auto"}
-    info = {"config": config, "hardware": HARDWARE, "quantization": "none", "method": method}
+    info = {"config": config, "hardware": HARDWARE, "quantization": quantization, "method": method}
+    if weight_bytes is not None:
+        info["weight_memory_bytes"] = weight_bytes
     (folder / "run.json").write_text(json.dumps(info))
     with open(folder / "answers.jsonl", "w") as handle:
         for qid, (category, turns) in questions.items():
@@ -221,3 +224,24 @@ def test_report_cli_refuses_with_one_line_and_writes_a_report(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| pld" in out.stdout and "speedup_per_category.png" in out.stdout
     assert (tmp_path / "sweep" / "report" / "report.md").is_file()
+
+
+def test_summary_shows_quantization_and_measured_weight_memory(tmp_path):
+    """fp32 and int8 runs of one sweep: two groups (never compared with each other), each summary row names
+    its quantization and the weight memory its run measured; a run without the record shows a dash."""
+    sweep = tmp_path / "sweep"
+    vanilla(sweep / "0_vanilla", weight_bytes=538 * 2**20)
+    pld(sweep / "1_pld", weight_bytes=538 * 2**20)
+    vanilla(sweep / "2_vanilla", quantization="int8", weight_bytes=220 * 2**20)
+    pld(sweep / "3_pld", quantization="int8")
+    report = build_report(sweep, tmp_path / "out")
+    summary = report.tables["summary"]
+    rows = {(r.quantization, r.method): r for r in summary.itertuples()}
+    assert set(rows) == {("none", "vanilla"), ("none", "pld"), ("int8", "vanilla"), ("int8", "pld")}
+    assert rows["none", "vanilla"].weight_mb == pytest.approx(538.0)
+    assert rows["int8", "vanilla"].weight_mb == pytest.approx(220.0)
+    assert math.isnan(rows["int8", "pld"].weight_mb)
+    text = (tmp_path / "out" / "summary.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| Method"))
+    assert [c.strip() for c in header.strip("|").split("|")][3:4] == ["Quantization"] and "Weights MiB" in header
+    assert "538.0" in text and "220.0" in text
