@@ -1,5 +1,5 @@
 """Interleaved timing: several methods over the same questions in ONE process, taking turns question by
-question, so a shared machine's slow drifts (seen here: +-10 % within minutes) fall on every method alike.
+question, so the slow drifts of a shared machine fall on every method alike.
 
 A sweep runs its methods one after another, minutes apart; for two methods within a few percent of each
 other that order decides who wins. Here each question is answered by every method back to back, in
@@ -31,7 +31,8 @@ from harness.errors import HarnessError
 def paired(times: dict[str, list[float]], tokens: dict[str, list[int]], first: str, name: str) -> float:
     """Geometric mean over questions of (tokens/s of `name`) / (tokens/s of `first`)."""
     ratios = [(tokens[name][i] / times[name][i]) / (tokens[first][i] / times[first][i])
-              for i in range(len(times[first])) if times[name][i] and times[first][i] and tokens[first][i]]
+              for i in range(len(times[first]))
+              if times[name][i] and times[first][i] and tokens[name][i] and tokens[first][i]]
     return math.exp(statistics.fmean(math.log(r) for r in ratios)) if ratios else math.nan
 
 
@@ -53,7 +54,8 @@ def run(methods: list[str], overrides: list[str], passes: int) -> dict:
     times = {m: [] for m in methods}
     tokens = {m: [] for m in methods}
     answers = {m: [] for m in methods}
-    bar = tqdm(total=passes * len(questions) * len(methods), desc="interleaved", unit="answer")
+    bar = tqdm(total=passes * len(questions) * len(methods), desc="interleaved", unit="answer",
+               disable=not base.progress)
     for rep in range(passes):
         for i, question in enumerate(questions):
             order = methods if (i + rep) % 2 == 0 else methods[::-1]
