@@ -245,3 +245,5 @@ def test_summary_shows_quantization_and_measured_weight_memory(tmp_path):
     header = next(line for line in text.splitlines() if line.startswith("| Method"))
     assert [c.strip() for c in header.strip("|").split("|")][3:4] == ["Quantization"] and "Weights MiB" in header
     assert "538.0" in text and "220.0" in text
+    pld_rows = [line for line in text.splitlines() if line.startswith("| pld")]
+    assert len(pld_rows) == 2 and pld_rows[1].rstrip(" |").split("|")[-2].strip() == "—"   # int8 pld: no record
