@@ -160,7 +160,8 @@ RSS_SCRIPT = textwrap.dedent("""
     growth = status("VmHWM") - before
     rows = estimate(read_architecture(cfg.model), quantization=quantization, dtype="fp32", device="cpu",
                     max_seq_len=prompt_len + new_tokens, tree_size=1)
-    print(json.dumps({"growth": growth, "estimate": sum(r.bytes for r in rows if not r.component.startswith("weights"))}))
+    print(json.dumps({"growth": growth, "estimate": sum(r.bytes for r in rows if not r.component.startswith("weights")),
+                      "threads": torch.get_num_threads(), "rss_before": before}))   # the last two: for a failure's message
 """)
 
 
