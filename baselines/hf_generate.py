@@ -7,7 +7,6 @@ the growth of the sequence between calls gives the accepted lengths, counted as 
 
 from __future__ import annotations
 
-
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
