@@ -4,11 +4,12 @@
     python -m harness.demo bench.limit=5 max_new_tokens=128  # any specdec-bench override
     python -m harness.demo method=vanilla,pld                # other methods
 
-1. `specdec-bench -m method=<every method here that needs no trained weights> ...` (a subprocess: the
-   user-facing path; Hydra's default launcher runs the jobs one after another, so they do not share
-   the CPU while they are timed);
+1. `specdec-bench -m method=<the CPU-sized methods> ...` (a subprocess: the user-facing path; Hydra's
+   default launcher runs the jobs one after another, so they do not share the CPU while they are timed).
+   The trained methods (medusa_cpu, eagle2_cpu, ours) load the heads the repository ships for the
+   default model (heads/smollm2-135m, see its README.md), so they draft like trained heads;
 2. `specdec-report` on the sweep folder: prints the leaderboard and the figures' paths.
-About 3-4 minutes on a quiet 2-core machine.
+About 4-5 minutes on a quiet 2-core machine.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 
 from harness import CONF_DIR, REPO_ROOT
 
-# Methods that run without trained weights, in the order the leaderboard compares them
-CANDIDATES = ("vanilla", "hf_generate", "pld", "lookahead_cpu", "early_exit")
+# The methods the demo compares, in leaderboard order: weight-free ones, then the trained heads the repo ships
+CANDIDATES = ("vanilla", "hf_generate", "pld", "lookahead_cpu", "medusa_cpu", "eagle2_cpu", "ours")
 DEFAULTS = {"bench": "mt_bench", "bench.limit": "3", "max_new_tokens": "64", "logger.wandb.group": "demo"}
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

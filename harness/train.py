@@ -49,6 +49,8 @@ import logging
 import math
 import os
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,7 @@ from harness.heads import (WEIGHTS_FILE, BaseHandles, DraftHead, base_identity, 
                            read_head_config, save_head, topk_accuracy)
 from harness.models import load_model
 from harness.quant import quantization_signature
+from harness.store import git_commit
 from harness.tracking import Tracker
 from harness.train_data import IGNORE_INDEX, Collator, ConversationDataset
 
@@ -430,7 +433,8 @@ def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     collator = BatchCollator(pad_id)   # cached features (feature_cache) ride along as "hidden"
-    run_info = {"data_path": cfg.data_path, "eval_data_path": cfg.eval_data_path, "model_max_length": max_length,
+    run_info = {"command": shlex.join(["specdec-train", *sys.argv[1:]]), "commit": git_commit(),
+                "data_path": cfg.data_path, "eval_data_path": cfg.eval_data_path, "model_max_length": max_length,
                 "lazy_preprocess": lazy, "loss": OmegaConf.to_container(cfg.loss, resolve=True),
                 "preset": cfg.name, "training_args": training_kwargs(cfg),
                 "feature_cache": cfg.get("feature_cache"), "crop_context": cfg.get("crop_context"),

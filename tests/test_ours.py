@@ -1,6 +1,8 @@
 """Ours (methods/trigram.py): teacher-forced training logits, chain / beam / tree drafting, lossless decoding
 with untrained and fitted heads, and the checks on head type and trigram flag."""
 
+import json
+
 import pytest
 import torch
 from conftest import compose_config, make_tiny_llama, real_bench_overrides, tiny_bench_overrides
@@ -162,10 +164,14 @@ def test_bench_path_refuses_a_head_for_another_model(tiny_model_dir, questions_p
 
 
 @pytest.mark.integration
-def test_untrained_ours_on_the_default_model_is_lossless(questions_path, vanilla_reference, tmp_path):
-    for method, options in [("ours", ["method.draft=tree", "method.max_nodes=6"]), ("ours_no_trigram", [])]:
-        run_dir = tmp_path / method
+def test_untrained_and_shipped_ours_on_the_default_model_are_lossless(questions_path, vanilla_reference, tmp_path):
+    cases = [("ours", ["method.head_path=null", "method.draft=tree", "method.max_nodes=6"]),   # untrained, tree
+             ("ours", []), ("ours_no_trigram", [])]                                            # the shipped heads
+    for i, (method, options) in enumerate(cases):
+        run_dir = tmp_path / f"{method}-{i}"
         summary = run_bench(compose_config(*real_bench_overrides(questions_path, run_dir, "bench.question_ids=[81]",
                                                                  f"method={method}", *options,
                                                                  f"reference={vanilla_reference}")), run_dir)
         assert summary["questions"] == 1 and summary["turns"] == 2 and summary["lossless_rate"] == 1.0, method
+        head_path = json.loads((run_dir / "run.json").read_text())["config"]["method"]["head_path"]
+        assert (head_path is None) == (i == 0) and (i == 0 or head_path.endswith(f"heads/smollm2-135m/{method}"))

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from harness import CONF_DIR, REPO_ROOT
 from harness.demo import available_methods, sweep_args
+from conftest import compose_config
 from reports.report import build_report
 from tests.test_tracking import wandb_run_info
 
@@ -71,8 +72,13 @@ def test_launchers_compose_with_their_resources_in_config(launcher, target):
     assert "${hydra:job.num}" in OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
 
 
-def test_demo_sweeps_every_weight_free_method_and_takes_overrides(tmp_path):
-    assert available_methods()[:2] == ["vanilla", "hf_generate"]
+def test_demo_sweeps_the_cpu_methods_with_the_shipped_heads_and_takes_overrides(tmp_path):
+    methods = available_methods()
+    assert methods[:2] == ["vanilla", "hf_generate"]
+    for name in ("medusa_cpu", "eagle2_cpu", "ours"):    # trained heads: the ones heads/smollm2-135m ships
+        assert name in methods
+        head_path = compose_config(f"method={name}").method.head_path
+        assert head_path and (Path(head_path) / "model.safetensors").is_file(), name
     args = sweep_args(["bench.limit=5", "method=vanilla,pld", "+foo=1"], tmp_path / "s")
     assert args[0] == "-m" and "bench.limit=5" in args and "bench.limit=3" not in args
     assert "method=vanilla,pld" in args and "+foo=1" in args and f"hydra.sweep.dir={tmp_path / 's'}" in args
