@@ -286,10 +286,11 @@ class EagleHead(DraftHead):
 
     # -- training: teacher-forced tokens, the head's own features
 
-    def unroll(self, hidden: torch.Tensor, input_ids: torch.Tensor, base: BaseHandles, steps: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def unroll(self, hidden: torch.Tensor, input_ids: torch.Tensor, base: BaseHandles, steps: int,
+               project: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden [B, T, H] (target features, possibly noised), input_ids [B, T] ->
-        features [S, B, T, H] ([j, b, t] = f^_{t+j+1}) and logits [S, B, T, V] ([j, b, t] predicts x_{t+j+2}).
+        features [S, B, T, H] ([j, b, t] = f^_{t+j+1}) and logits [S, B, T, V] ([j, b, t] predicts x_{t+j+2});
+        logits None with project=False (training projects only the rows its loss reads).
 
         Step 0 reads the true pairs (f_t, x_{t+1}) under a causal mask. Step j >= 1 is, for every origin t
         at once, what drafting a chain from t does: the pair (f^_{t+j}, x_{t+j+1}) at position t + j,
@@ -321,7 +322,7 @@ class EagleHead(DraftHead):
             outputs.append(x)
             features = x
         stacked = torch.stack(outputs)
-        return stacked, base.lm_head(stacked)
+        return stacked, base.lm_head(stacked) if project else None
 
     def training_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, base: BaseHandles) -> torch.Tensor:
         return self.unroll(hidden, input_ids, base, self.positions)[1]
@@ -343,25 +344,26 @@ class EagleHead(DraftHead):
         steps = self.train_steps if self.training else max(self.train_steps, self.positions)
         hidden = hidden.to(self.fc.weight.dtype)          # a feature cache stores fp16
         inputs = self.add_noise(hidden) if self.training else hidden
-        predicted, logits = self.unroll(inputs, input_ids, base, steps)
+        # training projects through the 49k-row lm_head only the rows the loss reads (assistant tokens, about a
+        # third of a conversation); eval needs every row's logits for the top-k accuracy
+        predicted, logits = self.unroll(inputs, input_ids, base, steps, project=not self.training)
         length = hidden.shape[1]
         mask = loss_mask.to(torch.bool)
-        with torch.no_grad():
-            target_logp = torch.log_softmax(base.lm_head(hidden).float(), dim=-1)   # [B, T, V]
         total = hidden.new_zeros((), dtype=torch.float32)
         v_total = p_total = 0.0
         for step in range(self.train_steps):
             span = length - step - 2          # origins t with x_{t+step+2} inside the sequence
             if span <= 0:
                 continue
-            valid = mask[:, step + 2:].float()                                       # [B, span]
-            count = valid.sum() + 1e-5
-            target = hidden[:, step + 1: step + 1 + span].float()
-            regression = F.smooth_l1_loss(predicted[step, :, :span].float(), target, reduction="none").mean(-1)
-            v_loss = (regression * valid).sum() / count
-            p_target = target_logp[:, step + 1: step + 1 + span].exp()
-            logp = torch.log_softmax(logits[step, :, :span].float(), dim=-1)
-            p_loss = -((p_target * logp).sum(-1) * valid).sum() / count
+            valid = mask[:, step + 2:]                                               # [B, span]
+            count = valid.sum().float() + 1e-5
+            true_next = hidden[:, step + 1: step + 1 + span][valid]                  # [N, H] f_{t+step+1}
+            guess = predicted[step, :, :span][valid]                                 # [N, H] its prediction
+            v_loss = F.smooth_l1_loss(guess.float(), true_next.float(), reduction="none").mean(-1).sum() / count
+            with torch.no_grad():
+                p_target = torch.softmax(base.lm_head(true_next).float(), dim=-1)   # [N, V]
+            guess_logits = base.lm_head(guess) if logits is None else logits[step, :, :span][valid]
+            p_loss = -(p_target * torch.log_softmax(guess_logits.float(), dim=-1)).sum() / count
             total = total + self.v_weight * v_loss + self.p_weight * p_loss
             v_total += float(v_loss.detach())
             p_total += float(p_loss.detach())

@@ -149,6 +149,36 @@ def test_a_few_training_steps_lower_the_loss_and_checkpoints_round_trip(tiny, se
         assert torch.equal(loaded.state_dict()[key], value)
 
 
+def test_training_loss_projects_only_the_loss_rows_and_matches_the_full_projection(tiny, sequences):
+    """Training projects only the assistant rows through the lm_head; the loss equals EAGLE-1's masked mean
+    computed from full [B, T, V] projections (written out here), and the eval-mode loss (which keeps every row)."""
+    torch.manual_seed(3)
+    head = build_eagle_head(tiny.config, BaseHandles.of(tiny), train_steps=2, noise_std=0.0)
+    base = BaseHandles.of(tiny)
+    ids = torch.tensor(sequences)
+    hidden = features(tiny, ids)
+    mask = torch.zeros_like(ids)
+    mask[:, 20:] = 1                        # "assistant" tokens only
+    mask[1, 40:] = 0
+    train_loss, train_logits = head.train().training_loss(hidden, ids, mask, base)
+    assert train_logits is None
+    eval_loss, _ = head.eval().training_loss(hidden, ids, mask, base)
+    with torch.no_grad():
+        predicted, logits = head.unroll(hidden, ids, base, 2)
+        target_logp = torch.log_softmax(base.lm_head(hidden), dim=-1)
+        expected = 0.0
+        for step in range(2):
+            span = ids.shape[1] - step - 2
+            valid = mask[:, step + 2:].float()
+            regression = torch.nn.functional.smooth_l1_loss(predicted[step, :, :span], hidden[:, step + 1: step + 1 + span],
+                                                            reduction="none").mean(-1)
+            p_target = target_logp[:, step + 1: step + 1 + span].exp()
+            cross = -(p_target * torch.log_softmax(logits[step, :, :span], dim=-1)).sum(-1)
+            expected += ((regression * valid).sum() + 0.1 * (cross * valid).sum()) / (valid.sum() + 1e-5)
+    torch.testing.assert_close(train_loss.detach(), expected / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eval_loss.detach(), expected / 2, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("settings", [dict(tree="static"),
                                       dict(tree="static", tree_choices="eagle_cpu_5"),
                                       dict(tree="dynamic", total_token=20, depth=3, top_k=4),
