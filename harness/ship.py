@@ -51,7 +51,7 @@ def topk_table(metrics: dict) -> dict[str, dict[str, float]]:
 
 
 def ship(source: str | Path, dest: str | Path, *, command: str | None = None, commit: str | None = None,
-         max_mb: float = 16.0, method: str | None = None) -> dict:
+         max_mb: float = 16.0, method: str | None = None, data_command: str | None = None) -> dict:
     """Copy the head at `source` to `dest` in bf16 and record it in dest's parent MANIFEST.json."""
     from safetensors.torch import load_file, save_file
 
@@ -93,7 +93,8 @@ def ship(source: str | Path, dest: str | Path, *, command: str | None = None, co
                  "sha256": sha256(data_path) if data_path and data_path.is_file() else None,
                  "train_conversations": training.get("train_conversations") or summary.get("train_conversations"),
                  "eval_path": training.get("eval_data_path"),
-                 "eval_conversations": training.get("eval_conversations")},
+                 "eval_conversations": training.get("eval_conversations"),
+                 "made_by": data_command},
         "training": {"steps": summary.get("global_step"), "runtime_s": summary.get("train_runtime_s"),
                      "train_loss": summary.get("train_loss"),
                      "epochs": (training.get("training_args") or {}).get("num_train_epochs"),
@@ -125,6 +126,8 @@ def render(manifest: dict) -> str:
     lines = ["# Shipped heads", "",
              "Written by `python -m harness.ship` from `MANIFEST.json` (do not edit by hand). Each folder is a",
              "`method.head_path=` folder: bf16 weights without the shared frozen lm_head.", "",
+             "Eval top-k: teacher-forced on the held-out split, position k = the token k steps after the target's",
+             "own next token (position 1 = t+2).", "",
              "| head | method | type | params | MiB | train convs | steps | train time | eval top-1 / top-5 per position |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, entry in manifest["heads"].items():
@@ -136,7 +139,10 @@ def render(manifest: dict) -> str:
                      f"{entry['training'].get('steps')} | {f'{runtime / 60:.0f} min' if runtime else '-'} | {topk} |")
     lines += ["", "Commands and commits:", ""]
     for name, entry in manifest["heads"].items():
-        lines.append(f"- {name} ({entry['commit']}): `{entry['command']}`")
+        data = entry["data"]
+        made_by = f", made by `{data['made_by']}`" if data.get("made_by") else ""
+        lines.append(f"- {name} ({entry['commit']}): `{entry['command']}`; data {data.get('path')} "
+                     f"(sha256 {str(data.get('sha256'))[:12]}){made_by}")
     return "\n".join(lines) + "\n"
 
 
@@ -147,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", help="the training command (when the head does not record it)")
     parser.add_argument("--commit", help="the commit it was trained at (when the head does not record it)")
     parser.add_argument("--method", help="the conf/method preset that uses it")
+    parser.add_argument("--data-command", help="how the training data was made (the specdec-distill commands)")
     parser.add_argument("--max-mb", type=float, default=16.0)
     args = parser.parse_args(argv)
     try:
         entry = ship(args.source, args.dest, command=args.command, commit=args.commit, max_mb=args.max_mb,
-                     method=args.method)
+                     method=args.method, data_command=args.data_command)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
