@@ -27,9 +27,9 @@ import torch
 
 from harness.errors import HarnessError
 from harness.heads import CONFIG_FILE, WEIGHTS_FILE, read_head_config
+from harness.train import TOPK_FILE
 
 MANIFEST = "MANIFEST.json"
-TOPK_FILE = "topk_accuracy.json"
 
 
 def sha256(path: Path) -> str:
@@ -41,7 +41,7 @@ def sha256(path: Path) -> str:
 
 
 def topk_table(metrics: dict) -> dict[str, dict[str, float]]:
-    """{"pos0": {"top1": .., "top5": ..}, ...} from eval_pos{k}_top{j} keys."""
+    """{"pos1": {"top1": .., "top5": ..}, ...} from the trainer's eval_pos{k}_top{j} keys (position 1 = t+2)."""
     table: dict[str, dict[str, float]] = {}
     for key, value in (metrics or {}).items():
         found = re.fullmatch(r"(?:eval_)?pos(\d+)_top(\d+)", key)
