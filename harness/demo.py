@@ -24,7 +24,7 @@ from pathlib import Path
 from harness import CONF_DIR, REPO_ROOT
 
 # The methods the demo compares, in leaderboard order: weight-free ones, then the trained heads the repo ships
-CANDIDATES = ("vanilla", "hf_generate", "pld", "lookahead_cpu", "medusa_cpu", "ours")
+CANDIDATES = ("vanilla", "hf_generate", "pld", "lookahead_cpu", "eagle2_cpu", "medusa_cpu", "ours")
 DEFAULTS = {"bench": "mt_bench", "bench.limit": "3", "max_new_tokens": "64", "logger.wandb.group": "demo"}
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
