@@ -516,17 +516,9 @@ class EagleProposer(Proposer):
         self.cache = HeadCache(layers, kv_heads, head_dim, self.dtype, self.device,
                                capacity=max(512, 2 * len(ctx.tokens)))
         self.committed = 0
-        self.pending: list[tuple[torch.Tensor, list[int]]] = []
         self._ingest(ctx)
 
     def observe(self, step: Step, ctx: DecodeContext) -> None:
-        if self.auto and self.sizer.gain < 1.0:
-            # drafting has not paid lately, so the next step most likely drafts nothing: keep the committed
-            # pairs and read them in one batch when a step does draft (_flush), not one head pass per step
-            count = ctx.hidden.shape[0]
-            self.pending.append((ctx.hidden.to(self.dtype), ctx.tokens[-count:]))
-            self.sizer.observe(step.acceptance.accepted_draft, None)
-            return
         start = self.clock()
         self._ingest(ctx)
         if self.auto:
@@ -534,21 +526,11 @@ class EagleProposer(Proposer):
 
     def _ingest(self, ctx: DecodeContext) -> None:
         """Drop the speculative entries, read the committed pairs (f_t, x_{t+1}) of the last step."""
-        count = ctx.hidden.shape[0]
-        self.pending.append((ctx.hidden.to(self.dtype), ctx.tokens[-count:]))
-        self._flush()
-
-    def _flush(self) -> None:
-        """Read every committed pair not yet in the head's cache (causal among themselves, as one forward)."""
         self.cache.crop(self.committed)
-        if not self.pending:
-            return
-        hidden = torch.cat([rows for rows, _ in self.pending])
-        tokens = torch.tensor([t for _, ids in self.pending for t in ids], device=self.device)
-        self.pending = []
-        count = hidden.shape[0]
+        count = ctx.hidden.shape[0]
+        tokens = torch.tensor(ctx.tokens[-count:], device=self.device)
         positions = torch.arange(self.committed, self.committed + count, device=self.device)
-        out = self.head.forward_cached(hidden, tokens, positions, None, self.cache, self.base)
+        out = self.head.forward_cached(ctx.hidden.to(self.dtype), tokens, positions, None, self.cache, self.base)
         self.committed += count
         self.root_feature = out[-1]            # f^ for the pending token: its children's distribution
 
@@ -623,7 +605,6 @@ class EagleProposer(Proposer):
         if self.auto and not self.sizer.should_draft():
             return Draft.empty()       # drafting has not paid lately on this device: a plain step
         start = self.clock()
-        self._flush()                  # the pairs observe() deferred: their cost counts as this step's drafting
         top_k = self.top_k
         logp = torch.log_softmax(self.base.lm_head(self.root_feature).float(), dim=-1)
         top = logp.topk(top_k)

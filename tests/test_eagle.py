@@ -265,41 +265,6 @@ def test_auto_size_follows_the_latency_curve(tiny, fitted_folder):
     assert result.token_ids == expected and max(result.draft_sizes) == 0
 
 
-def test_deferred_reading_drafts_exactly_as_reading_every_step(tiny, fitted_folder):
-    """While drafting does not pay (sizer gain < 1) EAGLE-2 keeps the committed pairs and reads them in one batch
-    when it next drafts; the head then sees the same context as when it reads every step, so it drafts the
-    same trees: same draft sizes and accepted lengths, and the output stays vanilla's."""
-    prompt = PROMPTS[0]
-    expected = greedy(tiny, prompt, 40)
-    runs = {}
-    for mode, gain in (("every_step", 1.0), ("deferred", 0.5)):
-        proposer = EagleProposer(head_path=str(fitted_folder), tree="dynamic", total_token="auto", depth=3,
-                                 top_k=4, latency_curve={1: 0.010, 64: 0.0101})
-        proposer.setup(as_loaded(tiny))
-        sizer, steps, batches = proposer.sizer, iter(range(10**6)), []
-        sizer.should_draft = lambda: next(steps) % 3 == 0          # draft every third step, plain steps between
-        choose = sizer.choose
-
-        def scripted_choose(path_probs, seconds, choose=choose, sizer=sizer, gain=gain):
-            size = choose(path_probs, seconds)
-            sizer.gain = gain                                      # hold the mode this run tests
-            return size
-
-        sizer.choose, sizer.gain = scripted_choose, gain
-        flush = proposer._flush
-
-        def counted_flush(flush=flush, proposer=proposer, batches=batches):
-            batches.append(sum(len(ids) for _, ids in proposer.pending))
-            flush()
-
-        proposer._flush = counted_flush
-        result = decode(tiny, proposer, prompt, 40)
-        assert result.token_ids == expected, mode
-        runs[mode] = (result.draft_sizes, result.accepted_lengths, batches)
-    assert runs["deferred"][:2] == runs["every_step"][:2] and max(runs["deferred"][0]) > 0
-    assert max(runs["deferred"][2]) > max(runs["every_step"][2][1:])   # it did read several steps at once
-
-
 @pytest.mark.integration
 def test_untrained_and_shipped_eagle2_on_the_default_model_are_lossless(questions_path, vanilla_reference, tmp_path):
     cases = [("untrained", 81, ["method=eagle2", "method.total_token=16", "method.depth=2", "method.top_k=4",
