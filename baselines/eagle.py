@@ -57,6 +57,7 @@ from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm, Ll
 from harness.decoding import Clock, DecodeContext, Draft, Proposer, Step
 from harness.errors import HarnessError
 from harness.heads import BaseHandles, DraftHead, build_head, load_head
+from harness.sizing import keep_most_likely, make_sizer
 
 log = logging.getLogger(__name__)
 
@@ -486,10 +487,7 @@ class EagleProposer(Proposer):
             self.parents, self.depths, self.ranks = static_tree(self.choices)
             self.max_depth = max(self.depths)
         if self.auto:
-            from harness import sizing
-
-            self.verify_curve = sizing.verify_curve(loaded, self.latency_curve, max_tokens=self.auto_max_tokens)
-            self.sizer = sizing.OnlineSizer(self.verify_curve, calibrate=self.calibrate)
+            self.sizer = make_sizer(loaded, self.latency_curve, self.auto_max_tokens, self.calibrate)
 
     def _load_head(self, loaded) -> EagleHead:
         from harness.official import is_official, load_official_eagle
@@ -641,16 +639,14 @@ class EagleProposer(Proposer):
         scores = torch.cat(cand_scores)
         parents = torch.cat(cand_parents)
         # rerank: best path confidence first; ties keep the lower id (a parent before its child)
-        order = torch.sort(scores, descending=True, stable=True).indices
         if self.auto:
-            path_probs = scores[order].exp()
-            keep_count = self.sizer.choose(path_probs, self.clock() - start)
+            keep = torch.tensor(keep_most_likely(self.sizer, scores.exp(), self.clock() - start), dtype=torch.long,
+                                device=scores.device)
         else:
-            keep_count = self.total_token - 1
-        keep_count = min(keep_count, len(order))
-        if keep_count <= 0:
+            order = torch.sort(scores, descending=True, stable=True).indices
+            keep = torch.sort(order[: self.total_token - 1]).values    # ascending id = topological order
+        if keep.numel() == 0:
             return Draft.empty()
-        keep = torch.sort(order[:keep_count]).values              # ascending id = topological order
         draft_index = {cid: i for i, cid in enumerate(keep.tolist())}
         draft_parents = tuple(draft_index[p] if p >= 0 else -1 for p in parents[keep].tolist())
         return Draft(tokens[keep].tolist(), draft_parents)

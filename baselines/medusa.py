@@ -9,6 +9,11 @@ predicts x_{t+i+2}.
 Decoding: a static tree of candidates, `medusa_choices` (index paths: [0, 1] = head 0's top-1 token,
 then head 1's top-2 token below it), verified in one forward by the harness loop and accepted by its
 shared greedy / rejection-sampling code (lossless; the candidates are deterministic, q_draft = None).
+`tree: auto` sizes the tree on the hardware at hand (harness/sizing.py): `medusa_choices` becomes the
+pool of candidates, each node's path confidence is the product of its heads' probabilities along its
+path (the heads are independent, so this is Medusa's own estimate of the path), and every step keeps the
+n most confident nodes (prefix-closed), n maximising the expected tokens per second on the measured
+verify curve; while drafting does not pay it is skipped (plain target steps, with probes).
 `acceptance: typical` is Medusa's typical acceptance: LOSSY by design, routed through the Draft's
 `acceptance_override` hook, and only allowed with `lossy: true` in the method config so every report
 marks it.
@@ -22,9 +27,10 @@ import torch
 from torch import nn
 
 from harness.acceptance import Acceptance, Sampling, greedy_accept
-from harness.decoding import DecodeContext, Draft, Proposer
+from harness.decoding import Clock, DecodeContext, Draft, Proposer, Step
 from harness.errors import HarnessError
 from harness.heads import BaseHandles, DraftHead, load_or_init_head
+from harness.sizing import keep_most_likely, make_sizer, subtree
 from harness.target import Scores
 
 log = logging.getLogger(__name__)
@@ -129,14 +135,18 @@ def choice_tree(choices: list[list[int]], max_depth: int) -> tuple[tuple[int, ..
 
 
 class MedusaProposer(Proposer):
-    """Medusa-1 tree drafting from the heads' top-k at ctx.hidden[-1]."""
+    """Medusa-1 tree drafting from the heads' top-k at ctx.hidden[-1]; static, or sized per step (tree: auto)."""
 
     name = "medusa"
 
-    def __init__(self, head_path: str | None = None, medusa_choices: str | list = "mc_cpu_5",
+    def __init__(self, head_path: str | None = None, medusa_choices: str | list = "mc_cpu_5", tree: str = "static",
+                 auto_max_tokens: int = 16, latency_curve: str | dict | None = None, calibrate: bool = True,
                  medusa_num_heads: int = 3, medusa_num_layers: int = 1, own_lm_head: bool = False,
                  acceptance: str = "lossless", posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
                  lossy: bool = False):
+        if tree not in ("static", "auto"):
+            raise HarnessError(f"method.tree={tree}: use static (verify every node of medusa_choices) or auto "
+                               f"(keep the nodes that pay on this device, per step)")
         if acceptance not in ("lossless", "typical"):
             raise HarnessError(f"method.acceptance={acceptance}: use lossless (default) or typical (lossy)")
         if (acceptance == "typical") != bool(lossy):
@@ -148,6 +158,8 @@ class MedusaProposer(Proposer):
                                    f"{', '.join(PRESETS)} or a list of index paths")
             medusa_choices = PRESETS[medusa_choices]
         self.choices = [list(path) for path in medusa_choices]
+        self.auto = tree == "auto"
+        self.auto_max_tokens, self.latency_curve, self.calibrate = int(auto_max_tokens), latency_curve, bool(calibrate)
         self.head_path = head_path
         self.head_kwargs = dict(medusa_num_heads=medusa_num_heads, medusa_num_layers=medusa_num_layers,
                                 own_lm_head=own_lm_head)
@@ -172,19 +184,45 @@ class MedusaProposer(Proposer):
         self.used_heads = max(heads) + 1
         # nodes come sorted by depth, so "depth <= d" is a prefix: its length for each d (near a turn's end)
         self.nodes_within = [sum(1 for h in heads if h < d) for d in range(self.used_heads + 1)]
+        self.depth_limit = self.used_heads      # auto: heads run per step (one deeper than the last kept node)
+        if self.auto:
+            self.clock = Clock(device)
+            self.sizer = make_sizer(loaded, self.latency_curve, self.auto_max_tokens, self.calibrate)
 
     def propose(self, ctx: DecodeContext) -> Draft:
         if ctx.remaining <= 1:       # only the target's own token fits: verifying a draft is waste
             return Draft.empty()
-        count = self.nodes_within[min(self.used_heads, ctx.remaining - 1)]   # no node past the token cap
+        if self.auto and not self.sizer.should_draft():
+            return Draft.empty()     # drafting has not paid lately on this device: a plain target step
+        start = self.clock() if self.auto else 0.0
+        heads = min(self.depth_limit, ctx.remaining - 1)                       # no node past the token cap
+        count = self.nodes_within[heads]
         # ctx.hidden[-1] = h_t, the state whose logits chose the pending token x_{t+1}; head i -> x_{t+i+2}
-        logits = self.head.logits(ctx.hidden[-1], self.base, self.used_heads)     # [K', V]
-        ranked = logits.topk(self.top_k, dim=-1).indices                        # [K', top_k]
-        tokens = ranked[self.node_head[:count], self.node_rank[:count]].tolist()
-        draft = Draft(tokens, self.parents[:count])   # deterministic candidates: q_draft None, lossless
+        logits = self.head.logits(ctx.hidden[-1], self.base, heads)             # [K', V]
+        node_head, node_rank = self.node_head[:count], self.node_rank[:count]
+        if self.auto:
+            top = torch.softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)   # [K', top_k]
+            tokens = top.indices[node_head, node_rank].tolist()
+            path_probs: list[float] = []
+            for prob, parent in zip(top.values[node_head, node_rank].tolist(), self.parents):
+                path_probs.append(prob * (path_probs[parent] if parent >= 0 else 1.0))
+            keep = keep_most_likely(self.sizer, torch.tensor(path_probs, dtype=torch.float64), self.clock() - start)
+            deepest = max((int(self.node_head[i]) + 1 for i in keep), default=0)
+            self.depth_limit = min(self.used_heads, deepest + 1)
+            if not keep:
+                return Draft.empty()
+            draft = Draft(*subtree(tokens, self.parents, keep))
+        else:
+            ranked = logits.topk(self.top_k, dim=-1).indices                    # [K', top_k]
+            tokens = ranked[node_head, node_rank].tolist()
+            draft = Draft(tokens, self.parents[:count])   # deterministic candidates: q_draft None, lossless
         if self.acceptance == "typical":
             draft.acceptance_override = self.typical_accept
         return draft
+
+    def observe(self, step: Step, ctx: DecodeContext) -> None:
+        if self.auto:
+            self.sizer.observe(step.acceptance.accepted_draft, 0.0)   # nothing to read back: Medusa keeps no state
 
     def typical_accept(self, draft: Draft, scores: Scores, sampling: Sampling,
                        generator: torch.Generator | None) -> Acceptance:

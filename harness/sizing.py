@@ -14,10 +14,12 @@ between measured sizes). A(n) comes from the method:
   A(n) = sum_{k<=n} prod_{j<=k} a_j                                    (`expected_chain`)
 - a static tree (Medusa / EAGLE-1 choices) with per-node acceptance given the parent: the path
   probability of each node, summed over the first n nodes                (`expected_tree`)
-- EAGLE-2's dynamic tree: the draft's own path confidences (product of its probabilities along the
-  path, what EAGLE-2 reranks by) sorted high to low; their running sum is EAGLE-2's estimate of the
-  accepted length, scaled by a calibration factor c = (drafts the target accepted) / (what the
-  confidences predicted), learnt online (`OnlineSizer`).
+- per step, from the draft's own path confidences (the product of the drafter's probabilities along a
+  node's path) sorted high to low: their running sum estimates the accepted length, scaled by a
+  calibration factor c = (drafts the target accepted) / (what the confidences predicted), learnt online
+  (`OnlineSizer`). EAGLE-2 (`total_token: auto`), Medusa (`tree: auto`: its heads' probabilities along a
+  choice path) and ours (`max_nodes: auto`: the head's probabilities along its chain, beam or tree) size
+  every step this way (`make_sizer` + `keep_most_likely`).
 """
 
 from __future__ import annotations
@@ -213,3 +215,32 @@ class OnlineSizer:
         self.last_prediction = 0.0
         self.ingest_steps += 1
         self.ingest_time += (ingest_seconds - self.ingest_time) / min(self.ingest_steps, 32)
+
+
+def make_sizer(loaded, latency_curve: str | dict | None, max_tokens: int, calibrate: bool = True) -> OnlineSizer:
+    """An OnlineSizer for an auto-sized method: the verify curve read from `latency_curve` or measured on
+    `loaded`'s device (up to `max_tokens` verify tokens, root included), sizes capped at `max_tokens`."""
+    if int(max_tokens) < 2:
+        raise HarnessError(f"method.auto_max_tokens={max_tokens}: an auto-sized draft needs room for at least "
+                           f"one draft token (>= 2 verify tokens, root included)")
+    curve = verify_curve(loaded, latency_curve, max_tokens=int(max_tokens))
+    return OnlineSizer(curve, calibrate=calibrate, max_tokens=int(max_tokens))
+
+
+def keep_most_likely(sizer: OnlineSizer, path_probs: torch.Tensor, draft_seconds: float) -> list[int]:
+    """The candidates to verify this step: `sizer` picks how many (n), the n with the highest path
+    probability are kept, returned in ascending index order.
+
+    Candidates are listed parents first and a child's path probability never exceeds its parent's (a
+    product of probabilities), so with ties going to the lower index the kept set is prefix-closed: every
+    kept node's ancestors are kept, and ascending order is a valid parents-first draft.
+    """
+    order = torch.sort(path_probs.detach().double(), descending=True, stable=True)
+    count = min(sizer.choose(order.values, draft_seconds), len(order.indices))
+    return sorted(order.indices[:count].tolist())
+
+
+def subtree(tokens: Sequence[int], parents: Sequence[int], keep: Sequence[int]) -> tuple[list[int], tuple[int, ...]]:
+    """The draft restricted to the (prefix-closed, ascending) indices `keep`, parents renumbered."""
+    index = {old: new for new, old in enumerate(keep)}
+    return [tokens[i] for i in keep], tuple(index[parents[i]] if parents[i] >= 0 else -1 for i in keep)

@@ -15,6 +15,11 @@ expansions per beam; the draft is the tree of every prefix the beam kept) or `tr
 `top_k` children enter the draft, the `beam_width` best by cumulative log-prob are expanded);
 `max_nodes` keeps the best nodes by cumulative log-prob (a prefix-closed cut: a path's log-prob only
 falls). Candidates are deterministic (q_draft = None), so greedy and sampling stay lossless.
+`max_nodes: auto` sizes every step's draft on the hardware at hand (harness/sizing.py): a node's path
+confidence is the product of the head's probabilities along its path, and the n most confident nodes are
+kept (a chain: its first n tokens), n maximising the expected tokens per second on the measured verify
+curve; the next step drafts at most one level deeper than the deepest node kept, and while drafting does
+not pay it is skipped (plain target steps, with probes).
 
 Cost note (CPU): the vocabulary projection (576 x 49152 on SmolLM2, ~6.5 ms) dominates a draft step,
 far above the fusion and the blocks; a beam's projections therefore go through one matmul per depth.
@@ -26,9 +31,11 @@ import torch
 from torch import nn
 
 from baselines.medusa import ResBlock
-from harness.decoding import DecodeContext, Draft, Proposer
+from harness.decoding import Clock, DecodeContext, Draft, Proposer, Step
 from harness.errors import HarnessError
 from harness.heads import BaseHandles, DraftHead, load_or_init_head
+from harness.sizing import keep_most_likely, make_sizer, subtree
+from harness.tree import depths_of
 
 DRAFT_MODES = ("chain", "beam", "tree")
 
@@ -98,14 +105,21 @@ class TrigramProposer(Proposer):
     name = "ours"
 
     def __init__(self, head_path: str | None = None, draft: str = "chain", depth: int | None = None,
-                 beam_width: int = 2, top_k: int = 2, max_nodes: int | None = None,
+                 beam_width: int = 2, top_k: int = 2, max_nodes: int | str | None = None, auto_max_tokens: int = 16,
+                 latency_curve: str | dict | None = None, calibrate: bool = True,
                  num_positions: int = 4, num_layers: int = 1, trigram: bool = True, own_lm_head: bool = False):
         if draft not in DRAFT_MODES:
             raise HarnessError(f"method.draft={draft}: use one of {', '.join(DRAFT_MODES)}")
-        if beam_width < 1 or top_k < 1 or (depth is not None and depth < 1) or (max_nodes is not None and max_nodes < 1):
+        self.auto = max_nodes == "auto"
+        if isinstance(max_nodes, str) and not self.auto:
+            raise HarnessError(f"method.max_nodes={max_nodes}: give a node count, null (all) or auto (sized per step)")
+        if beam_width < 1 or top_k < 1 or (depth is not None and depth < 1) or (
+                max_nodes is not None and not self.auto and max_nodes < 1):
             raise HarnessError("method.beam_width, method.top_k, method.depth and method.max_nodes must be >= 1")
         self.head_path, self.mode, self.depth_cfg = head_path, draft, depth
-        self.beam_width, self.top_k, self.max_nodes = beam_width, top_k, max_nodes
+        self.beam_width, self.top_k = beam_width, top_k
+        self.max_nodes = None if self.auto else max_nodes
+        self.auto_max_tokens, self.latency_curve, self.calibrate = int(auto_max_tokens), latency_curve, bool(calibrate)
         if draft == "chain":
             self.beam_width = self.top_k = 1
         self.head_kwargs = dict(num_positions=num_positions, num_layers=num_layers, trigram=trigram,
@@ -119,6 +133,10 @@ class TrigramProposer(Proposer):
                                f"method={'ours' if self.head.trigram else 'ours_no_trigram'}")
         self.base = BaseHandles.of(loaded.model)
         self.device = loaded.device
+        self.depth_limit = 1 << 30              # auto: one level deeper than the deepest node kept last
+        if self.auto:
+            self.clock = Clock(loaded.device)
+            self.sizer = make_sizer(loaded, self.latency_curve, self.auto_max_tokens, self.calibrate)
 
     @property
     def depth(self) -> int:
@@ -129,9 +147,12 @@ class TrigramProposer(Proposer):
         return self.base.embed(torch.tensor(token_ids, device=self.device))
 
     def propose(self, ctx: DecodeContext) -> Draft:
-        depth = min(self.depth, ctx.remaining - 1)   # the bonus token always comes from the target
+        depth = min(self.depth, self.depth_limit, ctx.remaining - 1)   # the bonus token always comes from the target
         if depth <= 0:
             return Draft.empty()
+        if self.auto and not self.sizer.should_draft():
+            return Draft.empty()     # drafting has not paid lately on this device: a plain target step
+        start = self.clock() if self.auto else 0.0
         head = self.head
         state = ctx.hidden[-1:]                                                  # [1, H] h_t
         trigram = None
@@ -142,20 +163,40 @@ class TrigramProposer(Proposer):
                 embeds = torch.cat([embeds.new_zeros(3 - len(last), embeds.shape[-1]), embeds])
             trigram = embeds.reshape(1, -1)                                      # [1, 3H]
         if self.mode == "chain":
-            return self._chain(state, trigram, depth)
-        return self._beam(state, trigram, depth)
+            tokens, scores = self._chain(state, trigram, depth)
+            parents = tuple(range(-1, len(tokens) - 1))
+        else:
+            tokens, parents, scores = self._beam(state, trigram, depth)
+        if self.auto:
+            keep = keep_most_likely(self.sizer, torch.tensor(scores, dtype=torch.float64).exp(), self.clock() - start)
+            tokens, parents = subtree(tokens, parents, keep)
+            self.depth_limit = max(depths_of(parents), default=0) + 1
+        elif self.max_nodes is not None and len(tokens) > self.max_nodes:
+            tokens, parents = _best_nodes(tokens, parents, scores, self.max_nodes)
+        return Draft(tokens, parents)
 
-    def _chain(self, state: torch.Tensor, trigram: torch.Tensor | None, depth: int) -> Draft:
-        tokens = []
+    def observe(self, step: Step, ctx: DecodeContext) -> None:
+        if self.auto:
+            self.sizer.observe(step.acceptance.accepted_draft, 0.0)   # the head keeps no state to read back
+
+    def _chain(self, state: torch.Tensor, trigram: torch.Tensor | None, depth: int
+               ) -> tuple[list[int], list[float]]:
+        """The argmax chain, and (auto only) each token's cumulative log-prob under the head."""
+        tokens, scores, total = [], [], 0.0
         for _ in range(depth):
             state = self.head.step(state, trigram)
-            token = int(self.head.project(state, self.base)[0].argmax())
+            logits = self.head.project(state, self.base)[0]
+            token = int(logits.argmax())
             tokens.append(token)
+            if self.auto:   # clamp: a rounding-positive log-prob would let a child outscore its parent
+                total += min(0.0, float(torch.log_softmax(logits.float(), dim=-1)[token]))
+                scores.append(total)
             if trigram is not None:
                 trigram = torch.cat([trigram[:, state.shape[-1]:], self._embed([token]).to(state.dtype)], dim=-1)
-        return Draft.chain(tokens)
+        return tokens, scores
 
-    def _beam(self, states: torch.Tensor, trigrams: torch.Tensor | None, depth: int) -> Draft:
+    def _beam(self, states: torch.Tensor, trigrams: torch.Tensor | None, depth: int
+              ) -> tuple[list[int], tuple[int, ...], list[float]]:
         hidden_size = states.shape[-1]
         beam_nodes = [-1]                                                        # draft index of each beam
         beam_scores = torch.zeros(1, device=states.device)                      # [b] cumulative log-prob
@@ -193,16 +234,12 @@ class TrigramProposer(Proposer):
                 kept_tokens = top.indices.flatten()[keep]
                 trigrams = torch.cat([trigrams[source, hidden_size:],
                                       self.base.embed(kept_tokens).to(states.dtype)], dim=-1)
-        if self.max_nodes is not None and len(tokens) > self.max_nodes:
-            tokens, parents = _best_nodes(tokens, parents, scores, self.max_nodes)
-        return Draft(tokens, tuple(parents))
+        return tokens, tuple(parents), scores
 
 
-def _best_nodes(tokens: list[int], parents: list[int], scores: list[float], count: int
-                ) -> tuple[list[int], list[int]]:
+def _best_nodes(tokens: list[int], parents: tuple[int, ...], scores: list[float], count: int
+                ) -> tuple[list[int], tuple[int, ...]]:
     """The `count` nodes with the highest cumulative log-prob. A child never scores above its parent,
     so the cut keeps every kept node's ancestors (ties go to the earlier, shallower node)."""
-    order = sorted(range(len(tokens)), key=lambda i: (-scores[i], i))[:count]
-    kept = sorted(order)
-    new_index = {old: new for new, old in enumerate(kept)}
-    return [tokens[i] for i in kept], [new_index[parents[i]] if parents[i] >= 0 else -1 for i in kept]
+    kept = sorted(sorted(range(len(tokens)), key=lambda i: (-scores[i], i))[:count])
+    return subtree(tokens, parents, kept)

@@ -106,6 +106,34 @@ def test_typical_acceptance_is_lossy_and_must_be_declared(fitted):
     assert len(result.token_ids) == TOKENS and result.new_tokens / result.steps > 1.5
 
 
+FLAT = {1: 0.010, 64: 0.0101}                 # a GPU-like curve: a big verify costs what a small one does
+STEEP = {1: 0.010, 2: 1.0, 64: 60.0}          # a draft token costs 100 target steps: never worth it
+
+
+def test_auto_tree_follows_the_latency_curve(fitted):
+    """tree=auto keeps the heads' most confident nodes while they pay: many on a flat curve, none on a steep
+    one (where the heads stop running but for probes); the output stays the target's either way."""
+    model, head, reference = fitted
+    flat = medusa(model, head, medusa_choices="mc_sim_7b_63", tree="auto", latency_curve=FLAT)
+    result = run(model, flat)
+    assert result.token_ids == reference and result.new_tokens / result.steps > 1.5
+    assert 8 <= max(result.draft_sizes) <= 15             # the confident nodes, within auto_max_tokens 16 (root included)
+    steep = medusa(model, head, medusa_choices="mc_sim_7b_63", tree="auto", latency_curve=STEEP)
+    result = run(model, steep)
+    assert result.token_ids == reference and max(result.draft_sizes) == 0
+    assert 0 < len(steep.sizer.sizes) < result.steps / 2     # the heads ran on probes only
+    # one draft token is cheap, a second costs 100 steps: one node per step, and only head 0 runs after that
+    one = medusa(model, head, medusa_choices="mc_sim_7b_63", tree="auto", latency_curve={1: 0.010, 2: 0.0101, 3: 1.0, 64: 60.0})
+    result = run(model, one)
+    assert result.token_ids == reference and max(result.draft_sizes) == 1 and one.depth_limit == 2
+    assert result.new_tokens / result.steps > 1.5
+    cold = run(model, medusa(model, head, tree="auto", latency_curve=FLAT), Sampling(temperature=1e-4),
+               torch.Generator().manual_seed(1))
+    assert cold.token_ids == reference
+    with pytest.raises(HarnessError, match="method.tree=dynamic"):
+        MedusaProposer(tree="dynamic")
+
+
 def _context(model, remaining=10):
     from harness.decoding import DecodeContext
 

@@ -135,8 +135,33 @@ def test_sampling_goes_through_rejection_sampling(fitted):
         assert cold.token_ids == reference and cold.new_tokens / cold.steps > 1.5
 
 
+@pytest.mark.parametrize("options", MODES[:2] + [dict(draft="tree", beam_width=2, top_k=3)])
+def test_auto_size_follows_the_latency_curve(fitted, options):
+    """max_nodes=auto: the most confident nodes while they pay. A flat curve keeps the whole draft, a steep
+    one none (the head then runs on probes only), one where a single token pays keeps one per step and
+    drafts only one level deep after that; the output is the target's every time."""
+    model, heads, reference = fitted
+    full = len(ours(model, heads[True], **options).propose(context(model)).tokens)
+    flat = ours(model, heads[True], max_nodes="auto", latency_curve={1: 0.010, 64: 0.0101}, **options)
+    result = run(model, flat)
+    # the chain and the beam keep everything; the tree's improbable siblings (path prob ~0) do not pay even here
+    assert result.token_ids == reference and full // 2 < max(result.draft_sizes) <= full
+    assert max(result.draft_sizes) == full or options["draft"] == "tree"
+    assert result.new_tokens / result.steps > 1.5
+    steep = ours(model, heads[True], max_nodes="auto", latency_curve={1: 0.010, 2: 1.0, 64: 60.0}, **options)
+    result = run(model, steep)
+    assert result.token_ids == reference and max(result.draft_sizes) == 0
+    assert 0 < len(steep.sizer.sizes) < result.steps / 2
+    one = ours(model, heads[True], max_nodes="auto", latency_curve={1: 0.010, 2: 0.0101, 3: 1.0, 64: 60.0}, **options)
+    result = run(model, one)
+    assert result.token_ids == reference and max(result.draft_sizes) == 1 and one.depth_limit == 2
+    assert result.new_tokens / result.steps > 1.5
+
+
 def test_bad_options_and_mismatched_heads_are_refused(fitted, tmp_path):
     model, heads, _ = fitted
+    with pytest.raises(HarnessError, match="max_nodes=most"):
+        TrigramProposer(max_nodes="most")
     with pytest.raises(HarnessError, match="method.draft"):
         TrigramProposer(draft="greedy")
     with pytest.raises(HarnessError, match=">= 1"):

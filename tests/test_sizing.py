@@ -9,8 +9,8 @@ import torch
 
 from harness.errors import HarnessError
 from harness.models import LoadedModel
-from harness.sizing import (OnlineSizer, expected_chain, expected_tree, interpolate, pick_size, read_curve,
-                            verify_curve)
+from harness.sizing import (OnlineSizer, expected_chain, expected_tree, interpolate, keep_most_likely, make_sizer,
+                            pick_size, read_curve, subtree, verify_curve)
 
 # a CPU-like curve: 40 ms for one token, +2 ms per extra verify token up to 16 (then flattening)
 CURVE = {1: 0.040, 2: 0.042, 4: 0.046, 8: 0.054, 16: 0.070}
@@ -69,6 +69,25 @@ def test_online_sizer_calibrates_confidence_and_stops_drafting_when_it_does_not_
         assert steep.choose(torch.tensor([0.3, 0.1]), 0.005) == 0     # drafting costs more than it brings
     decisions = [steep.should_draft() for _ in range(16)]
     assert decisions.count(True) == 2                                 # only the periodic probes still draft
+
+
+def test_keep_most_likely_keeps_a_prefix_closed_subtree_in_draft_order():
+    """root -> 0 (0.6) -> 2 (0.3) -> 4 (0.12);  root -> 1 (0.3) -> 3 (0.15). With a flat curve every node
+    pays: all 5 kept. With each extra verify token at +10 ms on a 40 ms step, one node at 0.6 pays
+    (1.6 / 0.050 = 32 > 25) and a second at 0.3 does not (1.9 / 0.060 = 31.7): only node 0."""
+    parents = (-1, -1, 0, 1, 2)
+    probs = torch.tensor([0.6, 0.3, 0.3, 0.15, 0.12])
+    assert keep_most_likely(OnlineSizer({1: 0.040, 64: 0.0401}, calibrate=False), probs, 0.0) == [0, 1, 2, 3, 4]
+    steep = OnlineSizer({1: 0.040, 2: 0.050, 3: 0.060, 64: 0.670}, calibrate=False)
+    assert keep_most_likely(steep, probs, 0.0) == [0]
+    # three nodes: 0, then the tie at 0.3 goes to the lower index (1), never to 2 ahead of 1's subtree order
+    three = OnlineSizer({1: 0.040, 64: 0.0401}, calibrate=False, max_tokens=4)
+    keep = keep_most_likely(three, probs, 0.0)
+    assert keep == [0, 1, 2]
+    assert subtree([10, 11, 12, 13, 14], parents, [0, 1, 3]) == ([10, 11, 13], (-1, -1, 1))
+    assert subtree([10, 11, 12, 13, 14], parents, []) == ([], ())
+    with pytest.raises(HarnessError, match="auto_max_tokens"):
+        make_sizer(None, {1: 0.04}, max_tokens=1)
 
 
 def test_curves_read_from_json_and_measured_once_per_process(tmp_path, tiny_llama):
