@@ -165,11 +165,13 @@ class OnlineSizer:
     observe(): after the target verified, update c (accepted drafts / predicted, with a prior of
     `prior_steps` calibrated steps) and the mean time to read the accepted path back (ingest).
     should_draft(): False while drafting has not paid recently (the best planned rate stayed below a plain
-    target step's); drafting is still probed every `probe_every` steps so the estimate can recover.
+    target step's); drafting is still probed so the estimate can recover: after `probe_every` declined
+    steps, the interval doubling (up to `max_probe_every`) while probes keep planning below a plain step's
+    rate, and back to `probe_every` once one plans above it.
     """
 
     def __init__(self, verify_latency: dict[int, float], calibrate: bool = True, prior_steps: float = 4.0,
-                 max_tokens: int | None = None, probe_every: int = 8):
+                 max_tokens: int | None = None, probe_every: int = 8, max_probe_every: int = 32):
         self.verify_latency = verify_latency
         self.calibrate = calibrate
         self.max_tokens = max_tokens or max(verify_latency)
@@ -178,7 +180,8 @@ class OnlineSizer:
         self.ingest_steps = 0
         self.last_prediction = 0.0
         self.gain = 1.0                   # EMA of (best planned rate) / (plain step rate)
-        self.probe_every, self.skipped = probe_every, 0
+        self.probe_every, self.max_probe_every = probe_every, max(probe_every, max_probe_every)
+        self.interval, self.skipped = probe_every, 0
         self.sizes: list[int] = []        # chosen n per drafted step, for reports and tests
 
     @property
@@ -191,7 +194,7 @@ class OnlineSizer:
         if self.gain >= 1.0:
             return True
         self.skipped += 1
-        if self.skipped >= self.probe_every:
+        if self.skipped >= self.interval:
             self.skipped = 0
             return True
         return False
@@ -203,7 +206,12 @@ class OnlineSizer:
         cost = draft_seconds + self.ingest_time
         choice = pick_size(expected, self.verify_latency, lambda n: cost)
         plain = 1.0 / interpolate(self.verify_latency, 1)
-        self.gain = 0.8 * self.gain + 0.2 * (choice.tokens_per_second / plain)
+        ratio = choice.tokens_per_second / plain
+        self.gain = 0.8 * self.gain + 0.2 * ratio
+        if ratio > 1.0:             # drafting pays again: probe at the base rate
+            self.interval = self.probe_every
+        elif self.gain < 1.0:       # a probe (or the step that ended drafting) that did not pay: probe less often
+            self.interval = min(2 * self.interval, self.max_probe_every)
         self.last_prediction = confidences[choice.size - 1] if choice.size > 0 else 0.0
         self.sizes.append(choice.size)
         return choice.size

@@ -67,8 +67,15 @@ def test_online_sizer_calibrates_confidence_and_stops_drafting_when_it_does_not_
     steep = OnlineSizer({1: 0.010, 2: 0.030, 64: 1.0})
     for _ in range(10):
         assert steep.choose(torch.tensor([0.3, 0.1]), 0.005) == 0     # drafting costs more than it brings
-    decisions = [steep.should_draft() for _ in range(16)]
+    assert steep.interval == 32                                       # probes that keep declining back off
+    decisions = [steep.should_draft() for _ in range(64)]
     assert decisions.count(True) == 2                                 # only the periodic probes still draft
+    assert steep.choose(torch.tensor([1.0, 1.0]), 0.0) == 0 and steep.interval == 32   # a plain step is no recovery
+    cheap = OnlineSizer({1: 0.010, 2: 0.012, 64: 0.2})               # one draft token costs 20 % of a step
+    for _ in range(10):
+        cheap.choose(torch.tensor([0.3, 0.1]), 0.005)                 # 1.3 tokens in 17 ms: below 1 in 10 ms
+    assert cheap.interval == 32
+    assert cheap.choose(torch.tensor([1.0, 1.0, 1.0]), 0.0) == 3 and cheap.interval == 8   # a probe that pays
 
 
 def test_keep_most_likely_keeps_a_prefix_closed_subtree_in_draft_order():
