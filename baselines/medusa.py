@@ -13,7 +13,8 @@ shared greedy / rejection-sampling code (lossless; the candidates are determinis
 pool of candidates, each node's path confidence is the product of its heads' probabilities along its
 path (the heads are independent, so this is Medusa's own estimate of the path), and every step keeps the
 n most confident nodes (prefix-closed), n maximising the expected tokens per second on the measured
-verify curve; while drafting does not pay it is skipped (plain target steps, with probes).
+verify curve; while drafting pays, the next step runs the heads only one level deeper than the deepest node
+kept; while it does not pay it is skipped (plain target steps), but for probes that draft the whole tree.
 `acceptance: typical` is Medusa's typical acceptance: LOSSY by design, routed through the Draft's
 `acceptance_override` hook, and only allowed with `lossy: true` in the method config so every report
 marks it.
@@ -184,7 +185,7 @@ class MedusaProposer(Proposer):
         self.used_heads = max(heads) + 1
         # nodes come sorted by depth, so "depth <= d" is a prefix: its length for each d (near a turn's end)
         self.nodes_within = [sum(1 for h in heads if h < d) for d in range(self.used_heads + 1)]
-        self.depth_limit = self.used_heads      # auto: heads run per step (one deeper than the last kept node)
+        self.depth_limit = self.used_heads      # auto: heads to run while drafting pays
         if self.auto:
             self.clock = Clock(device)
             self.sizer = make_sizer(loaded, self.latency_curve, self.auto_max_tokens, self.calibrate)
@@ -195,7 +196,9 @@ class MedusaProposer(Proposer):
         if self.auto and not self.sizer.should_draft():
             return Draft.empty()     # drafting has not paid lately on this device: a plain target step
         start = self.clock() if self.auto else 0.0
-        heads = min(self.depth_limit, ctx.remaining - 1)                       # no node past the token cap
+        # auto, while drafting pays: one head deeper than the deepest node kept last; a probe runs every head
+        deepest = self.depth_limit if self.auto and self.sizer.gain >= 1.0 else self.used_heads
+        heads = min(deepest, ctx.remaining - 1)                                # no node past the token cap
         count = self.nodes_within[heads]
         # ctx.hidden[-1] = h_t, the state whose logits chose the pending token x_{t+1}; head i -> x_{t+i+2}
         logits = self.head.logits(ctx.hidden[-1], self.base, heads)             # [K', V]

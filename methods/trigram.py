@@ -18,8 +18,8 @@ falls). Candidates are deterministic (q_draft = None), so greedy and sampling st
 `max_nodes: auto` sizes every step's draft on the hardware at hand (harness/sizing.py): a node's path
 confidence is the product of the head's probabilities along its path, and the n most confident nodes are
 kept (a chain: its first n tokens), n maximising the expected tokens per second on the measured verify
-curve; the next step drafts at most one level deeper than the deepest node kept, and while drafting does
-not pay it is skipped (plain target steps, with probes).
+curve. While drafting pays, the next step drafts at most one level past the deepest node kept; while it
+does not pay it is skipped (plain target steps), but for probes that draft to the full depth.
 
 Cost note (CPU): the vocabulary projection (576 x 49152 on SmolLM2, ~6.5 ms) dominates a draft step,
 far above the fusion and the blocks; a beam's projections therefore go through one matmul per depth.
@@ -133,7 +133,7 @@ class TrigramProposer(Proposer):
                                f"method={'ours' if self.head.trigram else 'ours_no_trigram'}")
         self.base = BaseHandles.of(loaded.model)
         self.device = loaded.device
-        self.depth_limit = 1 << 30              # auto: one level deeper than the deepest node kept last
+        self.depth_limit = 1 << 30              # auto, while drafting pays: one level past the deepest node kept
         if self.auto:
             self.clock = Clock(loaded.device)
             self.sizer = make_sizer(loaded, self.latency_curve, self.auto_max_tokens, self.calibrate)
@@ -147,12 +147,16 @@ class TrigramProposer(Proposer):
         return self.base.embed(torch.tensor(token_ids, device=self.device))
 
     def propose(self, ctx: DecodeContext) -> Draft:
-        depth = min(self.depth, self.depth_limit, ctx.remaining - 1)   # the bonus token always comes from the target
+        depth = min(self.depth, ctx.remaining - 1)   # the bonus token always comes from the target
         if depth <= 0:
             return Draft.empty()
-        if self.auto and not self.sizer.should_draft():
-            return Draft.empty()     # drafting has not paid lately on this device: a plain target step
-        start = self.clock() if self.auto else 0.0
+        start = 0.0
+        if self.auto:
+            if not self.sizer.should_draft():
+                return Draft.empty()     # drafting has not paid lately on this device: a plain target step
+            if self.sizer.gain >= 1.0:   # drafting pays: one level past the deepest node kept (a probe: all)
+                depth = min(depth, self.depth_limit)
+            start = self.clock()
         head = self.head
         state = ctx.hidden[-1:]                                                  # [1, H] h_t
         trigram = None

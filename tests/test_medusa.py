@@ -16,6 +16,7 @@ from harness.errors import HarnessError
 from harness.heads import BaseHandles, base_identity, build_head, save_head
 from harness.store import RunStore
 from harness.target import Target
+from harness.tree import depths_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:method.head_path is null")   # fitted heads replace it
 
@@ -127,6 +128,13 @@ def test_auto_tree_follows_the_latency_curve(fitted):
     result = run(model, one)
     assert result.token_ids == reference and max(result.draft_sizes) == 1 and one.depth_limit == 2
     assert result.new_tokens / result.steps > 1.5
+    # a probe (drafting stopped paying) runs every head: on a curve where one draft token never pays but a
+    # 3-deep path does (2 tokens 2.1x a step, 64 tokens 2.25x), it finds the deep path again
+    jump = medusa(model, head, medusa_choices="mc_sim_7b_63", tree="auto", calibrate=False,
+                  latency_curve={1: 0.010, 2: 0.021, 64: 0.0225})
+    jump.sizer.gain, jump.depth_limit, jump.sizer.skipped = 0.5, 1, jump.sizer.interval - 1
+    probe = jump.propose(_context(model))
+    assert max(depths_of(probe.parents)) == 3 and jump.depth_limit == 3
     cold = run(model, medusa(model, head, tree="auto", latency_curve=FLAT), Sampling(temperature=1e-4),
                torch.Generator().manual_seed(1))
     assert cold.token_ids == reference

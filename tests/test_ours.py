@@ -156,6 +156,13 @@ def test_auto_size_follows_the_latency_curve(fitted, options):
     result = run(model, one)
     assert result.token_ids == reference and max(result.draft_sizes) == 1 and one.depth_limit == 2
     assert result.new_tokens / result.steps > 1.5
+    # a probe (drafting stopped paying) drafts the full depth: on a curve where one draft token never pays
+    # but the whole confident chain does (2 tokens 2.1x a step, 64 tokens 2.25x), it finds the chain again
+    jump = ours(model, heads[True], max_nodes="auto", calibrate=False, latency_curve={1: 0.010, 2: 0.021, 64: 0.0225},
+                **options)
+    jump.sizer.gain, jump.depth_limit, jump.sizer.skipped = 0.5, 1, jump.sizer.interval - 1
+    probe = jump.propose(context(model))
+    assert max(depths_of(probe.parents)) == 3 and jump.depth_limit == 4
 
 
 def test_bad_options_and_mismatched_heads_are_refused(fitted, tmp_path):
