@@ -57,7 +57,7 @@ from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm, Ll
 from harness.decoding import Clock, DecodeContext, Draft, Proposer, Step
 from harness.errors import HarnessError
 from harness.heads import BaseHandles, DraftHead, build_head, load_head
-from harness.sizing import keep_most_likely, make_sizer
+from harness.sizing import keep_most_likely, make_sizer, subtree
 
 log = logging.getLogger(__name__)
 
@@ -640,13 +640,10 @@ class EagleProposer(Proposer):
         parents = torch.cat(cand_parents)
         # rerank: best path confidence first; ties keep the lower id (a parent before its child)
         if self.auto:
-            keep = torch.tensor(keep_most_likely(self.sizer, scores.exp(), self.clock() - start), dtype=torch.long,
-                                device=scores.device)
+            keep = keep_most_likely(self.sizer, scores.exp(), self.clock() - start)
         else:
             order = torch.sort(scores, descending=True, stable=True).indices
-            keep = torch.sort(order[: self.total_token - 1]).values    # ascending id = topological order
-        if keep.numel() == 0:
+            keep = sorted(order[: self.total_token - 1].tolist())       # ascending id = topological order
+        if not keep:
             return Draft.empty()
-        draft_index = {cid: i for i, cid in enumerate(keep.tolist())}
-        draft_parents = tuple(draft_index[p] if p >= 0 else -1 for p in parents[keep].tolist())
-        return Draft(tokens[keep].tolist(), draft_parents)
+        return Draft(*subtree(tokens.tolist(), parents.tolist(), keep))

@@ -197,8 +197,8 @@ class MedusaProposer(Proposer):
             return Draft.empty()     # drafting has not paid lately on this device: a plain target step
         start = self.clock() if self.auto else 0.0
         # auto, while drafting pays: one head deeper than the deepest node kept last; a probe runs every head
-        deepest = self.depth_limit if self.auto and self.sizer.gain >= 1.0 else self.used_heads
-        heads = min(deepest, ctx.remaining - 1)                                # no node past the token cap
+        limit = self.depth_limit if self.auto and self.sizer.gain >= 1.0 else self.used_heads
+        heads = min(limit, ctx.remaining - 1)                                  # no node past the token cap
         count = self.nodes_within[heads]
         # ctx.hidden[-1] = h_t, the state whose logits chose the pending token x_{t+1}; head i -> x_{t+i+2}
         logits = self.head.logits(ctx.hidden[-1], self.base, heads)             # [K', V]
