@@ -352,6 +352,7 @@ class EagleHead(DraftHead):
         mask = loss_mask.to(torch.bool)
         total = hidden.new_zeros((), dtype=torch.float32)
         v_total = p_total = 0.0
+        self.last_topk = {}
         for step in range(self.train_steps):
             span = length - step - 2          # origins t with x_{t+step+2} inside the sequence
             if span <= 0:
@@ -365,11 +366,25 @@ class EagleHead(DraftHead):
                 p_target = torch.softmax(base.lm_head(true_next).float(), dim=-1)   # [N, V]
             guess_logits = base.lm_head(guess) if logits is None else logits[step, :, :span][valid]
             p_loss = -(p_target * torch.log_softmax(guess_logits.float(), dim=-1)).sum() / count
+            if self.training:   # Medusa-style step metrics: x_{t+step+2} in the top-k of this step's logits
+                self.last_topk.update(_step_topk(guess_logits.detach(), input_ids[:, step + 2:][valid], base, step))
             total = total + self.v_weight * v_loss + self.p_weight * p_loss
             v_total += float(v_loss.detach())
             p_total += float(p_loss.detach())
         self.last_losses = {"vloss": v_total / self.train_steps, "ploss": p_total / self.train_steps}
         return total / self.train_steps, logits
+
+
+@torch.no_grad()
+def _step_topk(logits: torch.Tensor, targets: torch.Tensor, base: BaseHandles, step: int, top: int = 5) -> dict:
+    """{medusa{step}_top{k}: share of targets [N] in the top-k of logits [N, V]} (draft-vocabulary ids when the
+    head's vocabulary is reduced)."""
+    if targets.numel() == 0:
+        return {}
+    to_draft = getattr(base.lm_head, "to_draft_ids", None)
+    targets = to_draft(targets) if to_draft is not None else targets
+    hits = logits.topk(min(top, logits.shape[-1]), dim=-1).indices == targets[:, None]
+    return {f"medusa{step}_top{k}": float(hits[:, :k].any(-1).float().mean()) for k in range(1, top + 1)}
 
 
 def _chain_attend(q, true_kv, chain_kv, causal) -> torch.Tensor:
@@ -480,7 +495,7 @@ class EagleProposer(Proposer):
 
     def setup(self, loaded) -> None:
         self.head = self._load_head(loaded)
-        self.base = BaseHandles.of(loaded.model)
+        self.base = BaseHandles.for_head(loaded.model, self.head)
         self.device, self.dtype = loaded.device, loaded.dtype
         self.clock = Clock(loaded.device)
         if self.tree == "static":

@@ -170,7 +170,7 @@ class MedusaProposer(Proposer):
 
     def setup(self, loaded) -> None:
         self.head = load_or_init_head(self.head_path, loaded, "medusa", **self.head_kwargs)
-        self.base = BaseHandles.of(loaded.model)
+        self.base = BaseHandles.for_head(loaded.model, self.head)
         depth = max(len(path) for path in self.choices)
         if depth > self.head.num_positions:
             log.info("medusa: the tree is %d deep but the head has %d positions; deeper nodes are dropped",

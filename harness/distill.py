@@ -26,6 +26,7 @@ First human turns that appear in the evaluation benchmark (MT-Bench, Spec-Bench 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,50 +39,63 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from harness.acceptance import Sampling
 from harness.app import hydra_app
 from harness.data import load_questions
-from harness.decoding import Proposer, StopCriteria, decode_turn
+from harness.decoding import StopCriteria
 from harness.errors import HarnessError
-from harness.models import LoadedModel, load_model
+from harness.models import load_model
+from harness.self_prompts import (EvalOverlap, NearDuplicates, PromptFilter, clean_user_turn, encode_prefix, open_user_turn,
+                                  user_turn_stops)
 from harness.sharegpt import JsonlLog, normalise, read_sharegpt, user_turns, write_sharegpt
-from harness.target import Target
 from harness.tracking import Tracker
+from harness.store import git_commit
+from harness.token_data import is_token_dataset, sha256_of, write_manifest, write_parquet
+from harness.train_data import answer_spans
 
 log = logging.getLogger(__name__)
 
 # Settings that must agree between a shard file and a run that continues or merges it
-IDENTITY_KEYS = ("model", "source", "decoding", "max_length", "max_new_tokens", "seed", "allow_eval_overlap")
+IDENTITY_KEYS = ("model", "source", "decoding", "max_length", "max_new_tokens", "seed", "allow_eval_overlap",
+                 "prompts", "self_prompts", "eval_overlap")
 
 
 @dataclass
 class Conversation:
     id: str
-    turns: list[str]                     # human turns, in order
+    turns: list[str]                     # human turns, in order (self-written ones are appended as written)
     category: str | None = None
+    planned_turns: int = 0               # > 0: a self-written conversation of that many user turns
+    source: str = "input"                # input | self
 
 
 @dataclass
 class Answered:
-    """One conversation with the model's own answers; `record()` is its ShareGPT line."""
+    """One conversation with the model's own answers; `record()` is its line in the shard file."""
     conversation: Conversation
     answers: list[str] = field(default_factory=list)
     new_tokens: list[int] = field(default_factory=list)
     stop_reasons: list[str] = field(default_factory=list)
     total_tokens: int = 0                # prompt of the last answered turn + its answer
     seconds: float = 0.0
+    alive: bool = True                   # False once a turn was dropped or left no room
+    skipped: str | None = None
+    prompt_ids: list[int] = field(default_factory=list)    # the last answered turn's prompt ...
+    answer_ids: list[int] = field(default_factory=list)    # ... and its generated tokens
+    layout: dict | None = None           # token_layout(): input_ids + answer_spans
 
     def record(self, model_name: str) -> dict:
         turns = []
         for user, answer in zip(self.conversation.turns, self.answers):
             turns += [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]
         record = {"id": self.conversation.id, "conversations": turns, "model": model_name,
-                  "new_tokens": self.new_tokens, "stop_reasons": self.stop_reasons,
-                  "total_tokens": self.total_tokens}
+                  "source": self.conversation.source, "new_tokens": self.new_tokens,
+                  "stop_reasons": self.stop_reasons, "total_tokens": self.total_tokens}
         if self.conversation.category is not None:
             record["category"] = self.conversation.category
+        if self.layout is not None:
+            record.update(self.layout)
         if not self.answers:
-            record["skipped"] = "first prompt leaves no room under max_length"
+            record["skipped"] = self.skipped or "first prompt leaves no room under max_length"
         return record
 
 
@@ -96,26 +110,56 @@ def shard_of(conversation_id: str, num_shards: int) -> int:
 # ----------------------------------------------------------------------------------------------------- input
 
 def source_identity(cfg: DictConfig) -> dict:
-    if cfg.data_path:
-        return {"data_path": str(Path(cfg.data_path).expanduser().resolve())}
-    bench = OmegaConf.to_container(cfg.bench, resolve=True)
-    return {"questions": {k: bench.get(k) for k in ("name", "id_range", "question_ids", "categories", "limit",
-                                                    "max_turns")}}
+    identity = {}
+    if cfg.prompts in ("input", "mix"):
+        if cfg.data_path:
+            identity["data_path"] = str(Path(cfg.data_path).expanduser().resolve())
+        else:
+            bench = OmegaConf.to_container(cfg.bench, resolve=True)
+            identity["questions"] = {k: bench.get(k) for k in ("name", "id_range", "question_ids", "categories",
+                                                                "limit", "max_turns")}
+    return identity
+
+
+PROMPT_SOURCES = ("input", "self", "mix")
+
+
+def self_conversations(cfg: DictConfig) -> list[Conversation]:
+    """`self_prompts.count` conversations the target will write itself; a stable `second_turn_fraction` of
+    them plan a follow-up user turn (MT-Bench-like turn-2 contexts)."""
+    magpie = cfg.self_prompts
+    count, fraction = int(magpie.count), float(magpie.second_turn_fraction)
+    if count < 1 or not 0.0 <= fraction <= 1.0:
+        raise HarnessError("self_prompts.count must be >= 1 and self_prompts.second_turn_fraction in [0, 1]")
+    out = []
+    for index in range(count):
+        conversation_id = f"self-{index:07d}"
+        two = stable_hash(f"{cfg.seed}:turns:{conversation_id}") % 10**6 < fraction * 10**6
+        out.append(Conversation(conversation_id, [], "self", planned_turns=2 if two else 1, source="self"))
+    return out
 
 
 def load_conversations(cfg: DictConfig) -> list[Conversation]:
-    """The input, ids unique (a repeated id keeps its first conversation), empty conversations dropped."""
-    if cfg.data_path:
-        found = [Conversation(r["id"], user_turns(r)) for r in read_sharegpt(cfg.data_path)]
-    else:
-        found = [Conversation(str(q.question_id), list(q.turns), q.category) for q in load_questions(cfg.bench)]
+    """The input (and/or self-written conversations), ids unique (a repeated id keeps its first conversation),
+    empty input conversations dropped."""
+    if cfg.prompts not in PROMPT_SOURCES:
+        raise HarnessError(f"prompts={cfg.prompts} is not one of {', '.join(PROMPT_SOURCES)}")
+    found = []
+    if cfg.prompts in ("input", "mix"):
+        if cfg.data_path:
+            found += [Conversation(r["id"], user_turns(r)) for r in read_sharegpt(cfg.data_path)]
+        else:
+            found += [Conversation(str(q.question_id), list(q.turns), q.category)
+                      for q in load_questions(cfg.bench)]
+    if cfg.prompts in ("self", "mix"):
+        found += self_conversations(cfg)
     seen, conversations, repeated = set(), [], 0
     for conversation in found:
         if conversation.id in seen:
             repeated += 1
             continue
         seen.add(conversation.id)
-        if conversation.turns:
+        if conversation.turns or conversation.planned_turns:
             conversations.append(conversation)
     if repeated:
         log.warning("%d conversations repeat an earlier id; kept the first of each", repeated)
@@ -124,30 +168,40 @@ def load_conversations(cfg: DictConfig) -> list[Conversation]:
     return conversations
 
 
-def drop_eval_overlap(conversations: list[Conversation], cfg: DictConfig) -> tuple[list[Conversation], int]:
-    """Drop conversations whose first human turn is an evaluation question (normalised text match)."""
+def eval_overlap_checker(cfg: DictConfig) -> EvalOverlap | None:
+    """The n-gram check against the evaluation benchmark; None when its file is missing and overlap allowed."""
     try:
         eval_questions = load_questions(cfg.eval_bench)
     except HarnessError:
         if cfg.allow_eval_overlap:
             log.warning("eval overlap: not checked (no %s question file) and allowed by allow_eval_overlap=true",
                         cfg.eval_bench.name)
-            return conversations, 0
+            return None
         raise
-    eval_texts = {normalise(turn): q.question_id for q in eval_questions for turn in q.turns}
-    overlapping = [c for c in conversations if normalise(c.turns[0]) in eval_texts]
-    if not overlapping:
-        log.info("eval overlap: none of %d prompts appears in %s", len(conversations), cfg.eval_bench.name)
+    return EvalOverlap([turn for q in eval_questions for turn in q.turns], int(cfg.eval_overlap.ngram))
+
+
+def drop_eval_overlap(conversations: list[Conversation], cfg: DictConfig) -> tuple[list[Conversation], int]:
+    """Drop input conversations with a human turn that overlaps the evaluation benchmark: an exact copy
+    (normalised text) or more than `eval_overlap.max_fraction` of its word n-grams found in it. Self-written
+    prompts are checked as they are written (PromptFilter)."""
+    checker = eval_overlap_checker(cfg)
+    if checker is None:
         return conversations, 0
-    ids = sorted({eval_texts[normalise(c.turns[0])] for c in overlapping})
-    shown = ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
+    limit = float(cfg.eval_overlap.max_fraction)
+    overlapping = [c for c in conversations if c.turns and any(checker.score(t) > limit for t in c.turns)]
+    if not overlapping:
+        log.info("eval overlap: none of %d input prompts overlaps %s", sum(1 for c in conversations if c.turns),
+                 cfg.eval_bench.name)
+        return conversations, 0
+    shown = ", ".join(c.id for c in overlapping[:10]) + (" ..." if len(overlapping) > 10 else "")
     if cfg.allow_eval_overlap:
-        log.warning("eval overlap: %d of %d prompts appear in %s (question ids %s); KEPT because "
-                    "allow_eval_overlap=true", len(overlapping), len(conversations), cfg.eval_bench.name, shown)
+        log.warning("eval overlap: %d of %d prompts overlap %s (ids %s); KEPT because allow_eval_overlap=true",
+                    len(overlapping), len(conversations), cfg.eval_bench.name, shown)
         return conversations, len(overlapping)
-    log.warning("eval overlap: %d of %d prompts appear in %s (question ids %s); refused them (no training on "
-                "the benchmark; allow_eval_overlap=true keeps them)", len(overlapping), len(conversations),
-                cfg.eval_bench.name, shown)
+    log.warning("eval overlap: %d of %d prompts overlap %s (ids %s); refused them (no training on the benchmark; "
+                "allow_eval_overlap=true keeps them)", len(overlapping), len(conversations), cfg.eval_bench.name,
+                shown)
     dropped = {c.id for c in overlapping}
     return [c for c in conversations if c.id not in dropped], len(overlapping)
 
@@ -162,11 +216,17 @@ def identity(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     return {"model": cfg.model.name, "source": source_identity(cfg), "decoding": resolved["decoding"],
             "max_length": cfg.max_length, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
-            "allow_eval_overlap": bool(cfg.allow_eval_overlap)}
+            "allow_eval_overlap": bool(cfg.allow_eval_overlap), "prompts": cfg.prompts,
+            # not the count: ids self-<n> are fixed by n, so a larger count extends a dataset (resume)
+            "self_prompts": ({k: v for k, v in resolved["self_prompts"].items() if k != "count"}
+                             if cfg.prompts != "input" else None),
+            "eval_overlap": resolved["eval_overlap"]}
 
 
 def check_identity(meta_path: Path, wanted: dict) -> None:
     old = json.loads(meta_path.read_text())["identity"]
+    if isinstance(old.get("self_prompts"), dict):
+        old["self_prompts"] = {k: v for k, v in old["self_prompts"].items() if k != "count"}
     changed = [k for k in IDENTITY_KEYS if old.get(k) != wanted.get(k)]
     if changed:
         raise HarnessError(f"{meta_path.parent} was distilled with different {', '.join(changed)}; rerun with "
@@ -189,8 +249,11 @@ def open_shard(cfg: DictConfig, out_dir: Path, shard: int, num_shards: int, extr
         raise HarnessError(f"{shard_log.path} already holds {len(done)} conversations; pass resume=true to "
                            "continue it or choose another out_dir")
     tmp = meta.with_suffix(".tmp")
+    previous = json.loads(meta.read_text()) if meta.is_file() else {}
     tmp.write_text(json.dumps({"identity": wanted, "shard": shard, "num_shards": num_shards,
-                               "config": OmegaConf.to_container(cfg, resolve=True), **extra}, indent=2, default=str))
+                               "config": OmegaConf.to_container(cfg, resolve=True), **extra,
+                               "stats": previous.get("stats", []), "backend_info": previous.get("backend_info")},
+                              indent=2, default=str))
     os.replace(tmp, meta)
     return shard_log, done
 
@@ -198,100 +261,160 @@ def open_shard(cfg: DictConfig, out_dir: Path, shard: int, num_shards: int, extr
 # ----------------------------------------------------------------------------------------------------- generation
 
 class Distiller:
-    """Answers conversations turn by turn with the target; one at a time (harness loop) or batched (generate)."""
+    """Conversations answered turn by turn, a chunk at a time: every turn index is one backend call over the
+    chunk (vLLM batches it; hf at batch 1 runs the benchmark loop), so the backends differ only in speed.
 
-    def __init__(self, loaded: LoadedModel, cfg: DictConfig):
-        self.loaded, self.template, self.tokenizer = loaded, loaded.template, loaded.tokenizer
-        self.target = Target(loaded.model)
-        self.sampling = Sampling(float(cfg.decoding.temperature), float(cfg.decoding.top_p))
+    A self-written conversation (`Conversation.turns` empty, `planned_turns` > 0) first has the target write
+    each user turn (Magpie, harness/self_prompts.py) and the filters pass it; a dropped turn 1 skips the
+    conversation (recorded with the reason, so a resumed run does not redo it), a dropped turn 2 ends it."""
+
+    def __init__(self, backend, template, cfg: DictConfig, prompt_filter: PromptFilter | None):
+        from harness.distill_backends import Params
+
+        self.backend, self.template, self.tokenizer = backend, template, template.tokenizer
         self.max_length = int(cfg.max_length)
         self.max_new_tokens = int(cfg.max_new_tokens) if cfg.max_new_tokens else None
         self.seed = int(cfg.seed)
-        self.stop_ids = frozenset(self.template.stop_token_ids)
+        self.stop_ids = sorted(self.template.stop_token_ids)
+        self.answer_params = Params(float(cfg.decoding.temperature), float(cfg.decoding.top_p), 0, self.stop_ids,
+                                    list(self.template.stop_strings))
+        magpie = cfg.self_prompts
+        self.user_stops = user_turn_stops(self.template)
+        self.user_params = Params(float(magpie.temperature), float(magpie.top_p), int(magpie.max_tokens),
+                                  self.stop_ids, self.user_stops)
+        self.filter = prompt_filter
 
     def budget(self, prompt_len: int) -> int:
         room = self.max_length - prompt_len
         return min(room, self.max_new_tokens) if self.max_new_tokens else room
 
     def stop(self, budget: int) -> StopCriteria:
-        return StopCriteria(self.stop_ids, tuple(self.template.stop_strings), self.tokenizer, budget)
+        return StopCriteria(frozenset(self.stop_ids), tuple(self.template.stop_strings), self.tokenizer, budget)
 
-    def finish_turn(self, item: Answered, user: str, prompt_len: int, token_ids: list[int], reason: str) -> None:
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        item.answers.append(self.template.clean_answer(text))
-        item.new_tokens.append(len(token_ids))
-        item.stop_reasons.append(reason)
-        item.total_tokens = prompt_len + len(token_ids)
-
-    def history(self, item: Answered) -> list[tuple[str, str | None]]:
+    def history(self, item: Answered) -> list[tuple[str, str]]:
         return list(zip(item.conversation.turns, item.answers))
 
-    def answer_one(self, conversation: Conversation) -> Answered:
-        """The harness loop, batch 1: the same tokens as the benchmark's vanilla runs."""
-        item, start = Answered(conversation), time.perf_counter()
-        generator = torch.Generator(device=self.target.device).manual_seed(
-            self.seed * 1_000_003 + stable_hash(conversation.id) % 2**31)
-        for user in conversation.turns:
-            prompt_ids = self.template.encode(self.history(item) + [(user, None)])
+    def _seed(self, item: Answered, turn: int, kind: str) -> int:
+        return stable_hash(f"{self.seed}:{kind}:{turn}:{item.conversation.id}") % 2**31
+
+    def write_user_turns(self, items: list[Answered], turn: int) -> None:
+        """Magpie: the target writes user turn `turn` of each self-written conversation that plans one."""
+        rows = [i for i in items if i.alive and i.conversation.planned_turns > turn
+                and len(i.conversation.turns) == turn]
+        prompts = [encode_prefix(self.template, open_user_turn(self.template, self.history(i))) for i in rows]
+        params = [dataclasses.replace(self.user_params, seed=self._seed(i, turn, "user")) for i in rows]
+        for item, completion in zip(rows, self.backend.generate(prompts, params)):
+            text = clean_user_turn(self.tokenizer.decode(completion.token_ids, skip_special_tokens=True),
+                                   self.user_stops)
+            truncated = completion.finish_reason == "length"
+            reason = self.filter.check(f"{item.conversation.id}:{turn}", text, truncated, dedup=turn == 0)
+            if reason is None:
+                item.conversation.turns.append(text)
+            else:
+                item.alive = False
+                if turn == 0:
+                    item.skipped = f"self-written prompt dropped: {reason}"
+
+    def answer_turns(self, items: list[Answered], turn: int) -> None:
+        rows = []
+        for item in items:
+            if not item.alive or len(item.conversation.turns) <= turn:
+                continue
+            prompt_ids = self.template.encode(self.history(item) + [(item.conversation.turns[turn], None)])
             budget = self.budget(len(prompt_ids))
             if budget <= 0:
-                break
-            result = decode_turn(self.target, Proposer(), prompt_ids, self.sampling, self.stop(budget), generator)
-            self.finish_turn(item, user, len(prompt_ids), result.token_ids, result.stop_reason)
-        item.seconds = time.perf_counter() - start
-        return item
+                item.alive = False
+                if turn == 0:
+                    item.skipped = "first prompt leaves no room under max_length"
+                continue
+            rows.append((item, prompt_ids, budget))
+        params = [dataclasses.replace(self.answer_params, max_tokens=budget, seed=self._seed(item, turn, "answer"))
+                  for item, _, budget in rows]
+        start = time.perf_counter()
+        completions = self.backend.generate([p for _, p, _ in rows], params)
+        share = (time.perf_counter() - start) / max(len(rows), 1)
+        for (item, prompt_ids, budget), completion in zip(rows, completions):
+            kept, reason = self.stop(budget).cut([], completion.token_ids)
+            text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            item.answers.append(self.template.clean_answer(text))
+            item.new_tokens.append(len(kept))
+            item.stop_reasons.append(reason or "max_new_tokens")
+            item.total_tokens = len(prompt_ids) + len(kept)
+            item.prompt_ids, item.answer_ids = prompt_ids, kept
+            item.seconds += share
 
-    @torch.inference_mode()
-    def answer_batch(self, conversations: list[Conversation]) -> list[Answered]:
-        """transformers `generate` over a left-padded batch, one turn index at a time."""
-        from transformers import GenerationConfig
-
-        items, start = [Answered(c) for c in conversations], time.perf_counter()
-        active = list(range(len(items)))
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stop_ids or {0})
-        turn = 0
-        while active:
-            rows = []
-            for index in active:
-                item = items[index]
-                if turn >= len(item.conversation.turns):
-                    continue
-                user = item.conversation.turns[turn]
-                prompt_ids = self.template.encode(self.history(item) + [(user, None)])
-                if self.budget(len(prompt_ids)) > 0:
-                    rows.append((index, user, prompt_ids))
-            if not rows:
-                break
-            width = max(len(p) for _, _, p in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, (_, _, prompt_ids) in enumerate(rows):
-                input_ids[row, width - len(prompt_ids):] = torch.tensor(prompt_ids)
-                attention[row, width - len(prompt_ids):] = 1
-            longest = max(self.budget(len(p)) for _, _, p in rows)
-            greedy = self.sampling.temperature == 0
-            config = GenerationConfig(max_new_tokens=longest, do_sample=not greedy,
-                                      temperature=None if greedy else self.sampling.temperature,
-                                      top_p=None if greedy else self.sampling.top_p, top_k=None,
-                                      eos_token_id=sorted(self.stop_ids) or None, pad_token_id=pad_id)
-            if not greedy:  # reproducible for the same batches; not per conversation as at batch 1
-                torch.manual_seed(self.seed * 1_000_003 + stable_hash(conversations[rows[0][0]].id) % 2**31 + turn)
-            out = self.loaded.model.generate(input_ids=input_ids.to(self.target.device),
-                                             attention_mask=attention.to(self.target.device),
-                                             generation_config=config)
-            new = out[:, width:].tolist()
-            for (index, user, prompt_ids), tokens in zip(rows, new):
-                kept, reason = self.stop(self.budget(len(prompt_ids))).cut([], tokens)
-                self.finish_turn(items[index], user, len(prompt_ids), kept, reason or "max_new_tokens")
-            active = [index for index, _, _ in rows]
-            turn += 1
-        seconds = (time.perf_counter() - start) / max(len(items), 1)
+    def run(self, conversations: list[Conversation]) -> list[Answered]:
+        items = [Answered(c) for c in conversations]
+        turns = max(max(len(c.turns), c.planned_turns) for c in conversations)
+        for turn in range(turns):
+            if self.filter is not None:
+                self.write_user_turns(items, turn)
+            self.answer_turns(items, turn)
         for item in items:
-            item.seconds = seconds
+            item.layout = token_layout(self.template, self.history(item), item.prompt_ids, item.answer_ids) \
+                if item.answers else None
         return items
 
 
+def token_layout(template, pairs: list[tuple[str, str]], prompt_ids: list[int], answer_ids: list[int]) -> dict:
+    """The tokens the target saw at the last turn (its prompt + its generated answer) and the [start, end)
+    token spans of every answer in them: the last answer exactly as generated, earlier ones as the prompt
+    re-tokenised them (found by text offsets, as harness.train_data does for ShareGPT text)."""
+    spans = []
+    if len(pairs) > 1:
+        found = answer_spans(template, pairs[:-1])
+        text = template.prompt_text(pairs[:-1] + [(pairs[-1][0], None)])
+        if found is not None and text.startswith(found[0]):
+            encoded = template.tokenizer(text, add_special_tokens=template.add_special_tokens,
+                                         return_offsets_mapping=True)
+            if list(encoded["input_ids"]) == list(prompt_ids):
+                for char_start, char_end in found[1]:
+                    hit = [t for t, (b, e) in enumerate(encoded["offset_mapping"]) if e > b and b < char_end
+                           and e > char_start]
+                    if hit:
+                        spans.append([hit[0], hit[-1] + 1])
+    spans.append([len(prompt_ids), len(prompt_ids) + len(answer_ids)])
+    return {"input_ids": list(prompt_ids) + list(answer_ids), "answer_spans": spans}
+
+
 # ----------------------------------------------------------------------------------------------------- runs
+
+def make_backend(cfg: DictConfig, out_dir: Path, shard_name: str):
+    """The generation backend and the template; vLLM gets the same weights folder the harness loads."""
+    from harness.distill_backends import HFBackend, VllmBackend
+    from harness.models import load_template, model_source
+
+    if cfg.backend == "hf":
+        loaded = load_model(cfg.model, cfg.device)
+        return HFBackend(loaded, int(cfg.batch_size)), loaded.template
+    if cfg.backend != "vllm":
+        raise HarnessError(f"backend={cfg.backend} is not one of hf, vllm")
+    settings = cfg.vllm
+    folder = model_source(cfg.model)        # a local folder (model.path, the GGUF cache) or a hub id
+    template = load_template(cfg.model, folder)
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)}
+    if cfg.threads:
+        env["OMP_NUM_THREADS"] = str(cfg.threads)
+    engine = {"dtype": str(settings.dtype), "tensor_parallel_size": int(settings.tensor_parallel_size),
+              "max_model_len": int(cfg.max_length), "seed": int(cfg.seed),
+              "trust_remote_code": bool(cfg.model.get("trust_remote_code", False)),
+              "per_request_seed": bool(settings.per_request_seed),
+              "engine_kwargs": OmegaConf.to_container(settings.engine_kwargs, resolve=True) or {}}
+    python = str(settings.python) if settings.python else None
+    backend = VllmBackend(str(folder), engine, out_dir / "logs" / f"vllm-{shard_name}.log", python, env)
+    return backend, template
+
+
+def record_run(meta_path: Path, summary: dict) -> None:
+    """Append this run's counts and throughput to the shard's meta file (a resumed shard has several)."""
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("stats", []).append({**summary, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if summary.get("vllm_version"):
+        meta["backend_info"] = {"vllm": summary["vllm_version"]}
+    tmp = meta_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, meta_path)
+
 
 def run_distill(cfg: DictConfig) -> dict:
     """One shard of a distillation (or the merge). Raises HarnessError on bad input."""
@@ -302,54 +425,75 @@ def run_distill(cfg: DictConfig) -> dict:
         raise HarnessError(f"shard={shard} is outside 0..{num_shards - 1}; pass shard=i num_shards=n with i < n")
     if int(cfg.batch_size) < 1 or int(cfg.max_length) < 2:
         raise HarnessError("batch_size must be >= 1 and max_length >= 2")
+    if cfg.backend not in ("hf", "vllm"):
+        raise HarnessError(f"backend={cfg.backend} is not one of hf, vllm")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
     conversations, overlap = drop_eval_overlap(load_conversations(cfg), cfg)
     mine = [c for c in conversations if shard_of(c.id, num_shards) == shard]
     out_dir = Path(cfg.out_dir)
+    stem = shard_stem(shard, num_shards)
     shard_log, done = open_shard(cfg, out_dir, shard, num_shards, {"eval_overlap": overlap})
     todo = [c for c in mine if c.id not in done]
     log.info("shard %d/%d: %d conversations, %d already done, %d to go -> %s", shard, num_shards, len(mine),
              len(mine) - len(todo), len(todo), shard_log.path)
-    tracker = Tracker.start(cfg, out_dir, "distill", [cfg.model.name, "distill"],
-                            name=f"distill-{out_dir.name}-{shard_stem(shard, num_shards)}")
-    failed = True
+    tracker = Tracker.start(cfg, out_dir, "distill", [cfg.model.name, "distill"], name=f"distill-{out_dir.name}-{stem}")
+    failed, backend = True, None
     try:
-        distiller = Distiller(load_model(cfg.model, cfg.device), cfg)
-        batch = int(cfg.batch_size)
-        if batch > 1:  # similar lengths together: less padding
-            todo.sort(key=lambda c: len(c.turns[0]))
-        bar = tqdm(total=len(todo), desc=f"distill {shard_stem(shard, num_shards)}", unit="conv",
-                   disable=not cfg.progress)
-        tokens, seconds, written = 0, 0.0, 0
-        for first in range(0, len(todo), batch):
-            chunk = todo[first: first + batch]
-            items = [distiller.answer_one(chunk[0])] if batch == 1 else distiller.answer_batch(chunk)
-            for item in items:
+        backend, template = make_backend(cfg, out_dir, stem)
+        prompt_filter = None
+        if cfg.prompts != "input":
+            magpie = cfg.self_prompts
+            prompt_filter = PromptFilter(template, eval_overlap_checker(cfg), float(cfg.eval_overlap.max_fraction),
+                                         float(magpie.dedup_threshold), int(magpie.min_chars))
+            for record in shard_log.records():     # a resumed shard keeps deduplicating against what it kept
+                turns = user_turns(record)
+                if record.get("source") == "self" and turns:
+                    prompt_filter.duplicates.add(f"{record['id']}:0", turns[0])
+        distiller = Distiller(backend, template, cfg, prompt_filter)
+        chunk = int(cfg.chunk_size) if cfg.chunk_size else (int(cfg.batch_size) if cfg.backend == "hf" else 512)
+        if chunk > 1:  # similar lengths together: less padding
+            todo.sort(key=lambda c: len(c.turns[0]) if c.turns else 0)
+        bar = tqdm(total=len(todo), desc=f"distill {stem}", unit="conv", disable=not cfg.progress, mininterval=5)
+        tokens, written, started = 0, 0, time.perf_counter()
+        for first in range(0, len(todo), chunk):
+            for item in distiller.run(todo[first: first + chunk]):
                 shard_log.append(item.record(cfg.model.name))
                 written += 1
                 tokens += sum(item.new_tokens)
-                seconds += item.seconds
-                tracker.log({"new_tokens": sum(item.new_tokens), "turns": len(item.answers),
-                             "tokens_per_s": sum(item.new_tokens) / max(item.seconds, 1e-9)})
-            bar.update(len(items))
-            bar.set_postfix(tok_s=f"{tokens / max(seconds, 1e-9):.1f}")
+            elapsed = time.perf_counter() - started
+            bar.update(min(chunk, len(todo) - first))
+            bar.set_postfix(new_tok=tokens, tok_s=f"{tokens / max(elapsed, 1e-9):.1f}")
+            tracker.log({"conversations": written, "new_tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)})
+            if not cfg.progress:   # job logs (SLURM) still show progress
+                log.info("%s: %d/%d conversations, %d new tokens, %.1f tok/s", stem, written, len(todo), tokens,
+                         tokens / max(elapsed, 1e-9))
         bar.close()
         records = shard_log.records()
+        elapsed = time.perf_counter() - started
         summary = {"shard": shard, "num_shards": num_shards, "conversations": len(records),
                    "written_now": written, "skipped": sum(1 for r in records if r.get("skipped")),
-                   "new_tokens": sum(sum(r["new_tokens"]) for r in records), "eval_overlap": overlap,
-                   "file": str(shard_log.path)}
+                   "new_tokens": sum(sum(r["new_tokens"]) for r in records), "new_tokens_now": tokens,
+                   "seconds_now": round(elapsed, 1), "tokens_per_s_now": round(tokens / max(elapsed, 1e-9), 1),
+                   "backend": cfg.backend, "eval_overlap": overlap, "file": str(shard_log.path)}
+        if prompt_filter is not None:
+            summary["self_prompts_now"] = prompt_filter.stats()
+        if getattr(backend, "version", None):
+            summary["vllm_version"] = backend.version
+        record_run(out_dir / f"{stem}.meta.json", summary)
         tracker.summary(summary)
         failed = False
         return summary
     finally:
+        if backend is not None:
+            backend.close()
         tracker.finish(failed=failed)
 
 
 def merge(cfg: DictConfig) -> dict:
-    """All shards -> one ShareGPT file in input order; refuses duplicates, missing or foreign ids."""
+    """All shards -> one dataset in input order (`output` *.parquet: token ids + text and a manifest; *.json /
+    *.jsonl: ShareGPT); refuses duplicates, missing or foreign ids."""
     num_shards, out_dir = int(cfg.num_shards), Path(cfg.out_dir)
     conversations, _ = drop_eval_overlap(load_conversations(cfg), cfg)
     expected = [c.id for c in conversations]
@@ -380,19 +524,80 @@ def merge(cfg: DictConfig) -> dict:
         raise HarnessError(f"merge: {len(foreign)} conversations in {out_dir} are not in the selected input "
                            f"(e.g. {sorted(foreign)[0]}); merge with the settings the shards were made with")
     records = [by_id[i] for i in expected if not by_id[i].get("skipped")]
-    output = write_sharegpt(records, cfg.output)
+    records, cross_duplicates = drop_cross_shard_duplicates(records, cfg)
+    output = Path(cfg.output)
+    parquet = is_token_dataset(output)
+    write = write_parquet if parquet else write_sharegpt
+    write(records, output)
     summary = {"conversations": len(records), "skipped": len(expected) - len(records), "output": str(output),
                "new_tokens": sum(sum(r["new_tokens"]) for r in records)}
+    splits = {"all": records}
     if cfg.eval_fraction:
         is_eval = [stable_hash(f"{cfg.split_seed}:{r['id']}") % 10**6 < float(cfg.eval_fraction) * 10**6
                    for r in records]
         stem = output.with_suffix("")
-        train = write_sharegpt([r for r, e in zip(records, is_eval) if not e], f"{stem}.train{output.suffix}")
-        held = write_sharegpt([r for r, e in zip(records, is_eval) if e], f"{stem}.eval{output.suffix}")
+        splits["train"] = [r for r, e in zip(records, is_eval) if not e]
+        splits["eval"] = [r for r, e in zip(records, is_eval) if e]
+        train = write(splits["train"], f"{stem}.train{output.suffix}")
+        held = write(splits["eval"], f"{stem}.eval{output.suffix}")
         summary.update(train=str(train), eval=str(held), eval_conversations=sum(is_eval))
-    log.info("merged %d conversations (%d skipped: no room under max_length) into %s", len(records),
-             summary["skipped"], output)
+    if parquet:
+        summary["manifest"] = str(write_manifest(output, dataset_manifest(cfg, metas, splits, summary,
+                                                                          cross_duplicates)))
+    log.info("merged %d conversations (%d skipped: no room under max_length or a dropped self-written prompt) "
+             "into %s", len(records), summary["skipped"], output)
     return summary
+
+
+def drop_cross_shard_duplicates(records: list[dict], cfg: DictConfig) -> tuple[list[dict], int]:
+    """Shards deduplicate their own self-written prompts; across shards the merge does (first one kept)."""
+    if cfg.prompts == "input" or int(cfg.num_shards) == 1:
+        return records, 0
+    index, kept, dropped = NearDuplicates(float(cfg.self_prompts.dedup_threshold)), [], 0
+    for record in records:
+        turns = user_turns(record)
+        if record.get("source") == "self" and turns and not index.add(record["id"], turns[0]):
+            dropped += 1
+            continue
+        kept.append(record)
+    if dropped:
+        log.info("merge: %d self-written conversations near-duplicate another shard's; dropped", dropped)
+    return kept, dropped
+
+
+def dataset_manifest(cfg: DictConfig, metas: list[Path], splits: dict[str, list[dict]], summary: dict,
+                     cross_duplicates: int) -> dict:
+    """What made the dataset and what it holds, with the sha256 of every file."""
+    shard_meta = [json.loads(m.read_text()) for m in metas]
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    def counts(records: list[dict]) -> dict:
+        by_source = {}
+        for record in records:
+            by_source[record.get("source", "input")] = by_source.get(record.get("source", "input"), 0) + 1
+        return {"conversations": len(records), "by_source": by_source,
+                "turns": sum(len(r["new_tokens"]) for r in records),
+                "two_turn_conversations": sum(1 for r in records if len(r["new_tokens"]) >= 2),
+                "generated_tokens": sum(sum(r["new_tokens"]) for r in records),
+                "tokens": sum(len(r.get("input_ids") or []) for r in records),
+                "answers_at_token_cap": sum(s == "max_new_tokens" for r in records for s in r["stop_reasons"])}
+
+    files = {name: summary[name if name != "all" else "output"] for name in splits}
+    return {"model": cfg.model.name, "model_source": shard_meta[0]["config"]["model"],
+            "backend": [m["config"].get("backend", "hf") for m in shard_meta][0],
+            "backend_info": [m.get("backend_info") for m in shard_meta][0],
+            "dtype": (resolved.get("vllm") or {}).get("dtype") if cfg.backend == "vllm" else cfg.model.get("dtype"),
+            "answers_sampling": resolved["decoding"], "max_length": cfg.max_length,
+            "max_new_tokens": cfg.max_new_tokens, "prompts": cfg.prompts,
+            "prompt_source": source_identity(cfg), "self_prompts": resolved["self_prompts"] if cfg.prompts != "input"
+            else None, "eval_overlap": {**resolved["eval_overlap"], "eval_bench": cfg.eval_bench.name,
+                                        "dropped_input_prompts": shard_meta[0].get("eval_overlap")},
+            "cross_shard_duplicates_dropped": cross_duplicates, "num_shards": int(cfg.num_shards),
+            "split": {"eval_fraction": cfg.eval_fraction, "split_seed": cfg.split_seed},
+            "counts": {name: counts(records) for name, records in splits.items()},
+            "files": {name: {"path": Path(path).name, "sha256": sha256_of(path), "bytes": Path(path).stat().st_size}
+                      for name, path in files.items()},
+            "distill_runs": [m.get("stats") for m in shard_meta], "commit": git_commit()}
 
 
 main = hydra_app("distill", run_distill, lambda summary: print(json.dumps(summary, indent=1)))

@@ -1,7 +1,7 @@
 """Target features on disk: the frozen target's final (normed) hidden states per conversation, written once
 and read back by every epoch of EAGLE training (EAGLE's own recipe, `ge_data` then `train`).
 
-Size: T x H x 2 bytes per conversation (fp16): a 512-token conversation of SmolLM2-135M (H = 576) is
+Size: T x H x 2 bytes per conversation (bf16 by default; fp16 / fp32 possible): a 512-token conversation of SmolLM2-135M (H = 576) is
 0.59 MB; a 2048-token ShareGPT conversation of a 7B Llama (H = 4096) is 16.8 MB, so ~68k conversations
 take ~1.1 TB -- the cache is the fast path on a GPU node with a scratch disk, the on-the-fly path (the
 target runs in the training step) needs no disk at all.
@@ -9,9 +9,10 @@ target runs in the training step) needs no disk at all.
 Layout of a cache folder:
     index.json                  {format, base (heads.base_identity), dtype, hidden_size, examples: [{id, shard,
                                  num_tokens}], shards: [file names], total_bytes}
-    shard-00000.safetensors     per example i: `{i}.hidden` fp16 [T, H], `{i}.input_ids` int32 [T],
+    shard-00000.safetensors     per example i: `{i}.hidden` bf16 [T, H], `{i}.input_ids` int32 [T],
                                 `{i}.loss_mask` uint8 [T]   (`shard_size` examples per file)
-index.json is written last, so a folder without it is an unfinished cache (write_cache starts over).
+index.json is written last, so a folder without it is an unfinished cache: write_cache continues it from
+progress.json (written after every shard) when the settings match, else starts over.
 """
 
 from __future__ import annotations
@@ -42,34 +43,63 @@ def target_features(model: torch.nn.Module, input_ids: torch.Tensor,
     return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+PROGRESS_FILE = "progress.json"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def write_cache(model: torch.nn.Module, examples: Iterable[dict], folder: str | Path, base: dict,
-                shard_size: int = 256, progress: bool = True, total: int | None = None) -> Path:
+                shard_size: int = 256, progress: bool = True, total: int | None = None,
+                dtype: str = "bfloat16") -> Path:
     """Run the target over each example {"id", "input_ids" [T], "loss_mask" [T]} (one at a time: no padding)
-    and store its features; `base` is heads.base_identity(...) of the target, checked on read."""
+    and store its features in `dtype`; `base` is heads.base_identity(...) of the target, checked on read.
+
+    Resumable: after each shard file `progress.json` lists what is written, so a killed run (same examples,
+    same order) continues after the last finished shard instead of starting over."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / INDEX_FILE).unlink(missing_ok=True)
+    if dtype not in DTYPES:
+        raise HarnessError(f"feature cache dtype {dtype} is not one of {', '.join(DTYPES)}")
     device = next(model.parameters()).device
     entries, shards, tensors, total_bytes, hidden_size = [], [], {}, 0, None
     in_shard = 0
+    state = {"base": base, "dtype": dtype, "shard_size": shard_size}
+    progress_path = folder / PROGRESS_FILE
+    if progress_path.is_file():
+        saved = json.loads(progress_path.read_text())
+        if {k: saved.get(k) for k in state} == json.loads(json.dumps(state)) and all(
+                (folder / name).is_file() for name in saved["shards"]):
+            entries, shards, total_bytes, hidden_size = (saved["entries"], saved["shards"], saved["total_bytes"],
+                                                         saved["hidden_size"])
+    skip = len(entries)
 
     def flush():
         nonlocal in_shard
         if tensors:
             name = f"shard-{len(shards):05d}.safetensors"
-            save_file(tensors, str(folder / name))
+            tmp = folder / (name + ".tmp")
+            save_file(tensors, str(tmp))
+            tmp.replace(folder / name)
             shards.append(name)
             tensors.clear()
             in_shard = 0
+            record = {**state, "entries": entries, "shards": shards, "total_bytes": total_bytes,
+                      "hidden_size": hidden_size}
+            progress_tmp = folder / (PROGRESS_FILE + ".tmp")
+            progress_tmp.write_text(json.dumps(record, default=str))
+            progress_tmp.replace(progress_path)
 
-    for example in tqdm(examples, total=total, desc="features", unit="conv", disable=not progress):
+    bar = tqdm(examples, total=total, desc="features", unit="conv", disable=not progress, mininterval=5)
+    for position, example in enumerate(bar):
+        if position < skip:
+            continue
         ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
         mask = torch.as_tensor(example["loss_mask"], dtype=torch.bool)
         if ids.ndim != 1 or mask.shape != ids.shape:
             raise HarnessError(f"example {example.get('id')}: input_ids and loss_mask must be 1-D and the same length")
-        hidden = target_features(model, ids[None].to(device))[0].to("cpu", torch.float16)
+        hidden = target_features(model, ids[None].to(device))[0].to("cpu", DTYPES[dtype])
         hidden_size = hidden.shape[-1]
         key = str(in_shard)
         in_shard += 1
@@ -82,11 +112,12 @@ def write_cache(model: torch.nn.Module, examples: Iterable[dict], folder: str | 
         if in_shard >= shard_size:
             flush()
     flush()
-    index = {"format": FORMAT_VERSION, "base": base, "dtype": "float16", "hidden_size": hidden_size,
+    index = {"format": FORMAT_VERSION, "base": base, "dtype": dtype, "hidden_size": hidden_size,
              "examples": entries, "shards": shards, "total_bytes": total_bytes}
     tmp = folder / (INDEX_FILE + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
     tmp.replace(folder / INDEX_FILE)
+    progress_path.unlink(missing_ok=True)
     return folder
 
 
@@ -154,6 +185,9 @@ class CachedTrainingSet(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.cache)
+
+    def lengths(self) -> list[int]:
+        return [int(e["num_tokens"]) for e in self.cache.examples]
 
     def __getitem__(self, index: int) -> dict:
         item = self.cache[index]

@@ -56,6 +56,52 @@ class BaseHandles:
     def of(model: torch.nn.Module) -> "BaseHandles":
         return BaseHandles(model.get_input_embeddings(), model.get_output_embeddings())
 
+    @staticmethod
+    def for_head(model: torch.nn.Module, head: "DraftHead", scatter: bool = True) -> "BaseHandles":
+        """The handles a head drafts with: a head with a reduced draft vocabulary projects onto those rows of
+        the target's lm_head only (scatter=True: into full-vocabulary logits, -inf elsewhere, so decoders
+        and verification see ordinary token ids; scatter=False: the reduced logits, for training)."""
+        handles = BaseHandles.of(model)
+        if head.draft_vocab is not None:
+            handles.lm_head = DraftVocabProjection(handles.lm_head, head, scatter)
+        return handles
+
+
+class DraftVocabProjection:
+    """x [..., H] -> logits over the head's draft vocabulary (FR-Spec / EAGLE-3's reduced vocabulary): the
+    rows `head.draft_vocab` of the frozen lm_head. Drafting only within it keeps verification lossless (the
+    target still scores its full vocabulary); what it costs is the tokens outside it, never drafted."""
+
+    def __init__(self, lm_head: torch.nn.Module, head: "DraftHead", scatter: bool):
+        self.lm_head, self.head, self.scatter = lm_head, head, scatter
+        self.vocab_size = int(lm_head.weight.shape[0])
+        self._ids = self._weight = None
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.head.draft_vocab
+        weight = self.lm_head.weight
+        if self._ids is None or self._ids.shape != ids.shape or self._weight.dtype != weight.dtype \
+                or self._weight.device != weight.device or not torch.equal(self._ids, ids.to(self._ids.device)):
+            self._ids = ids.detach().clone().to(weight.device)
+            self._weight = weight.detach()[self._ids].contiguous()
+        return self._ids, self._weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ids, weight = self._rows()
+        logits = torch.nn.functional.linear(x, weight.to(x.dtype))                    # [..., V_draft]
+        if not self.scatter:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, ids, logits)                                        # [..., V]
+
+    def to_draft_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary ids -> draft-vocabulary indices (-1 outside it); IGNORE-style negatives stay -1."""
+        ids, _ = self._rows()
+        lookup = torch.full((self.vocab_size,), -1, dtype=torch.long, device=ids.device)
+        lookup[ids] = torch.arange(ids.numel(), device=ids.device)
+        safe = token_ids.clamp(min=0).to(ids.device)
+        return torch.where(token_ids >= 0, lookup[safe], torch.full_like(safe, -1)).to(token_ids.device)
+
 
 class DraftHead(torch.nn.Module):
     """Base for Medusa heads, ours (trigram) and later EAGLE.
@@ -69,6 +115,18 @@ class DraftHead(torch.nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         self.config = dict(config)
+        # [V_draft] token ids when the vocabulary is reduced (a buffer: saved with the weights once set)
+        self.register_buffer("draft_vocab", None, persistent=True)
+
+    def set_draft_vocab(self, size: int, token_ids=None) -> None:
+        """Reduce the draft vocabulary to `size` token ids (a buffer saved with the weights); ids default to the
+        first `size` (a fresh head before train.py picks the most frequent tokens of its data)."""
+        ids = torch.arange(int(size)) if token_ids is None else torch.as_tensor(list(token_ids), dtype=torch.long)
+        if ids.numel() != int(size) or ids.unique().numel() != ids.numel():
+            raise HarnessError(f"draft vocabulary: {ids.numel()} ids given for draft_vocab_size={size}, or repeats")
+        device = next(self.parameters()).device if any(True for _ in self.parameters()) else None
+        self.draft_vocab = ids.to(device=device, dtype=torch.long)
+        self.config["draft_vocab_size"] = int(size)
 
     @property
     def num_positions(self) -> int:
@@ -106,6 +164,7 @@ def build_head(head_type: str, base_config, base: BaseHandles | None = None, **k
     base: when given, parts that start from the target (an own lm_head) are initialised from it.
     """
     kwargs.pop("type", None)
+    draft_vocab_size = kwargs.pop("draft_vocab_size", None)
     cls = _head_class(head_type)
     kwargs.setdefault("hidden_size", int(_config_value(base_config, "hidden_size")))
     kwargs.setdefault("vocab_size", int(_config_value(base_config, "vocab_size")))
@@ -118,6 +177,11 @@ def build_head(head_type: str, base_config, base: BaseHandles | None = None, **k
         raise HarnessError(f"bad parameters for a {head_type} head ({exc}); see {HEAD_TYPES[head_type]}") from exc
     if base is not None:
         head.init_from_base(base)
+    if draft_vocab_size:
+        if not 0 < int(draft_vocab_size) <= int(kwargs["vocab_size"]):
+            raise HarnessError(f"head.draft_vocab_size={draft_vocab_size} must be in 1..{kwargs['vocab_size']} "
+                               "(null: the full vocabulary)")
+        head.set_draft_vocab(int(draft_vocab_size))
     return head
 
 
@@ -285,6 +349,8 @@ def load_head(folder: str | Path, loaded) -> DraftHead:
         if tuple(tensors[key].shape) != tuple(value.shape):
             raise HarnessError(f"{folder / WEIGHTS_FILE}: {key} has shape {tuple(tensors[key].shape)}, the config "
                                f"needs {tuple(value.shape)}; re-save the head with specdec-train")
+    if head.draft_vocab is not None:     # ids stay integers whatever dtype the head is moved to
+        tensors["draft_vocab"] = tensors["draft_vocab"].to(torch.long)
     head.load_state_dict(tensors)
     from harness import quant
 

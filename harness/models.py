@@ -154,6 +154,21 @@ def load_model(cfg: DictConfig, device: str = "auto", dtype: str | None = None) 
     return LoadedModel(cfg.name, model, tokenizer, template, dev, torch_dtype, source, quantization)
 
 
+def load_template(cfg: DictConfig, source: str | None = None):
+    """The tokenizer's conversation template without the weights (for a backend that loads them itself)."""
+    from transformers import AutoTokenizer
+
+    from harness.templates import make_template
+
+    source = source or model_source(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    except Exception as exc:  # noqa: BLE001
+        raise HarnessError(f"cannot load the tokenizer of model '{cfg.name}' from '{source}'; point at a local "
+                           f"copy with model.path=/path/to/{cfg.name}") from exc
+    return make_template(cfg, tokenizer)
+
+
 def model_config(name: str) -> DictConfig:
     """A `conf/model/<name>.yaml` by name (for draft/assistant models named inside a method config)."""
     from omegaconf import OmegaConf

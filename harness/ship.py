@@ -66,7 +66,8 @@ def ship(source: str | Path, dest: str | Path, *, command: str | None = None, co
         if vocab and vocab in tuple(value.shape):
             raise HarnessError(f"{weights}: {key} {tuple(value.shape)} is vocabulary-sized (an own lm_head); "
                                f"shipped heads share the frozen base lm_head (train with own_lm_head=false)")
-    shipped = {key: value.to(torch.bfloat16).contiguous() for key, value in tensors.items()}
+    shipped = {key: (value.to(torch.bfloat16) if value.is_floating_point() else value).contiguous()
+               for key, value in tensors.items()}   # integer buffers (a draft vocabulary) stay integers
     size = sum(value.numel() * value.element_size() for value in shipped.values())
     if size > max_mb * 2**20:
         raise HarnessError(f"{source}: {size / 2**20:.1f} MiB in bf16 exceeds --max-mb {max_mb}; ship a smaller head")

@@ -51,6 +51,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,7 @@ from harness.models import load_model
 from harness.quant import quantization_signature
 from harness.store import git_commit
 from harness.tracking import Tracker
+from harness.token_data import TokenDataset, is_token_dataset
 from harness.train_data import IGNORE_INDEX, Collator, ConversationDataset
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,8 @@ class HeadTrainingModel(nn.Module):
                  crop_context: int | None = None):
         super().__init__()
         self.head = head
-        self.base = BaseHandles.of(target)                      # a dataclass: not registered as a submodule
+        # a dataclass: not registered as a submodule; a reduced draft vocabulary gives reduced logits here
+        self.base = BaseHandles.for_head(target, head, scatter=False)
         self.frozen = (getattr(target, target.base_model_prefix),)   # a tuple: not registered either
         self.loss_decay, self.ks = float(loss_decay), tuple(ks)
         self.crop_context = crop_context
@@ -164,6 +167,9 @@ class HeadTrainingModel(nn.Module):
             labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX) if attention_mask is not None \
                 else input_ids
         hidden, input_ids, labels = self.crop(hidden, input_ids, labels)
+        # the ids the logits index: draft-vocabulary indices when it is reduced (-1 outside it: never a hit,
+        # left out of the cross-entropy, still counted as a miss in the accuracies)
+        draft_ids = self.base.lm_head.to_draft_ids(input_ids) if self.head.draft_vocab is not None else input_ids
         custom = getattr(self.head, "training_loss", None)
         if custom is not None:      # a head with its own objective (EAGLE: feature regression + CE)
             loss, logits = custom(hidden, input_ids, labels != IGNORE_INDEX, self.base)
@@ -171,11 +177,29 @@ class HeadTrainingModel(nn.Module):
             ce_sums = None
         else:
             logits = self.head.training_logits(hidden, input_ids, self.base)                # [K, B, T, V]
-            loss, position_loss, ce_sums = self.medusa_loss(logits, labels)
+            draft_labels = draft_ids.masked_fill((labels == IGNORE_INDEX) | (draft_ids < 0), IGNORE_INDEX)
+            loss, position_loss, ce_sums = self.medusa_loss(logits, draft_labels)
             logs = {f"pos{k + 1}_loss": value for k, value in enumerate(position_loss.tolist())}
-        out = {"loss": loss, "logs": logs}
-        if not self.training:
-            out["eval_counts"] = self.eval_counts(logits.detach(), input_ids, labels, ce_sums)
+        out = {"loss": loss, "logs": logs, "tokens": int((labels != IGNORE_INDEX).sum())}
+        if self.training:
+            if logits is not None:
+                logs.update(self.step_topk(logits.detach(), draft_ids, labels != IGNORE_INDEX))
+            else:   # a head that projects only its loss rows reports its own (EAGLE)
+                logs.update(getattr(self.head, "last_topk", None) or {})
+        else:
+            out["eval_counts"] = self.eval_counts(logits.detach(), draft_ids, labels, ce_sums)
+        return out
+
+    @staticmethod
+    def step_topk(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, top: int = 5) -> dict[str, float]:
+        """Medusa's train.py logs, every logging step: medusa{i}_top{k} = share of this batch's assistant tokens
+        t + i + 2 in head position i's top-k (i from 0, as Medusa names its heads)."""
+        accuracy = topk_accuracy(logits, ids, mask, tuple(range(1, top + 1)))
+        out = {}
+        for key, value in accuracy.items():
+            found = re.fullmatch(r"pos(\d+)_top(\d+)", key)
+            if found and not math.isnan(value):
+                out[f"medusa{int(found[1]) - 1}_top{found[2]}"] = value
         return out
 
     def medusa_loss(self, logits: torch.Tensor, labels: torch.Tensor):
@@ -200,6 +224,7 @@ class HeadTrainingModel(nn.Module):
 
     def eval_counts(self, logits: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
                     ce_sums: torch.Tensor | None) -> torch.Tensor:
+        """input_ids: the ids the logits index (draft-vocabulary indices, -1 outside it, when reduced)."""
         """Per example [B, K, 2 + len(ks)]: counted tokens, summed CE, top-j hits. Per example (not per batch)
         so Trainer's gather drops the padding examples of the last distributed batch correctly."""
         num_positions, batch, length, vocab = logits.shape
@@ -208,8 +233,10 @@ class HeadTrainingModel(nn.Module):
             ce_sums = torch.zeros(batch, num_positions, device=logits.device)
             for k in range(num_positions):
                 if length > k + 2:
+                    target = input_ids[:, k + 2:].masked_fill((labels[:, k + 2:] == IGNORE_INDEX)
+                                                              | (input_ids[:, k + 2:] < 0), IGNORE_INDEX)
                     ce = F.cross_entropy(logits[k, :, : length - k - 2].reshape(-1, vocab).float(),
-                                         labels[:, k + 2:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+                                         target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
                     ce_sums[:, k] = ce.view(batch, -1).sum(dim=1)
         counts = torch.zeros(batch, num_positions, 2 + len(self.ks), dtype=torch.float64)
         for b in range(batch):
@@ -261,6 +288,7 @@ class HeadTrainer(Trainer):
         self.last_eval: dict | None = None
         self._loss_sums: dict[str, float] = {}      # per-position (or the head's own) losses since the last log
         self._loss_batches = 0
+        self._tokens, self._since = 0, time.perf_counter()   # assistant tokens trained on since the last log
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -268,13 +296,31 @@ class HeadTrainer(Trainer):
             for name, value in outputs["logs"].items():
                 self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value
             self._loss_batches += 1
+            self._tokens += outputs["tokens"]
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._loss_batches:   # this rank's means (rank 0 logs)
             logs.update({name: total / self._loss_batches for name, total in self._loss_sums.items()})
-            self._loss_sums, self._loss_batches = {}, 0
+            now = time.perf_counter()
+            logs["train_tokens_per_s"] = self._tokens / max(now - self._since, 1e-9)   # assistant tokens, this rank
+            self._loss_sums, self._loss_batches, self._tokens, self._since = {}, 0, 0, now
         super().log(logs, start_time)
+        if int(os.environ.get("RANK", "0")) == 0:   # job logs (SLURM, Hydra's <app>.log) carry the numbers too
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()
+                     if not re.fullmatch(r"medusa\d+_top[2-4]", k)}
+            log.info("step %d: %s", self.state.global_step, json.dumps(shown))
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            # lengths from the dataset's index: no pass over the data (a feature cache would read every file)
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=lengths())
+        return super()._get_train_sampler(train_dataset)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -344,19 +390,57 @@ def cached_training_set(cfg: DictConfig, loaded, identity: dict, train_data: Con
     folder = Path(cfg.feature_cache)
     source = {"data_path": str(Path(cfg.data_path).expanduser().resolve()),
               "model_max_length": int(cfg.model_max_length), "template": loaded.template.name,
-              "conversations": len(train_data), "base_quantization": loaded.quantization}
+              "conversations": len(train_data), "base_quantization": loaded.quantization,
+              "dtype": "bfloat16" if loaded.dtype == torch.bfloat16 else "float16"}
     with args.main_process_first(local=False, desc="feature cache"):
         if args.process_index == 0 and not (folder / INDEX_FILE).is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            write_json(folder / "source.json", source)      # before the index: an unfinished cache is rebuilt
+            previous = folder / "source.json"
+            if previous.is_file() and json.loads(previous.read_text()) != json.loads(json.dumps(source)):
+                (folder / "progress.json").unlink(missing_ok=True)    # another dataset's partial cache: start over
+            write_json(previous, source)      # before the index: an unfinished cache is continued or rebuilt
             log.info("writing target features for %d conversations to %s (once)", len(train_data), folder)
             write_cache(loaded.model, training_examples(train_data, IGNORE_INDEX), folder, identity,
-                        progress=True, total=len(train_data))
+                        progress=True, total=len(train_data), dtype=source["dtype"])
     saved = json.loads((folder / "source.json").read_text()) if (folder / "source.json").is_file() else None
     if saved != source:
         raise HarnessError(f"feature_cache {folder} holds features of other data ({saved}); delete it or point "
                            "feature_cache at another folder")
     return CachedTrainingSet(FeatureCache(folder, identity), IGNORE_INDEX)
+
+
+def label_token_counts(dataset) -> np.ndarray:
+    """How often each token id is an assistant (labelled) token of `dataset`."""
+    counts = np.zeros(0, dtype=np.int64)
+    for index in range(len(dataset)):
+        example = dataset[index]
+        ids = np.asarray(example["input_ids"], dtype=np.int64)
+        kept = ids[np.asarray(example["labels"]) != IGNORE_INDEX]
+        found = np.bincount(kept)
+        if found.size > counts.size:
+            counts = np.pad(counts, (0, found.size - counts.size))
+        counts[: found.size] += found
+    return counts
+
+
+def choose_draft_vocab(head: DraftHead, train_data, eval_data) -> dict:
+    """The head's reduced draft vocabulary: the most frequent assistant tokens of the training data (FR-Spec,
+    EAGLE-3); ties to the lower id. Returns its coverage of the training (and eval) assistant tokens."""
+    size = int(head.draft_vocab.numel())
+    counts = label_token_counts(train_data)
+    vocab = int(head.config["vocab_size"])
+    counts = np.pad(counts, (0, max(0, vocab - counts.size)))[:vocab]
+    order = np.lexsort((np.arange(vocab), -counts))[:size]
+    ids = np.sort(order)
+    head.set_draft_vocab(size, ids.tolist())
+    info = {"size": size, "train_coverage": float(counts[ids].sum() / max(counts.sum(), 1))}
+    if eval_data is not None:
+        held = np.pad(label_token_counts(eval_data), (0, vocab))[:vocab]
+        info["eval_coverage"] = float(held[ids].sum() / max(held.sum(), 1))
+    log.info("draft vocabulary: the %d most frequent assistant tokens cover %.2f %% of the training tokens%s", size,
+             100 * info["train_coverage"],
+             f" and {100 * info['eval_coverage']:.2f} % of the eval tokens" if "eval_coverage" in info else "")
+    return info
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -417,19 +501,28 @@ def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
     loaded = load_model(cfg.model, str(args.device), dtype)
     identity = base_identity(loaded, cfg.model)
     ks = tuple(int(k) for k in cfg.topk)
+    template, lazy, max_length = loaded.template, bool(cfg.lazy_preprocess), int(cfg.model_max_length)
+
+    def dataset(path):
+        """A distilled parquet file (token ids as generated) or ShareGPT text (tokenised with the template)."""
+        return TokenDataset(path, max_length) if is_token_dataset(path) else \
+            ConversationDataset(path, template, max_length, lazy)
+
+    train_data = None if cfg.eval_only else dataset(cfg.data_path)
+    eval_data = dataset(cfg.eval_data_path) if cfg.eval_data_path else None
+    vocab_info = None
     if cfg.eval_only:
         head = load_head(cfg.head_path, loaded)
     else:
         head_cfg = OmegaConf.to_container(cfg.head, resolve=True)
         head = build_head(head_cfg.pop("type"), loaded.model.config, base=BaseHandles.of(loaded.model), **head_cfg)
-        head = head.to(device=loaded.device, dtype=torch.float32).train()   # trained in fp32 (Trainer's AMP casts)
+        if head.draft_vocab is not None:
+            vocab_info = choose_draft_vocab(head, train_data, eval_data)
+        head = head.to(device=loaded.device, dtype=torch.float32).train()   # fp32 master weights (autocast: bf16)
     crop = cfg.get("crop_context")
     model = HeadTrainingModel(head, loaded.model, float(cfg.loss.decay), ks, None if crop is None else int(crop))
-    template, lazy, max_length = loaded.template, bool(cfg.lazy_preprocess), int(cfg.model_max_length)
-    train_data = None if cfg.eval_only else ConversationDataset(cfg.data_path, template, max_length, lazy)
     if train_data is not None and cfg.get("feature_cache"):
         train_data = cached_training_set(cfg, loaded, identity, train_data, args)
-    eval_data = ConversationDataset(cfg.eval_data_path, template, max_length, lazy) if cfg.eval_data_path else None
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     collator = BatchCollator(pad_id)   # cached features (feature_cache) ride along as "hidden"
@@ -438,7 +531,7 @@ def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
                 "lazy_preprocess": lazy, "loss": OmegaConf.to_container(cfg.loss, resolve=True),
                 "preset": cfg.name, "training_args": training_kwargs(cfg),
                 "feature_cache": cfg.get("feature_cache"), "crop_context": cfg.get("crop_context"),
-                "clip_grad_value": cfg.get("clip_grad_value"),
+                "clip_grad_value": cfg.get("clip_grad_value"), "draft_vocab": vocab_info,
                 "train_conversations": len(train_data) if train_data is not None else None,
                 "eval_conversations": len(eval_data) if eval_data is not None else None}
     trainer = HeadTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,

@@ -131,7 +131,7 @@ class TrigramProposer(Proposer):
             raise HarnessError(f"head {self.head_path} was trained with trigram={self.head.trigram} but the method "
                                f"says trigram={self.head_kwargs['trigram']}; use "
                                f"method={'ours' if self.head.trigram else 'ours_no_trigram'}")
-        self.base = BaseHandles.of(loaded.model)
+        self.base = BaseHandles.for_head(loaded.model, self.head)
         self.device = loaded.device
         self.depth_limit = 1 << 30              # auto, while drafting pays: one level past the deepest node kept
         if self.auto:

@@ -33,11 +33,12 @@ def head_loss(head: DraftHead, base: BaseHandles, hidden: torch.Tensor, ids: tor
     return torch.stack(losses).mean()
 
 
-def fit_head(head: DraftHead, model, sequences: list[list[int]], steps: int = 200, lr: float = 1e-2) -> list[float]:
+def fit_head(head: DraftHead, model, sequences: list[list[int]], steps: int = 200, lr: float = 1e-2,
+             base: BaseHandles | None = None) -> list[float]:
     ids = torch.tensor(sequences)
     with torch.no_grad():
         hidden = model.model(input_ids=ids).last_hidden_state          # final normed states [B, T, H]
-    base = BaseHandles.of(model)
+    base = base or BaseHandles.of(model)
     head.train().requires_grad_(True)
     optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=lr)
     losses = []

@@ -90,15 +90,15 @@ def test_resume_after_a_kill_skips_finished_ids_and_duplicates_nothing(chat_mode
                                                                       monkeypatch):
     data = sharegpt_input(tmp_path / "in.json", count=5)
     cfg = distill_cfg(chat_model, questions_path, tmp_path, f"data_path={data}", "max_new_tokens=8")
-    real, calls = Distiller.answer_one, []
+    real, calls = Distiller.run, []
 
-    def dies_on_the_third(self, conversation):
-        calls.append(conversation.id)
+    def dies_on_the_third(self, conversations):
+        calls.append([c.id for c in conversations])   # batch_size=1: one conversation a chunk
         if len(calls) == 3:
             raise KeyboardInterrupt  # a kill while conversation 3 is being generated
-        return real(self, conversation)
+        return real(self, conversations)
 
-    monkeypatch.setattr(Distiller, "answer_one", dies_on_the_third)
+    monkeypatch.setattr(Distiller, "run", dies_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         run_distill(cfg)
     shard_file = tmp_path / "out" / "shard-00000-of-00001.jsonl"
@@ -106,7 +106,7 @@ def test_resume_after_a_kill_skips_finished_ids_and_duplicates_nothing(chat_mode
     assert len(before) == 2
     with open(shard_file, "a") as handle:   # and a torn line from a kill in the middle of a write
         handle.write('{"id": "c4", "conversa')
-    monkeypatch.setattr(Distiller, "answer_one", real)
+    monkeypatch.setattr(Distiller, "run", real)
     summary = run_distill(cfg)
     after = JsonlLog(shard_file).records()
     assert summary["written_now"] == 3
@@ -154,8 +154,8 @@ def test_mt_bench_prompts_are_refused_unless_allowed(chat_model, questions_path,
     assert summary["eval_overlap"] == 1 and summary["conversations"] == 1
     assert [r["id"] for r in JsonlLog(summary["file"]).records()] == ["fine"]
     line = [r.getMessage() for r in caplog.records if "eval overlap" in r.getMessage()]
-    assert line == ["eval overlap: 1 of 2 prompts appear in mt_bench (question ids 81); refused them (no training "
-                    "on the benchmark; allow_eval_overlap=true keeps them)"]
+    assert line == ["eval overlap: 1 of 2 prompts overlap mt_bench (ids leak); refused them (no training on the "
+                    "benchmark; allow_eval_overlap=true keeps them)"]
     allowed = run_distill(distill_cfg(chat_model, questions_path, tmp_path, f"data_path={data}",
                                       "max_new_tokens=4", "allow_eval_overlap=true", f"out_dir={tmp_path / 'a'}"))
     assert allowed["conversations"] == 2 and allowed["eval_overlap"] == 1
@@ -174,15 +174,20 @@ def test_question_file_input_selects_categories_and_never_mt_bench(chat_model, q
 
 def test_batched_generate_matches_the_harness_loop(chat_model, questions_path, tmp_path):
     cfg = distill_cfg(chat_model, questions_path, tmp_path, "max_length=80", "max_new_tokens=12")
-    distiller = Distiller(load_model(cfg.model, "cpu"), cfg)
+    loaded = load_model(cfg.model, "cpu")
     data = sharegpt_input(tmp_path / "in.json", count=4)
     from harness.distill import Conversation
+    from harness.distill_backends import HFBackend
     from harness.sharegpt import user_turns
 
-    conversations = [Conversation(r["id"], user_turns(r)) for r in read_sharegpt(data)]
-    conversations[1].turns[0] += " please answer the question about the red car and the blue house"
-    one_by_one = [distiller.answer_one(c) for c in conversations]
-    batched = distiller.answer_batch(conversations)   # different prompt lengths: real left padding
+    def conversations():
+        found = [Conversation(r["id"], user_turns(r)) for r in read_sharegpt(data)]
+        found[1].turns[0] += " please answer the question about the red car and the blue house"
+        return found
+
+    one_by_one = Distiller(HFBackend(loaded, 1), loaded.template, cfg, None).run(conversations())
+    # different prompt lengths: real left padding
+    batched = Distiller(HFBackend(loaded, 4), loaded.template, cfg, None).run(conversations())
     assert [b.answers for b in batched] == [o.answers for o in one_by_one]
     assert [b.new_tokens for b in batched] == [o.new_tokens for o in one_by_one]
 

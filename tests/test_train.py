@@ -72,7 +72,9 @@ def train_cfg(chat_model, toy_data, output_dir, *overrides):
                          "training.per_device_train_batch_size=2", "training.per_device_eval_batch_size=2",
                          "training.learning_rate=3e-2", "training.warmup_ratio=0.0", "training.logging_steps=1",
                          "training.eval_steps=12", "training.save_steps=12", "+training.disable_tqdm=true",
-                         "+training.use_cpu=true", *overrides, config_name="train")
+                         # the tiny vocabulary is smaller than the presets' draft vocabulary; fp32 unless a test asks
+                         "+training.use_cpu=true", "head.draft_vocab_size=null", "training.bf16=false", *overrides,
+                         config_name="train")
     return cfg
 
 
@@ -306,7 +308,8 @@ def test_torchrun_runs_the_same_command_on_two_processes(chat_model, toy_data, t
                  f"output_dir={output_dir}", "model_max_length=64", "head.medusa_num_heads=2", "+training.max_steps=4",
                  "training.per_device_train_batch_size=1", "training.per_device_eval_batch_size=1",
                  "training.eval_steps=4", "training.save_steps=4", "+training.disable_tqdm=true",
-                 "+training.use_cpu=true", "+training.ddp_backend=gloo", "threads=1"]
+                 "+training.use_cpu=true", "+training.ddp_backend=gloo", "head.draft_vocab_size=null",
+                 "training.bf16=false", "threads=1"]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                     "harness.train", *overrides], cwd=REPO_ROOT, check=True, capture_output=True, timeout=600)
     written = json.loads((output_dir / "topk_accuracy.json").read_text())
@@ -326,13 +329,14 @@ def test_cpu_presets_train_their_head(chat_model, toy_data, tmp_path, preset, he
     cfg = compose_config(f"train={preset}", *model_overrides(chat_model)[:-1], "logger=none", f"data_path={train}",
                          f"eval_data_path={held}", f"output_dir={tmp_path}", "+training.max_steps=2",
                          "training.logging_steps=1", "training.eval_steps=2", "training.save_steps=2",
-                         "+training.disable_tqdm=true",
+                         "+training.disable_tqdm=true", "head.draft_vocab_size=32",   # the tiny vocabulary: 200
                          "+training.use_cpu=true", config_name="train")
     summary = run_train(cfg)
     head = load_head(tmp_path, load_model(cfg.model, "cpu"))
     assert (head.head_type, head.num_positions) == (head_type, positions)
     assert head.config.get("trigram", True) == (preset != "ours_no_trigram_smollm2")
     assert summary["global_step"] == 2 and f"eval_pos{positions}_top5" in summary["eval"]
+    assert head.draft_vocab.numel() == 32     # the presets train a reduced draft vocabulary, in bf16
     logged_names = {key for entry in logged(tmp_path, 2) for key in entry}
     # a head with its own objective (EAGLE) logs its parts; the others their per-position cross-entropies
     assert ({"vloss", "ploss"} if head_type == "eagle" else {f"pos{positions}_loss"}) <= logged_names
@@ -419,3 +423,65 @@ def test_a_head_trained_over_an_int8_base_records_it_and_warns_on_fp32(chat_mode
     with caplog.at_level("WARNING"):
         load_head(tmp_path / "int8", load_model(OmegaConf.merge(cfg.model, {"quantization": "none"}), "cpu"))
     assert "trained over a base with quantization=int8 but runs on quantization=none" in caplog.text
+
+
+def test_bf16_training_with_a_draft_vocabulary_logs_medusas_step_metrics(chat_model, toy_data, tmp_path):
+    cfg = train_cfg(chat_model, toy_data, tmp_path, "training.bf16=true", "head.draft_vocab_size=24")
+    summary = run_train(cfg)
+    steps = [e for e in logged(tmp_path, 24) if "loss" in e]
+    assert len(steps) == 24
+    for entry in steps:   # every logging step, under the names Medusa's train.py uses
+        assert {f"medusa{i}_top{k}" for i in range(2) for k in range(1, 6)} <= set(entry)
+        assert entry["train_tokens_per_s"] > 0
+    assert sum(e["loss"] for e in steps[-4:]) < 0.6 * sum(e["loss"] for e in steps[:4])
+    assert steps[-1]["medusa0_top5"] >= steps[0]["medusa0_top5"]
+    info = json.loads((tmp_path / "head_config.json").read_text())
+    assert info["config"]["draft_vocab_size"] == 24
+    assert info["training"]["draft_vocab"]["train_coverage"] == 1.0     # the toy answers use < 24 tokens
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert tensors["draft_vocab"].dtype == torch.int64 and tensors["draft_vocab"].numel() == 24
+    assert {t.dtype for k, t in tensors.items() if k != "draft_vocab"} == {torch.float32}   # fp32 master weights
+    loaded = load_model(cfg.model, "cpu")
+    tokenizer = loaded.tokenizer
+    answer_ids = {i for w in COUNTING.split() for i in tokenizer(w, add_special_tokens=False).input_ids}
+    assert answer_ids <= set(tensors["draft_vocab"].tolist())          # the most frequent assistant tokens
+    head = load_head(tmp_path, loaded)
+    assert head.draft_vocab.tolist() == tensors["draft_vocab"].tolist()
+    assert summary["eval"]["eval_pos1_top5"] > 0
+
+
+def test_feature_cache_continues_after_a_kill(chat_model, toy_data, tmp_path, monkeypatch):
+    from harness import feature_cache
+    from harness.feature_cache import FeatureCache, training_examples, write_cache
+
+    loaded = load_model(OmegaConf.create({"name": "tiny", "path": str(chat_model), "template": "chat_template"}),
+                        "cpu")
+    data = ConversationDataset(str(toy_data[0]), loaded.template, 64)
+    identity = base_identity(loaded)
+    whole = FeatureCache(write_cache(loaded.model, training_examples(data), tmp_path / "whole", identity,
+                                     shard_size=2, progress=False))
+    calls, real = [], feature_cache.target_features
+
+    def dies_after_three(model, ids, mask=None):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt   # killed during the fourth example: shard 0 (2 examples) is on disk
+        return real(model, ids, mask)
+
+    monkeypatch.setattr(feature_cache, "target_features", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(loaded.model, training_examples(data), tmp_path / "killed", identity, shard_size=2,
+                    progress=False)
+    assert (tmp_path / "killed" / "progress.json").is_file() and not (tmp_path / "killed" / "index.json").exists()
+    calls.clear()
+    monkeypatch.setattr(feature_cache, "target_features", lambda *a: (calls.append(1), real(*a))[1])
+    resumed = FeatureCache(write_cache(loaded.model, training_examples(data), tmp_path / "killed", identity,
+                                       shard_size=2, progress=False))
+    assert len(calls) == 4                              # 6 examples, the first shard's 2 kept
+    assert len(resumed) == len(whole) == 6
+    for index in range(6):
+        assert torch.equal(resumed[index]["hidden"], whole[index]["hidden"])
+        assert torch.equal(resumed[index]["input_ids"], whole[index]["input_ids"])
+    assert whole.index["dtype"] == "bfloat16"

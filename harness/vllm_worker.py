@@ -1,0 +1,84 @@
+"""The vLLM side of `specdec-distill backend=vllm`: a subprocess run by the vLLM environment's Python
+(`make distill-env`), never imported by the harness. It imports only the standard library and vllm, so
+the two environments' pins never meet.
+
+Protocol: JSON lines. The first line on stdin is the engine's settings; the worker answers
+`{"ready": true, "vllm": <version>}`. Each later line is a request
+
+    {"id": n, "prompts": [[token ids], ...], "params": [{"temperature", "top_p", "max_tokens",
+     "stop_token_ids", "stop", "seed"}, ...]}
+
+answered by `{"id": n, "outputs": [{"token_ids": [...], "finish_reason": "stop"|"length"}, ...]}` in the
+order of the prompts. A failure is `{"error": "..."}` and the worker exits. vLLM and its workers log to
+the real stdout, so the protocol runs on a private copy of it and fd 1 is pointed at stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _protocol_stream():
+    private = os.dup(1)
+    os.dup2(2, 1)                      # anything printed from here on (vLLM's logs) goes to stderr
+    sys.stdout = sys.stderr
+    return os.fdopen(private, "w", buffering=1, encoding="utf-8")
+
+
+def main() -> int:
+    out = _protocol_stream()
+
+    def send(message: dict) -> None:
+        out.write(json.dumps(message, separators=(",", ":")) + "\n")
+        out.flush()
+
+    try:
+        settings = json.loads(sys.stdin.readline())
+        from vllm import LLM, SamplingParams
+
+        try:
+            from vllm.inputs import TokensPrompt
+        except ImportError:            # older vLLM: a plain dict is the same prompt
+            TokensPrompt = dict        # noqa: N806
+        llm = LLM(model=settings["model"], dtype=settings.get("dtype", "auto"),
+                  tensor_parallel_size=int(settings.get("tensor_parallel_size", 1)),
+                  max_model_len=settings.get("max_model_len"), seed=int(settings.get("seed", 0)),
+                  trust_remote_code=bool(settings.get("trust_remote_code", False)),
+                  **(settings.get("engine_kwargs") or {}))
+        import vllm
+
+        # vLLM's CPU build (0.32) fails on per-request seeds ("CPU Generator does not use offset"): there the
+        # engine seed alone makes a run reproducible (for the same prompts in the same batches)
+        per_request_seed = bool(settings.get("per_request_seed", False))
+        send({"ready": True, "vllm": getattr(vllm, "__version__", "unknown")})
+    except Exception as exc:           # noqa: BLE001 - reported to the harness as one line
+        send({"error": f"vLLM could not start: {type(exc).__name__}: {exc}"})
+        return 1
+
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+            params = [SamplingParams(temperature=float(p["temperature"]), top_p=float(p.get("top_p", 1.0)),
+                                     max_tokens=int(p["max_tokens"]), stop_token_ids=list(p.get("stop_token_ids") or []),
+                                     stop=list(p.get("stop") or []) or None,
+                                     seed=p.get("seed") if per_request_seed else None,
+                                     skip_special_tokens=False)
+                      for p in request["params"]]
+            prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]]
+            results = llm.generate(prompts, params, use_tqdm=False)
+            outputs = [{"token_ids": list(r.outputs[0].token_ids),
+                        "finish_reason": "length" if r.outputs[0].finish_reason == "length" else "stop"}
+                       for r in results]
+            send({"id": request["id"], "outputs": outputs})
+        except Exception as exc:       # noqa: BLE001
+            send({"error": f"vLLM failed on request {line[:80]!r}: {type(exc).__name__}: {exc}"})
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
