@@ -135,13 +135,26 @@ def test_self_written_prompts_are_filtered_and_get_second_turns(chat_model, ques
             assert record["conversations"][2]["value"] == "and the sun ? tell me about it"
     assert 0 < sum(p == 2 for p in planned.values()) < 6
 
+    # a larger count extends the dataset: the same folder resumes, the first six are not redone
+    extended = _with(cfg, self_prompts={**cfg.self_prompts, "count": 7})
+    backends.clear()
+    assert run_distill(extended)["written_now"] == 1 and backends[0].user_calls >= 1
+    assert JsonlLog(summary["file"]).records()[:6] == list(records.values())
+    cfg = extended
+
     with open_dict(cfg):   # merge: parquet + manifest, the skipped ones left out
         cfg.merge, cfg.output, cfg.eval_fraction = True, str(tmp_path / "out" / "d.parquet"), 0.0
     merged = run_distill(cfg)
     manifest = json.loads(Path(merged["manifest"]).read_text())
-    assert manifest["counts"]["all"]["conversations"] == 3 and manifest["prompts"] == "self"
+    assert manifest["counts"]["all"]["conversations"] == 3 + (not records_7_skipped(summary["file"]))
+    assert manifest["prompts"] == "self"
     assert manifest["files"]["all"]["sha256"] == sha256_of(merged["output"])
+    kept = [r for r in JsonlLog(summary["file"]).records() if not r.get("skipped")]
     assert manifest["counts"]["all"]["generated_tokens"] == sum(sum(r["new_tokens"]) for r in kept)
+
+
+def records_7_skipped(path) -> bool:
+    return bool([r for r in JsonlLog(path).records() if r["id"] == "self-0000006"][0].get("skipped"))
 
 
 def test_parquet_labels_are_the_generated_answers(chat_model, questions_path, tmp_path):

@@ -485,3 +485,15 @@ def test_feature_cache_continues_after_a_kill(chat_model, toy_data, tmp_path, mo
         assert torch.equal(resumed[index]["hidden"], whole[index]["hidden"])
         assert torch.equal(resumed[index]["input_ids"], whole[index]["input_ids"])
     assert whole.index["dtype"] == "bfloat16"
+
+
+def test_training_curves_are_drawn_from_the_trainer_state(trained, tmp_path):
+    from reports.training_curves import eval_table, frames, plot
+
+    cfg, _ = trained
+    train, evals = frames(cfg.output_dir)
+    assert len(train) == 24 and list(evals["step"]) == [12, 24]
+    written = plot([cfg.output_dir], tmp_path / "curves", ["medusa"])
+    assert [p.suffix for p in written] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in written)
+    table = eval_table([cfg.output_dir], ["medusa"])
+    assert "pos2_top5" in table and table.count("| medusa") == 2
