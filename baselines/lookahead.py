@@ -16,6 +16,15 @@ Every step runs two branches in the one verify forward:
 Warm-up: level 0 starts as W+N-3 tokens drawn from the prompt; each of the first N-2 steps grows
 the window by one level (the official multi-level fill).
 
+`max_emit` caps what one step can emit. A pooled n-gram is the root's N-1 followers. `n` (this harness's
+default): all N-1 can be accepted, then the bonus token: up to N new tokens a step. `n_minus_1` (official lade,
+decoding.py jacobi_greedy_search_multilevel, also Spec-Bench's copy): its hit count max_hit is the `gg` left
+by `for gg in range(len(myguess))`, which stops at N-2 even when all N-1 guess tokens match, and a step appends
+`hits[:max_hit + 1]`, the root's next token + max_hit more: at most N-1 new tokens (its accept_length_tree).
+Here that is at most N-2 accepted draft tokens + the bonus; we draft only each n-gram's
+first N-2 tokens (lade verifies the last one and drops it), so the emitted tokens and τ match lade's with
+fewer verify inputs (lade also verifies every guess in full, without our trie's shared prefixes).
+
 `pool_from_prompt` also seeds the pool with every N-gram of the prompt and of the accepted text
 (the official POOL_FROM_PROMPT). With an empty pool the draft is empty: a vanilla step plus the window.
 
@@ -98,11 +107,18 @@ class LookaheadProposer(Proposer):
     name = "lookahead"
 
     def __init__(self, level: int = 5, window: int = 15, guess_set_size: int = 15,
-                 pool_from_prompt: bool = False, window_with_draft_only: bool = False, seed: int = 0):
+                 pool_from_prompt: bool = False, window_with_draft_only: bool = False, seed: int = 0,
+                 max_emit: str = "n"):
         if level < 3 or window < 1 or guess_set_size < 1:
             raise HarnessError(f"lookahead needs level (N) >= 3, window (W) >= 1, guess_set_size (G) >= 1 "
                                f"(got N={level}, W={window}, G={guess_set_size}); fix the method config")
+        if max_emit not in ("n", "n_minus_1"):
+            raise HarnessError(f"method.max_emit={max_emit}: use n (up to N tokens a step) or n_minus_1 (official "
+                               f"lade: up to N-1)")
         self.level, self.window, self.guess_set_size = level, window, guess_set_size
+        self.max_emit = max_emit
+        # draft tokens per n-gram: all N-1 followers, or lade's N-2 (+ the bonus = N-1 tokens a step)
+        self.draft_depth = level - 1 if max_emit == "n" else level - 2
         self.pool_from_prompt, self.seed = pool_from_prompt, seed
         self.window_with_draft_only = window_with_draft_only
         self.pool = NgramPool(guess_set_size)
@@ -123,7 +139,7 @@ class LookaheadProposer(Proposer):
 
     def propose(self, ctx: DecodeContext) -> Draft:
         self.root = ctx.tokens[-1]
-        budget = ctx.remaining - 1               # one verify emits at most draft depth + 1 tokens
+        budget = min(self.draft_depth, ctx.remaining - 1)   # one verify emits at most draft depth + 1 tokens
         branches = [list(c[:budget]) for c in self.pool.get(self.root)] if budget > 0 else []
         draft = trie_draft(branches) if branches else Draft.empty()
         if self.window_with_draft_only and not draft.tokens:

@@ -15,6 +15,10 @@ path (the heads are independent, so this is Medusa's own estimate of the path), 
 n most confident nodes (prefix-closed), n maximising the expected tokens per second on the measured
 verify curve; while drafting pays, the next step runs the heads only one level deeper than the deepest node
 kept; while it does not pay it is skipped (plain target steps), but for probes that draft the whole tree.
+A published checkpoint (FasterDecoding/medusa-*, harness/official.py) brings as many heads as its weights hold
+(5 for medusa-vicuna-7b/13b-v1.3, whatever config.json says); `medusa_num_heads` then caps how many of them
+load (Spec-Bench uses 4; mc_sim_7b_63 is 4 deep, so a 5th head would never be run). A specdec-train head
+brings its own shape; for a null head_path `medusa_num_heads` is the untrained head's shape.
 `acceptance: typical` is Medusa's typical acceptance: LOSSY by design, routed through the Draft's
 `acceptance_override` hook, and only allowed with `lossy: true` in the method config so every report
 marks it.
@@ -169,7 +173,12 @@ class MedusaProposer(Proposer):
         self.lossy = bool(lossy)
 
     def setup(self, loaded) -> None:
-        self.head = load_or_init_head(self.head_path, loaded, "medusa", **self.head_kwargs)
+        from harness.official import is_official, load_official_medusa
+
+        if self.head_path and is_official(self.head_path) == "medusa":   # published: the cap on its stored heads
+            self.head = load_official_medusa(self.head_path, loaded, max_heads=self.head_kwargs["medusa_num_heads"])
+        else:
+            self.head = load_or_init_head(self.head_path, loaded, "medusa", **self.head_kwargs)
         self.base = BaseHandles.for_head(loaded.model, self.head)
         depth = max(len(path) for path in self.choices)
         if depth > self.head.num_positions:

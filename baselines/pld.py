@@ -6,6 +6,11 @@ n-gram, looked up in the prompt and everything generated so far. No draft model,
 Defaults reproduce transformers' `PromptLookupCandidateGenerator`: n-gram sizes tried from
 `max_ngram_size` (2) down to 1, the leftmost earlier occurrence wins, its next `num_pred_tokens` (10)
 tokens are drafted (never past the end of the text), no match = an empty draft (a vanilla step).
+`require_full_continuation` is the PLD repo's rule (apoorvumang/prompt-lookup-decoding
+find_candidate_pred_tokens, copied by Spec-Bench model/pld/pld.py, which run max_ngram_size 3): an occurrence
+counts only where `num_pred_tokens` tokens follow it (end_idx <= input_length) and its continuation starts
+before the text's last n-gram (start_idx < input_length - ngram_size); otherwise the next occurrence, then
+the next smaller n, is tried. So a match near the end never drafts a short continuation.
 `max_matches > 1` verifies several distinct continuations at once as a tree (a trie: branches share
 common prefixes), gathered from the longest n-gram size down.
 
@@ -15,6 +20,8 @@ instead of transformers' O(text length) sliding-window scan.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_right
 
 from harness.decoding import DecodeContext, Draft, Proposer, Step
 from harness.errors import HarnessError
@@ -75,7 +82,8 @@ class PromptLookupProposer(Proposer):
     name = "pld"
 
     def __init__(self, max_ngram_size: int = 2, min_ngram_size: int = 1, num_pred_tokens: int = 10,
-                 max_matches: int = 1, match: str = "first", cut_at_stop: bool = True):
+                 max_matches: int = 1, match: str = "first", cut_at_stop: bool = True,
+                 require_full_continuation: bool = False):
         if not 1 <= min_ngram_size <= max_ngram_size:
             raise HarnessError(f"pld needs 1 <= min_ngram_size <= max_ngram_size (got {min_ngram_size}, "
                                f"{max_ngram_size}); fix method.min_ngram_size / method.max_ngram_size")
@@ -86,6 +94,7 @@ class PromptLookupProposer(Proposer):
         self.max_ngram_size, self.min_ngram_size = max_ngram_size, min_ngram_size
         self.num_pred_tokens, self.max_matches = num_pred_tokens, max_matches
         self.match, self.cut_at_stop = match, cut_at_stop
+        self.require_full_continuation = bool(require_full_continuation)
         self.stop_token_ids: frozenset[int] = frozenset()
         self.index = NgramIndex(min_ngram_size, max_ngram_size)
 
@@ -106,6 +115,8 @@ class PromptLookupProposer(Proposer):
         prefixes: set[tuple[int, ...]] = set()          # every prefix of every branch found
         for n in range(self.max_ngram_size, self.min_ngram_size - 1, -1):
             starts = index.continuations(n)
+            if self.require_full_continuation:   # ascending: the occurrences with a full continuation come first
+                starts = starts[:bisect_right(starts, min(len(text) - self.num_pred_tokens, len(text) - n - 1))]
             if not starts:
                 continue
             ordered = starts if self.match == "first" else reversed(starts)

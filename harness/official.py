@@ -14,7 +14,12 @@ base_model_name_or_path} + `medusa_lm_head.pt` (or .safetensors) = `medusa_head.
 nn.ModuleList(Sequential(ResBlock * L, Linear(H, V, bias=False)) * K):
     {h}.{l}.linear.weight / .bias                residual block l of head h
     {h}.{L}.weight                               head h's own lm_head
-which is baselines/medusa.py MedusaHead(own_lm_head=True) with the `medusa_head.` prefix.
+which is baselines/medusa.py MedusaHead(own_lm_head=True) with the `medusa_head.` prefix. K is counted from
+the weights, not config.json: medusa-vicuna-7b/13b-v1.3 say `medusa_num_heads: 2` but hold 5 heads (keys `0.*`
+.. `4.*`, lmdeploy issue #1180), and the official MedusaModel.from_pretrained forces 5 ("TODO: fix the uploaded
+config (only include 2 heads)") and loads non-strictly; Spec-Bench builds 4 (inference_medusa.py num_heads = 4).
+We load every head the weights hold, or the first `max_heads` of them (the method's medusa_num_heads), and,
+unlike strict=False, refuse a key the layout does not explain or a missing / misshapen tensor.
 
 A foreign `.bin`/`.pt` is read with torch.load(weights_only=True) only: plain tensors, never pickled code.
 """
@@ -146,27 +151,32 @@ def load_official_eagle(folder: str | Path, loaded):
 # Medusa
 
 
+def medusa_heads_in(tensors: dict[str, torch.Tensor]) -> int:
+    """How many heads the weights hold: the distinct `{h}.` indices (the config.json count can be wrong)."""
+    return len({key.split(".", 1)[0] for key in tensors if key.split(".", 1)[0].isdigit()})
+
+
 def medusa_state_dict(tensors: dict[str, torch.Tensor], num_heads: int, num_layers: int) -> dict[str, torch.Tensor]:
     """Official `medusa_lm_head` keys ({h}.{l}.linear.weight/bias, {h}.{L}.weight) -> MedusaHead keys
-    (`medusa_head.` + the same), checking that every head has its blocks and its own lm_head."""
-    state = {}
-    for h in range(num_heads):
-        names = [f"{h}.{l}.linear.{part}" for l in range(num_layers) for part in ("weight", "bias")]
-        names.append(f"{h}.{num_layers}.weight")
-        for name in names:
+    (`medusa_head.` + the same), checking that every head has its blocks and its own lm_head and that no key
+    is left unexplained (the official loader's strict=False would skip both silently)."""
+    names = {h: [f"{h}.{l}.linear.{part}" for l in range(num_layers) for part in ("weight", "bias")]
+             + [f"{h}.{num_layers}.weight"] for h in range(num_heads)}
+    for head_names in names.values():
+        for name in head_names:
             if name not in tensors:
-                raise HarnessError(f"the Medusa checkpoint lacks {name} (config.json says {num_heads} heads x "
-                                   f"{num_layers} layers); re-download it or fix config.json")
-            state[f"medusa_head.{name}"] = tensors[name]
-    extra = sorted(set(tensors) - {key.removeprefix("medusa_head.") for key in state})
+                raise HarnessError(f"the Medusa checkpoint lacks {name} (its weights hold {num_heads} heads, its "
+                                   f"config.json says {num_layers} layer(s) each); re-download it or fix config.json")
+    extra = sorted(set(tensors) - {name for head_names in names.values() for name in head_names})
     if extra:
-        raise HarnessError(f"the Medusa checkpoint has keys its config.json does not explain ({extra[:3]}); "
-                           f"check medusa_num_heads / medusa_num_layers")
-    return state
+        raise HarnessError(f"the Medusa checkpoint has keys its layout does not explain ({extra[:3]}); is it a "
+                           f"Medusa-1 head with medusa_num_layers={num_layers} as its config.json says?")
+    return {f"medusa_head.{name}": tensors[name] for head_names in names.values() for name in head_names}
 
 
-def load_official_medusa(folder: str | Path, loaded):
-    """A published Medusa-1 head folder -> MedusaHead(own_lm_head=True) on loaded's device and dtype."""
+def load_official_medusa(folder: str | Path, loaded, max_heads: int | None = None):
+    """A published Medusa-1 head folder -> MedusaHead(own_lm_head=True) on loaded's device and dtype, with every
+    head the weights hold (as the official loader), or the first `max_heads` (method.medusa_num_heads)."""
     from harness.heads import build_head
 
     folder = Path(folder)
@@ -174,24 +184,39 @@ def load_official_medusa(folder: str | Path, loaded):
     tensors = read_tensors(_weights(folder, MEDUSA_WEIGHTS, "Medusa"))
     tensors = {key.removeprefix("medusa_head."): value for key, value in tensors.items()}
     try:
-        num_heads, num_layers = int(config["medusa_num_heads"]), int(config["medusa_num_layers"])
+        num_layers = int(config["medusa_num_layers"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise HarnessError(f"{folder}/config.json lacks medusa_num_heads / medusa_num_layers; is it a Medusa "
-                           f"head?") from exc
+        raise HarnessError(f"{folder}/config.json lacks medusa_num_layers (a Medusa config.json has "
+                           f"medusa_num_heads and medusa_num_layers); is it a Medusa head?") from exc
+    stored = medusa_heads_in(tensors)
+    if stored == 0:
+        raise HarnessError(f"{folder} holds no Medusa head weights ({{h}}.{{l}}.linear.weight ...); is it a "
+                           f"Medusa-1 head?")
+    said = config.get("medusa_num_heads")
+    if said is not None and said != stored:
+        log.info("%s: config.json says %s heads, the weights hold %d: using %d, as the official loader does",
+                 folder, said, stored, stored)
+    used = stored if max_heads is None else min(stored, int(max_heads))
+    if used < 1:
+        raise HarnessError(f"method.medusa_num_heads={max_heads}: use at least 1 of the {stored} heads in {folder}")
+    if used < stored:
+        log.info("%s: using the first %d of its %d heads (method.medusa_num_heads=%s)", folder, used, stored, max_heads)
     lm_head = tensors.get(f"0.{num_layers}.weight")
-    if lm_head is not None:
+    if lm_head is not None and lm_head.dim() == 2:
         _check_dims({"vocab_size": lm_head.shape[0], "hidden_size": lm_head.shape[1]}, loaded, folder, "Medusa")
     base = config.get("base_model_name_or_path")
     if base:
         log.info("published Medusa head %s was trained for %s", folder, base)
-    head = build_head("medusa", loaded.model.config, medusa_num_heads=num_heads, medusa_num_layers=num_layers,
+    state = medusa_state_dict(tensors, stored, num_layers)
+    head = build_head("medusa", loaded.model.config, medusa_num_heads=used, medusa_num_layers=num_layers,
                       own_lm_head=True)
-    state = medusa_state_dict(tensors, num_heads, num_layers)
-    for key, value in head.state_dict().items():
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise HarnessError(f"{folder}: {key} has shape {tuple(state[key].shape)}, this target needs "
-                               f"{tuple(value.shape)}; pick the head published for this model")
-    head.load_state_dict(state)
+    expected = head.state_dict()
+    for key, value in state.items():       # every stored head, used or not, has head 0's shapes in our class
+        need = tuple(expected["medusa_head.0." + key.split(".", 2)[2]].shape)
+        if tuple(value.shape) != need:
+            raise HarnessError(f"{folder}: {key} has shape {tuple(value.shape)}, this target needs {need}; pick "
+                               f"the head published for this model")
+    head.load_state_dict({key: value for key, value in state.items() if int(key.split(".")[1]) < used})
     return head.to(device=loaded.device, dtype=loaded.dtype).eval().requires_grad_(False)
 
 

@@ -1,10 +1,12 @@
 """Lookahead decoding: window mask and positions, the n-gram pool, the Jacobi window, losslessness."""
 
+import random
+
 import pytest
 import torch
 
 from baselines.lookahead import LookaheadProposer, NgramPool, window_layout
-from harness.acceptance import Sampling
+from harness.acceptance import Sampling, greedy_accept
 from harness.bench import build_method
 from harness.decoding import DecodeContext, Proposer, Step, StopCriteria, decode_turn
 from harness.errors import HarnessError
@@ -143,11 +145,97 @@ def test_sampling_runs_through_the_loop():
 def test_configs_build_the_official_defaults_and_the_cpu_preset():
     official = build_method(compose_config("method=lookahead").method)
     assert isinstance(official, LookaheadProposer) and official.name == "lookahead"
-    assert (official.level, official.window, official.guess_set_size) == (5, 15, 15)
+    assert (official.level, official.window, official.guess_set_size, official.max_emit) == (5, 15, 15, "n")
     cpu = build_method(compose_config("method=lookahead_cpu").method)
     assert cpu.name == "lookahead_cpu" and cpu.level * cpu.window < 5 * 15
+    specbench = build_method(compose_config("method=lookahead_specbench").method)
+    assert specbench.name == "lookahead_specbench" and not specbench.pool_from_prompt
+    assert (specbench.level, specbench.window, specbench.guess_set_size, specbench.max_emit) == (5, 7, 7, "n_minus_1")
     with pytest.raises(HarnessError, match="level"):
         build_method(compose_config("method=lookahead", "method.level=2").method)
+    with pytest.raises(HarnessError, match="max_emit"):
+        build_method(compose_config("method=lookahead", "method.max_emit=all").method)
+
+
+def lade_hits(first_guess: int, guesses: list[tuple[int, ...]], predict) -> list[int]:
+    """The tokens one official lade step appends (lade/decoding.py jacobi_greedy_search_multilevel, copied in
+    Spec-Bench): `correct` = the target's token at each guess position; `gg` from the loop below stops at
+    N-2 even when all N-1 guess tokens match; the step appends hits[:max_hit + 1]."""
+    max_hit, hits = 0, [first_guess]
+    for myguess in guesses:
+        correct = [first_guess] + [predict(myguess[:k + 1]) for k in range(len(myguess))]
+        gg = 0
+        for gg in range(len(myguess)):
+            if myguess[gg] != correct[gg]:
+                break
+        if gg > max_hit:
+            max_hit = gg
+            hits = correct[:max_hit + 1]
+    return hits
+
+
+def test_the_n_minus_1_cap_emits_what_official_lade_emits():
+    """max_emit=n_minus_1: each pooled n-gram (the root's N-1 followers) is drafted as its first N-2 tokens,
+    so a step accepts at most N-2 draft tokens + the bonus = N-1 new tokens, token for token lade's hits;
+    max_emit=n may accept all N-1 + the bonus."""
+    rng = random.Random(0)
+    vocab, level = 3, 5
+    longest_uncapped = 0
+    for trial in range(300):
+        table = {}
+
+        def predict(path: tuple[int, ...]) -> int:        # a deterministic greedy target: continuation -> token
+            return table.setdefault(path, rng.randrange(vocab))
+
+        proposer = LookaheadProposer(level=level, window=2, guess_set_size=4, max_emit="n_minus_1")
+        ctx = _context([1, 2, 3, 4, 9], prompt_len=4)
+        proposer.reset(ctx)
+        guesses = list({tuple(rng.randrange(vocab) for _ in range(level - 1)) for _ in range(rng.randrange(1, 5))})
+        for guess in guesses:
+            proposer.pool.add(9, guess)
+        draft = proposer.propose(ctx)
+        assert max(len(path) for path in _paths(draft)) == level - 2
+        ours = greedy_accept(draft.parents, draft.tokens, _greedy_logits(draft, predict, vocab))
+        assert ours.tokens == lade_hits(predict(()), proposer.pool.get(9), predict), trial
+        assert len(ours.tokens) <= level - 1
+        full = LookaheadProposer(level=level, window=2, guess_set_size=4)
+        full.reset(ctx)
+        for guess in guesses:
+            full.pool.add(9, guess)
+        uncapped = full.propose(ctx)
+        assert max(len(path) for path in _paths(uncapped)) == level - 1
+        longest_uncapped = max(longest_uncapped, len(greedy_accept(uncapped.parents, uncapped.tokens,
+                                                                   _greedy_logits(uncapped, predict, vocab)).tokens))
+    assert longest_uncapped == level             # some trials matched a whole n-gram: there lade drops the bonus
+
+
+def _greedy_logits(draft, predict, vocab: int) -> torch.Tensor:
+    """One-hot verify logits [1 + n, vocab] of the target `predict` (continuation -> its next token)."""
+    logits = torch.zeros(1 + len(draft.tokens), vocab)
+    logits[0, predict(())] = 1.0
+    for node, path in enumerate(_paths(draft)):
+        logits[1 + node, predict(path)] = 1.0
+    return logits
+
+
+def _paths(draft) -> list[tuple[int, ...]]:
+    """Each draft node's tokens from the root down."""
+    paths: list[tuple[int, ...]] = []
+    for token, parent in zip(draft.tokens, draft.parents):
+        paths.append((paths[parent] if parent >= 0 else ()) + (token,))
+    return paths
+
+
+@pytest.mark.parametrize("options", [dict(level=5, window=7, guess_set_size=7),          # lookahead_specbench
+                                     dict(level=4, window=5, guess_set_size=5, pool_from_prompt=True)])
+def test_the_n_minus_1_cap_holds_in_the_loop_and_stays_lossless(tiny_llama, options):
+    reference = _turn(tiny_llama, Proposer())
+    capped = _turn(tiny_llama, LookaheadProposer(max_emit="n_minus_1", **options))
+    uncapped = _turn(tiny_llama, LookaheadProposer(max_emit="n", **options))
+    n = options["level"]
+    assert capped.token_ids == reference.token_ids == uncapped.token_ids
+    assert max(capped.accepted_lengths) == n - 1 and len(capped.pos_attempted) == n - 2   # drafts N-2 deep
+    assert max(uncapped.accepted_lengths) == n                                           # the cap bites here
 
 
 def test_observe_reads_the_last_level_from_the_tail_of_the_verify_logits():

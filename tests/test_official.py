@@ -6,6 +6,7 @@ forwards below are written from the published architecture, independently of our
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -15,13 +16,14 @@ import torch.nn.functional as F
 from baselines.eagle import EagleHead, EagleProposer
 from baselines.medusa import MedusaHead, MedusaProposer
 from harness.acceptance import Sampling
+from harness.bench import build_method
 from harness.decoding import Proposer, StopCriteria, decode_turn
 from harness.errors import HarnessError
 from harness.heads import BaseHandles
 from harness.models import LoadedModel
 from harness.official import is_official, load_official_eagle, load_official_medusa, medusa_state_dict
 from harness.target import Target
-from tests.conftest import make_tiny_llama
+from tests.conftest import compose_config, make_tiny_llama
 
 HIDDEN, VOCAB, HEADS, KV_HEADS, INTER = 64, 256, 4, 2, 128
 HEAD_DIM = HIDDEN // HEADS
@@ -192,6 +194,7 @@ def medusa_checkpoint(heads: int, layers: int, seed: int = 0) -> dict[str, torch
 
 
 def write_medusa(folder, state: dict, heads: int, layers: int, safetensors: bool = False):
+    """config.json says `heads`, whatever the weights hold (medusa-vicuna-7b-v1.3's says 2 over 5 stored heads)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"medusa_num_heads": heads, "medusa_num_layers": layers,
                                                     "base_model_name_or_path": "lmsys/vicuna-7b-v1.3"}))
@@ -227,20 +230,87 @@ def test_published_medusa_layout_maps_onto_medusa_head(tiny, tmp_path, safetenso
 
 def test_published_medusa_decodes_losslessly_through_head_path(tiny, tmp_path):
     folder = write_medusa(tmp_path / "medusa-tiny", medusa_checkpoint(4, 1), 4, 1)
-    proposer = MedusaProposer(head_path=str(folder), medusa_choices="mc_sim_7b_63")
+    proposer = MedusaProposer(head_path=str(folder), medusa_choices="mc_sim_7b_63", medusa_num_heads=4)
     proposer.setup(as_loaded(tiny))
     assert isinstance(proposer.head, MedusaHead) and proposer.head.num_positions == 4
     assert decode(tiny, proposer, 40) == greedy_reference(tiny, 40)
 
 
-def test_medusa_checkpoint_that_disagrees_with_its_config_is_refused(tiny, tmp_path):
-    state = medusa_checkpoint(2, 1)
+# FasterDecoding/medusa-vicuna-7b-v1.3 and -13b-v1.3: config.json {"medusa_num_heads": 2, "medusa_num_layers": 1}
+# over a medusa_lm_head.pt of 5 heads, keys 0.0.linear.weight, 0.0.linear.bias, 0.1.weight, .., 4.1.weight
+# (listed in InternLM/lmdeploy issue #1180); the official loader forces 5 heads, Spec-Bench builds 4.
+DEEP_CHOICES = [[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]   # 5 deep: every head drafts
+
+
+def test_published_vicuna_layout_loads_five_heads_and_decodes_losslessly(tiny, tmp_path, caplog):
+    folder = write_medusa(tmp_path / "medusa-vicuna-tiny", medusa_checkpoint(5, 1), heads=2, layers=1)
+    with caplog.at_level(logging.INFO, logger="harness.official"):
+        head = load_official_medusa(folder, as_loaded(tiny))
+    assert head.num_positions == 5 and head.own_lm_head
+    said = [r.getMessage() for r in caplog.records if "config.json says" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("config.json says 2 heads, the weights hold 5: using 5, as the "
+                                               "official loader does")
+    expected = greedy_reference(tiny, 40)
+    proposer = MedusaProposer(head_path=str(folder), medusa_choices=DEEP_CHOICES, medusa_num_heads=5)
+    proposer.setup(as_loaded(tiny))
+    assert proposer.head.num_positions == 5 and proposer.used_heads == 5
+    assert decode(tiny, proposer, 40) == expected
+    # the `medusa_head.` prefix (a state dict saved from the whole model) maps the same way
+    prefixed = {f"medusa_head.{key}": value for key, value in medusa_checkpoint(5, 1).items()}
+    again = load_official_medusa(write_medusa(tmp_path / "prefixed", prefixed, heads=2, layers=1), as_loaded(tiny))
+    features, base = torch.randn(3, HIDDEN), BaseHandles.of(tiny)
+    with torch.no_grad():
+        torch.testing.assert_close(again.logits(features, base), head.logits(features, base))
+
+
+def test_method_medusa_num_heads_caps_the_published_heads(tiny, tmp_path, caplog):
+    folder = write_medusa(tmp_path / "medusa-vicuna-tiny", medusa_checkpoint(5, 1), heads=2, layers=1)
+    expected = greedy_reference(tiny, 40)
+    # conf/method/medusa.yaml (medusa_num_heads: 4, mc_sim_7b_63) = Spec-Bench's 4 heads
+    proposer = build_method(compose_config("method=medusa", f"method.head_path={folder}").method)
+    with caplog.at_level(logging.INFO, logger="harness.official"):
+        proposer.setup(as_loaded(tiny))
+    assert proposer.head.num_positions == 4 and any("using the first 4 of its 5 heads" in r.getMessage()
+                                                    for r in caplog.records)
+    assert decode(tiny, proposer, 40) == expected
+    full = load_official_medusa(folder, as_loaded(tiny))
+    two = load_official_medusa(folder, as_loaded(tiny), max_heads=2)
+    assert two.num_positions == 2 and load_official_medusa(folder, as_loaded(tiny), max_heads=9).num_positions == 5
+    features, base = torch.randn(3, HIDDEN), BaseHandles.of(tiny)
+    with torch.no_grad():         # the first heads, unchanged
+        torch.testing.assert_close(two.logits(features, base), full.logits(features, base)[:2])
+    with pytest.raises(HarnessError, match="at least 1"):
+        load_official_medusa(folder, as_loaded(tiny), max_heads=0)
+
+
+def test_medusa_heads_are_counted_from_the_weights_and_strays_are_refused(tiny, tmp_path):
+    # config.json says 3, the weights hold 2: the weights win
+    assert load_official_medusa(write_medusa(tmp_path / "a", medusa_checkpoint(2, 1), 3, 1),
+                                as_loaded(tiny)).num_positions == 2
+    gap = medusa_checkpoint(4, 1)
+    for key in [k for k in gap if k.startswith("2.")]:
+        del gap[key]                                          # heads 0, 1, 3
     with pytest.raises(HarnessError, match="lacks 2.0.linear.weight"):
-        load_official_medusa(write_medusa(tmp_path / "a", state, 3, 1), as_loaded(tiny))
+        load_official_medusa(write_medusa(tmp_path / "gap", gap, 4, 1), as_loaded(tiny))
+    stray = medusa_checkpoint(5, 1)
+    stray["0.1.linear.weight"] = torch.zeros(HIDDEN, HIDDEN)  # a second block that medusa_num_layers=1 does not have
     with pytest.raises(HarnessError, match="does not explain"):
-        load_official_medusa(write_medusa(tmp_path / "b", state, 1, 1), as_loaded(tiny))
+        load_official_medusa(write_medusa(tmp_path / "stray", stray, 2, 1), as_loaded(tiny))
+    stray = medusa_checkpoint(2, 1)
+    stray["rotary.inv_freq"] = torch.zeros(4)
+    with pytest.raises(HarnessError, match=r"does not explain \(\['rotary.inv_freq'\]\)"):
+        load_official_medusa(write_medusa(tmp_path / "stray2", stray, 2, 1), as_loaded(tiny))
+    misshapen = medusa_checkpoint(5, 1)
+    misshapen["4.0.linear.bias"] = torch.zeros(HIDDEN + 1)    # refused even when only 2 heads are used
+    with pytest.raises(HarnessError, match=r"medusa_head.4.0.linear.bias has shape \(65,\)"):
+        load_official_medusa(write_medusa(tmp_path / "misshapen", misshapen, 2, 1), as_loaded(tiny), max_heads=2)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "config.json").write_text("{}")
     torch.save({"0.0.linear.weight": torch.zeros(2, 2)}, tmp_path / "c" / "medusa_lm_head.pt")
-    with pytest.raises(HarnessError, match="medusa_num_heads"):
+    with pytest.raises(HarnessError, match="medusa_num_layers"):
         load_official_medusa(tmp_path / "c", as_loaded(tiny))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text(json.dumps({"medusa_num_layers": 1}))
+    torch.save({"lm_head.weight": torch.zeros(2, 2)}, tmp_path / "d" / "medusa_lm_head.pt")
+    with pytest.raises(HarnessError, match="holds no Medusa head weights"):
+        load_official_medusa(tmp_path / "d", as_loaded(tiny))

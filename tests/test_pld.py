@@ -73,6 +73,56 @@ def test_drafts_equal_transformers_prompt_lookup_on_random_texts():
         assert (ours[0] if ours else []) == theirs[0, len(text):].tolist(), text
 
 
+def specbench_candidate(text: list[int], max_ngram_size: int = 3, num_pred_tokens: int = 10) -> list[int]:
+    """Spec-Bench model/pld/pld.py find_candidate_pred_tokens (the PLD repo's), rewritten on lists: n from
+    max_ngram_size down to 1, occurrences left to right, the first with a full continuation wins."""
+    length = len(text)
+    for n in range(max_ngram_size, 0, -1):
+        ngram = text[-n:]
+        for idx in range(length - n + 1):
+            if text[idx:idx + n] == ngram:
+                start, end = idx + n, idx + n + num_pred_tokens
+                if end <= length and start < length - n:
+                    return text[start:end]
+    return []
+
+
+def test_the_full_continuation_rule_drafts_what_specbench_drafts_on_random_texts():
+    rng = random.Random(1)
+    drafted = 0
+    for _ in range(300):
+        text = [rng.randrange(4) for _ in range(rng.randrange(4, 70))]
+        ours = indexed(text, max_ngram_size=3, require_full_continuation=True).candidates(10)
+        assert (ours[0] if ours else []) == specbench_candidate(text), text
+        assert not ours or len(ours[0]) == 10                  # never a shorter continuation
+        drafted += bool(ours)
+    assert drafted > 100
+    # the rule: (1, 2) last occurred 3 tokens before the end; transformers drafts those 3, the rule looks further
+    # back (the leftmost (1, 2) with 10 tokens after it), then to smaller n, then gives up
+    text = [1, 2] + list(range(10, 20)) + [1, 2, 7, 8, 9, 1, 2]
+    assert indexed(text, max_ngram_size=3, match="last").candidates(10) == [[7, 8, 9, 1, 2]]
+    assert indexed(text, max_ngram_size=3, match="last", require_full_continuation=True).candidates(10) == \
+        [list(range(10, 20))]
+    short = [5, 6, 7, 1, 2, 3, 4, 1, 2]
+    assert indexed(short).candidates(10) == [[3, 4, 1, 2]]
+    assert indexed(short, require_full_continuation=True).candidates(10) == []
+    assert indexed(short, require_full_continuation=True).candidates(2) == []   # judged on num_pred_tokens, not the budget
+
+
+def test_specbench_pld_is_lossless_and_drafts_only_full_continuations(tiny_llama):
+    reference = _turn(tiny_llama, Proposer(), tokens=64)
+    proposer = build_method(compose_config("method=pld_specbench").method)
+    assert proposer.name == "pld_specbench" and proposer.require_full_continuation
+    assert (proposer.max_ngram_size, proposer.min_ngram_size, proposer.num_pred_tokens) == (3, 1, 10)
+    result = _turn(tiny_llama, proposer, tokens=64)
+    assert result.token_ids == reference.token_ids
+    emitted = 1
+    for accepted, drafted in zip(result.accepted_lengths[1:], result.draft_sizes[1:]):
+        assert drafted in (0, 10) or drafted == 64 - emitted - 1   # 10 tokens, or the budget at the turn's end
+        emitted += accepted
+    assert result.new_tokens / result.steps > 1.5
+
+
 def _turn(model, proposer, prompt=REPETITIVE_PROMPT, tokens=48, sampling=None, generator=None):
     return decode_turn(Target(model), proposer, prompt, sampling or Sampling(),
                        StopCriteria(frozenset(), max_new_tokens=tokens), generator)

@@ -92,6 +92,9 @@ def test_the_shipped_heads_are_small_bf16_and_recorded():
         with safe_open(str(weights), "pt") as handle:
             for key in handle.keys():
                 tensor = handle.get_tensor(key)
+                if key == "draft_vocab":    # a reduced draft vocabulary: token ids, kept as integers
+                    assert tensor.dtype == torch.int64 and tensor.unique().numel() == tensor.numel(), name
+                    continue
                 assert tensor.dtype == torch.bfloat16 and 49152 not in tensor.shape, (name, key)
         assert entry["command"].startswith("specdec-train") and entry["commit"], name
         assert entry["data"]["train_conversations"] and len(entry["eval_topk"]) >= 1, name
