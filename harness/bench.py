@@ -123,6 +123,11 @@ def run_bench(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_fits(cfg)   # plan.gpu_memory set: refuse a run the memory planner says cannot fit, before loading
     method = build_method(cfg.method)
     store = RunStore(run_dir)
+    with store.lock():   # one writer per run folder: a second run/resume is refused here, before the model loads
+        return _bench(cfg, store, method, questions, reference)
+
+
+def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], reference: dict) -> dict:
     loaded = load_model(cfg.model, cfg.device)
     info = {"hardware": hardware(loaded.device), "model_source": loaded.source,
             "quantization": loaded.quantization, "weight_memory_bytes": weight_memory_bytes(loaded.model),

@@ -43,6 +43,7 @@ from harness.app import hydra_app
 from harness.data import load_questions
 from harness.decoding import StopCriteria
 from harness.errors import HarnessError
+from harness.locks import hold
 from harness.models import load_model
 from harness.self_prompts import (EvalOverlap, NearDuplicates, PromptFilter, clean_user_turn, encode_prefix, open_user_turn,
                                   user_turn_stops)
@@ -430,10 +431,17 @@ def run_distill(cfg: DictConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
-    conversations, overlap = drop_eval_overlap(load_conversations(cfg), cfg)
-    mine = [c for c in conversations if shard_of(c.id, num_shards) == shard]
     out_dir = Path(cfg.out_dir)
     stem = shard_stem(shard, num_shards)
+    # one writer per shard file (shards of one out_dir run in parallel): a second job on this shard is refused
+    # here, before the input is read, the model loads or the shard's files are touched
+    with hold(out_dir, "shard or out_dir", key=stem):
+        return _distill_shard(cfg, out_dir, stem, shard, num_shards)
+
+
+def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_shards: int) -> dict:
+    conversations, overlap = drop_eval_overlap(load_conversations(cfg), cfg)
+    mine = [c for c in conversations if shard_of(c.id, num_shards) == shard]
     shard_log, done = open_shard(cfg, out_dir, shard, num_shards, {"eval_overlap": overlap})
     todo = [c for c in mine if c.id not in done]
     log.info("shard %d/%d: %d conversations, %d already done, %d to go -> %s", shard, num_shards, len(mine),

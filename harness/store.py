@@ -1,5 +1,8 @@
 """The results store: one folder per run, `run.json` + `answers.jsonl` (+ `summary.json` at the end).
 
+A run folder has one writer: `RunStore.lock()` (harness.locks) is held for the whole run, so a second run or
+resume into the same run_dir is refused before it loads a model or writes a line.
+
 answers.jsonl gets one record per question, appended, flushed and fsync'd as each question finishes,
 so a killed run loses at most the question in flight, and `resume=true` continues where it stopped.
 """
@@ -19,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import REPO_ROOT
 from harness.errors import HarnessError
+from harness.locks import hold
 
 ANSWERS = "answers.jsonl"
 RUN_INFO = "run.json"
@@ -81,6 +85,10 @@ class RunStore:
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
         self.answers = self.dir / ANSWERS
+
+    def lock(self):
+        """Hold the folder for this run (a context manager); a second writer gets one HarnessError line."""
+        return hold(self.dir, "run_dir")
 
     def open(self, cfg: DictConfig, resume: bool, extra: dict | None = None) -> set[int]:
         """Create or reopen the folder; returns the question ids already finished (resume)."""

@@ -52,6 +52,7 @@ import re
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,7 @@ from harness.app import hydra_app
 from harness.errors import HarnessError
 from harness.heads import (WEIGHTS_FILE, BaseHandles, DraftHead, base_identity, build_head, check_base, load_head,
                            read_head_config, save_head, topk_accuracy)
+from harness.locks import hold
 from harness.models import load_model
 from harness.quant import quantization_signature
 from harness.store import git_commit
@@ -472,20 +474,24 @@ def run_train(cfg: DictConfig) -> dict:
         raise HarnessError("set output_dir=<folder> (checkpoints and the final head go there)")
     main_process = int(os.environ.get("RANK", "0")) == 0
     job_type = "eval" if cfg.eval_only else "train"
-    tracker = Tracker(None)
-    if main_process and wandb_enabled(cfg):
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        tracker = Tracker.start(cfg, Path(cfg.output_dir), job_type,
-                                [cfg.model.name, str(cfg.head.type) if cfg.get("head") else "head", cfg.name])
-    args = training_arguments(cfg, report_to_wandb=tracker.run is not None)
-    failed = True
-    try:
-        summary = _run(cfg, args)
-        tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-        failed = False
-        return summary
-    finally:
-        tracker.finish(failed=failed)
+    # one writer per output folder, held by rank 0 for the whole job: a second job into it is refused here,
+    # before the model loads (eval_only writes into head_path; a missing one is reported by load_head)
+    locked = main_process and (not cfg.eval_only or Path(cfg.output_dir).is_dir())
+    with hold(cfg.output_dir, "head_path" if cfg.eval_only else "output_dir") if locked else nullcontext():
+        tracker = Tracker(None)
+        if main_process and wandb_enabled(cfg):
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            tracker = Tracker.start(cfg, Path(cfg.output_dir), job_type,
+                                    [cfg.model.name, str(cfg.head.type) if cfg.get("head") else "head", cfg.name])
+        args = training_arguments(cfg, report_to_wandb=tracker.run is not None)
+        failed = True
+        try:
+            summary = _run(cfg, args)
+            tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            failed = False
+            return summary
+        finally:
+            tracker.finish(failed=failed)
 
 
 def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
