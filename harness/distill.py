@@ -406,10 +406,12 @@ def make_backend(cfg: DictConfig, out_dir: Path, shard_name: str):
     return backend, template
 
 
-def record_run(meta_path: Path, summary: dict) -> None:
-    """Append this run's counts and throughput to the shard's meta file (a resumed shard has several)."""
+def record_run(meta_path: Path, summary: dict, run_id: float) -> None:
+    """This run's counts and throughput in the shard's meta file, one entry per run (a resumed shard has several),
+    updated in place after every chunk."""
     meta = json.loads(meta_path.read_text())
-    meta.setdefault("stats", []).append({**summary, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    runs = [r for r in meta.setdefault("stats", []) if r.get("run_id") != run_id]
+    meta["stats"] = runs + [{**summary, "run_id": run_id, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}]
     if summary.get("vllm_version"):
         meta["backend_info"] = {"vllm": summary["vllm_version"]}
     tmp = meta_path.with_suffix(".tmp")
@@ -464,7 +466,7 @@ def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_sh
         if chunk > 1:  # similar lengths together: less padding
             todo.sort(key=lambda c: len(c.turns[0]) if c.turns else 0)
         bar = tqdm(total=len(todo), desc=f"distill {stem}", unit="conv", disable=not cfg.progress, mininterval=5)
-        tokens, written, started = 0, 0, time.perf_counter()
+        tokens, written, started, run_id = 0, 0, time.perf_counter(), time.time()
         for first in range(0, len(todo), chunk):
             for item in distiller.run(todo[first: first + chunk]):
                 shard_log.append(item.record(cfg.model.name))
@@ -474,6 +476,11 @@ def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_sh
             bar.update(min(chunk, len(todo) - first))
             bar.set_postfix(new_tok=tokens, tok_s=f"{tokens / max(elapsed, 1e-9):.1f}")
             tracker.log({"conversations": written, "new_tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)})
+            # this run's throughput so far, in the meta file after every chunk: a killed run keeps its numbers
+            record_run(out_dir / f"{stem}.meta.json", {"written_now": written, "new_tokens_now": tokens,
+                                                        "seconds_now": round(elapsed, 1), "backend": cfg.backend,
+                                                        "tokens_per_s_now": round(tokens / max(elapsed, 1e-9), 1),
+                                                        "finished": False}, run_id=run_id)
             if not cfg.progress:   # job logs (SLURM) still show progress
                 log.info("%s: %d/%d conversations, %d new tokens, %.1f tok/s", stem, written, len(todo), tokens,
                          tokens / max(elapsed, 1e-9))
@@ -489,7 +496,7 @@ def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_sh
             summary["self_prompts_now"] = prompt_filter.stats()
         if getattr(backend, "version", None):
             summary["vllm_version"] = backend.version
-        record_run(out_dir / f"{stem}.meta.json", summary)
+        record_run(out_dir / f"{stem}.meta.json", {**summary, "finished": True}, run_id=run_id)
         tracker.summary(summary)
         failed = False
         return summary

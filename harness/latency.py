@@ -7,12 +7,16 @@ call `measure_verify_latency` directly.
 
     python -m harness.latency                                   # default model, prefix 256, sizes 1..64
     python -m harness.latency --model smollm2-135m --prompt-len 512 --sizes 1,2,4,8 --threads 2 --tree
+
+It also prints the memory-bandwidth bound of a step on this machine: weight bytes / measured read
+bandwidth, and how far the measured 1-token step is from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -75,6 +79,42 @@ def measure_verify_latency(target: Target, prompt_ids: list[int] | None, sizes=D
     return seconds
 
 
+@torch.inference_mode()
+def measure_read_bandwidth(device: torch.device | str, megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second one `sum` over a large fp32 tensor reads on `device` (best of `repeats`): the
+    memory stream a decoding step is bound by, at the current thread count. The tensor is far larger
+    than any cache level here, so it measures DRAM (or HBM), not cache."""
+    if megabytes < 1 or repeats < 1:
+        raise HarnessError(f"bandwidth benchmark needs megabytes >= 1 and repeats >= 1 (got {megabytes}, {repeats})")
+    device = torch.device(device)
+    data = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    clock = Clock(device)
+    data.sum()                            # first touch and kernel selection off the clock
+    best = math.inf
+    for _ in range(repeats):
+        start = clock()
+        data.sum()
+        best = min(best, clock() - start)
+    return data.numel() * data.element_size() / best
+
+
+def bandwidth_bound(weight_bytes: int, bandwidth: float, step_seconds: float | None = None) -> dict:
+    """The memory-bandwidth bound of a decoding step: every weight read once per step (the KV cache and
+    activations are left out, and an untied input embedding is only gathered, so the true bound is a
+    little lower still), next to the measured 1-token step."""
+    bound = weight_bytes / bandwidth
+    return {"weight_bytes": int(weight_bytes), "bandwidth_bytes_per_s": bandwidth, "bound_s": bound,
+            "step_s": step_seconds, "x_bound": step_seconds / bound if step_seconds else None}
+
+
+def format_bound(bound: dict) -> str:
+    text = (f"bound: {bound['weight_bytes'] / 1e6:.0f} MB / {bound['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s = "
+            f"{bound['bound_s'] * 1e3:.2f} ms per step")
+    if bound["step_s"]:
+        text += f"; 1-token step measured {bound['step_s'] * 1e3:.2f} ms = {bound['x_bound']:.1f}x the bound"
+    return text
+
+
 def format_curve(seconds: dict[int, float]) -> str:
     base = seconds.get(1)
     lines = [f"{'tokens':>6} {'ms/forward':>11} {'ms/token':>9} {'x 1-token':>9}"]
@@ -122,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--tree", action="store_true", help="flat tree (explicit mask) instead of a chain")
+    parser.add_argument("--bandwidth-mb", type=int, default=256,
+                        help="size of the read-bandwidth benchmark tensor (MiB); 0 = skip the bound")
     parser.add_argument("--json", default=None, help="also write {size: seconds} to this file")
     args = parser.parse_args(argv)
     try:
@@ -137,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         prompt, source = prefix_ids(loaded, args.prompt_len, args.questions)
         target = Target(loaded.model)
         curve = measure_verify_latency(target, prompt, sizes, args.repeats, args.warmup, args.tree)
+        bound = None
+        if args.bandwidth_mb:
+            from harness.quant import weight_memory_bytes
+
+            bandwidth = measure_read_bandwidth(target.device, args.bandwidth_mb)
+            bound = bandwidth_bound(weight_memory_bytes(loaded.model), bandwidth, curve.get(1))
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -144,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
           f"prefix {len(prompt)} tokens of {source}, {'flat tree' if args.tree else 'chain'}, "
           f"median of {args.repeats}")
     print(format_curve(curve))
-    if args.json:
+    if bound is not None:
+        print(format_bound(bound))
+    if args.json:   # the curve only: harness/sizing.py reads this file as {size: seconds}
         Path(args.json).write_text(json.dumps({str(k): v for k, v in curve.items()}, indent=1))
     return 0
 

@@ -3,11 +3,14 @@
 - tokens/s: generated token ids (never re-tokenised text) / wall time (prefill + decode), every turn.
 - τ (mean accepted length) = generated tokens / verify steps, bonus included, prefill = one step.
 - acceptance at position k = P(draft token k accepted | tokens 1..k-1 accepted).
+- lossless: exact / near_tie / mismatch per question (harness/lossless.py); rate = (exact + near_tie) / compared.
 """
 
 from __future__ import annotations
 
 import math
+
+from harness import lossless
 
 
 def _turns(records: list[dict]) -> list[dict]:
@@ -42,18 +45,5 @@ def summarize(records: list[dict]) -> dict:
     accepted = [sum((t.get("pos_accepted") or [])[k] if k < len(t.get("pos_accepted") or []) else 0
                     for t in turns) for k in range(depth)]
     summary["acceptance_per_position"] = [a / n if n else None for a, n in zip(accepted, attempted)]
-    checked = [r["lossless"]["match"] for r in records if r.get("lossless") is not None]
-    summary["lossless_rate"] = sum(checked) / len(checked) if checked else None
+    summary.update(lossless.summary_fields(records))
     return summary
-
-
-def compare_tokens(turns: list[list[int]], reference_turns: list[list[int]]) -> dict:
-    """Token-by-token comparison of one question with a reference run, turn by turn."""
-    result = []
-    for index, ids in enumerate(turns):
-        ref = reference_turns[index] if index < len(reference_turns) else []
-        first_diff = next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), None)
-        if first_diff is None and len(ids) != len(ref):
-            first_diff = min(len(ids), len(ref))
-        result.append({"match": first_diff is None, "first_diff": first_diff})
-    return {"match": all(t["match"] for t in result), "turns": result}

@@ -42,6 +42,12 @@ class ChatTemplate:
                 text = text[: text.index(stop)]
         return text.strip()
 
+    def turn_prompt(self, users: list[str], answers: list[str]) -> list[int]:
+        """Prompt ids of turn len(answers) of a multi-turn question: earlier turns carry the given
+        answers (decoded text, cleaned as above) - FastChat / Spec-Bench's multi-turn protocol."""
+        history = [(user, self.clean_answer(answer)) for user, answer in zip(users, answers)]
+        return self.encode(history + [(users[len(answers)], None)])
+
 
 class HFChatTemplate(ChatTemplate):
     """The tokenizer's own `chat_template` (SmolLM2)."""

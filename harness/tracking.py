@@ -19,11 +19,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from harness.lossless import question_status
+
 log = logging.getLogger(__name__)
 
 # Overrides that say where or how a job runs, not what it measures: left out of the W&B run name.
-NAME_EXCLUDED = ("run_dir", "resume", "progress", "logger", "hydra", "reference", "baseline_run", "bench.path",
-                 "model.path")
+NAME_EXCLUDED = ("run_dir", "resume", "progress", "logger", "hydra", "reference", "lossless", "baseline_run",
+                 "bench.path", "model.path")
 
 
 def _hydra_config():
@@ -76,6 +78,8 @@ def flat_metrics(summary: dict) -> dict:
             flat.update({f"acceptance/pos{k + 1}": v for k, v in enumerate(value) if v is not None})
         elif key == "topk_accuracy" and isinstance(value, dict):
             flat.update({f"topk_accuracy/{k}": v for k, v in value.items() if _scalar(v)})
+        elif key == "lossless_mismatch_questions" and value:
+            flat[key] = ", ".join(map(str, value))       # W&B shows the mismatched questions by name
         elif isinstance(value, dict):
             flat.update({f"{key}/{k}": v for k, v in value.items() if _scalar(v)})
         elif _scalar(value):
@@ -94,7 +98,7 @@ def question_row(record: dict) -> dict:
             "tau": tokens / steps if steps else None,
             "draft_tokens_per_step": (sum(sum(d) for d in drafted) / steps
                                       if steps and all(d is not None for d in drafted) else None),
-            "lossless": (record.get("lossless") or {}).get("match"),
+            "lossless": question_status(record),             # exact / near_tie / mismatch / None
             "answer": turns[0].get("text", "")[:500] if turns else ""}
 
 
@@ -193,10 +197,15 @@ class Tracker:
         self._safely(log_images)
 
     def log_results(self, summary: dict, records: list[dict]) -> None:
-        """End of a bench run: summary metrics (tokens/s, speedup, τ, lossless, acceptance and top-k
-        accuracy per position) + a table of per-question results."""
+        """End of a bench run: summary metrics (tokens/s, speedup, τ, lossless counts per status,
+        acceptance and top-k accuracy per position) + a table of per-question results. A lossless
+        mismatch is also a W&B alert (shown on the run page; sent to Slack/e-mail where set up)."""
         self.summary(summary)
         self.table("questions", [question_row(r) for r in records])
+        if summary.get("lossless_mismatch"):
+            self._safely(lambda: self.run.alert(
+                title="lossless MISMATCH", level="WARN",
+                text=f"{summary['lossless']}: questions {', '.join(map(str, summary['lossless_mismatch_questions']))}"))
 
     def finish(self, failed: bool = False) -> None:
         if self.run is None:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.lossless import classify, count, question_status
 from reports.results import SETTINGS, Run, differences, task_of
 
 DEFINITIONS = {"per_question": "mean of per-question speedups",
@@ -124,25 +125,22 @@ def group_runs(runs: list[Run], baseline: str = "vanilla") -> list[Group]:
     return list(groups.values())
 
 
-def lossless(run: Run, base: list[Run], baseline: str = "vanilla") -> tuple[int, int, str]:
-    """(questions token-identical, questions compared, source). Source: `record` (the run's own check
-    against `reference=`), `vanilla` (token ids compared here, greedy only), `reference`, or `n/a`."""
-    checked = [r["lossless"]["match"] for r in run.records if r.get("lossless") is not None]
-    if checked:
-        return sum(map(bool, checked)), len(checked), "record"
+def lossless(run: Run, base: list[Run], baseline: str = "vanilla") -> dict:
+    """Questions per status (harness/lossless.py: exact, near_tie, mismatch, compared) and `source`:
+    `record` (the run's own check against `reference=`, divergences classified), `vanilla` (token ids
+    compared here, greedy only: with no model at hand a divergence stays unclassified = mismatch;
+    bench with reference=<vanilla run> to classify it), `reference` (the baseline itself) or `n/a`."""
+    statuses = [question_status(r) for r in run.records]
+    if any(s is not None for s in statuses):
+        return {**count(statuses), "source": "record"}
     if run.method == baseline:
-        return 0, 0, "reference"
+        return {**count([]), "source": "reference"}
     if not run.greedy:
-        return 0, 0, "n/a"       # sampled runs are lossless in distribution, not token by token
+        return {**count([]), "source": "n/a"}      # sampled runs are lossless in distribution, not token by token
     reference = {r["question_id"]: [t["token_ids"] for t in r["turns"]] for r in base[0].records}
-    matched = compared = 0
-    for record in run.records:
-        ref = reference.get(record["question_id"])
-        if ref is None:
-            continue
-        compared += 1
-        matched += [t["token_ids"] for t in record["turns"]] == ref
-    return matched, compared, "vanilla"
+    statuses = [classify([t["token_ids"] for t in r["turns"]], reference[r["question_id"]])["status"]
+                for r in run.records if r["question_id"] in reference]
+    return {**count(statuses), "source": "vanilla"}
 
 
 def position_counts(run: Run) -> tuple[list[int], list[int]]:
@@ -174,7 +172,7 @@ def run_metrics(group: Group, tasks: list[str], baseline: str = "vanilla") -> pd
         sizes = [t.get("draft_sizes") for t in turns]
         stage = {k: (sum(t[k] for t in turns) / wall if wall and all(t.get(k) is not None for t in turns)
                      else math.nan) for k in ("draft_time", "verify_time")}
-        matched, compared, source = lossless(run, base, baseline)
+        checked = lossless(run, base, baseline)
         row = {"run_id": run.run_id, "label": run.label, "method": run.method, "seed": run.seed,
                "questions": len(run.records), "turns": len(turns), "new_tokens": tokens, "wall_time": wall,
                "tokens_per_s": tokens / wall if wall else math.nan,
@@ -183,7 +181,7 @@ def run_metrics(group: Group, tasks: list[str], baseline: str = "vanilla") -> pd
                "draft_tokens_per_step": (sum(sum(s) for s in sizes) / steps
                                          if steps and all(s is not None for s in sizes) else math.nan),
                "draft_share": stage["draft_time"], "verify_share": stage["verify_time"],
-               "lossless_matched": matched, "lossless_compared": compared, "lossless_source": source,
+               **{f"lossless_{key}": value for key, value in checked.items()},
                "lossy": run.lossy, "quantization": run.settings.get("quantization", "none"),
                "weight_mb": weight_mb(run)}
         for definition in DEFINITIONS:

@@ -99,7 +99,8 @@ def build_report(sources, out_dir: str | Path, definition: str = "per_question",
                 primary.append(f"### {group.title}\n{note}\n\n{tables.to_markdown(display)}\n")
         writers["summary"].add(group, *tables.summary(metrics, labels),
                                "tokens/s = total tokens / total time; lossless = questions token-identical "
-                               f"to {baseline} (greedy)")
+                               f"to {baseline} (exact) or diverging first at a near-tie of the reference's "
+                               "logits (rounding); MISMATCH = anything else, a bug until shown otherwise")
         accept, accuracy = tables.acceptance(group, labels), tables.topk(group, labels)
         writers["acceptance"].add(group, *accept, "P(draft token k accepted | tokens 1..k-1 accepted)")
         writers["topk_accuracy"].add(group, *accuracy, "teacher-forced: the target's greedy token at t+k in "

@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.lossless import question_status
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def turns_frame(runs: list[Run]) -> pd.DataFrame:
     for run in runs:
         bench = run.settings["bench"]
         for record in run.records:
-            lossless = record.get("lossless")
+            lossless = record.get("lossless")     # per question; its status repeats on every turn row
             for turn in record["turns"]:
                 sizes = turn.get("draft_sizes")
                 rows.append({
@@ -233,6 +234,7 @@ def turns_frame(runs: list[Run]) -> pd.DataFrame:
                     "verify_time": turn.get("verify_time"), "bookkeeping_time": turn.get("bookkeeping_time"),
                     "stop_reason": turn.get("stop_reason"),
                     "lossless": None if lossless is None else bool(lossless.get("match")),
+                    "lossless_status": question_status(record),
                 })
     return pd.DataFrame(rows)
 

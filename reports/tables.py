@@ -7,6 +7,7 @@ import math
 
 import pandas as pd
 
+from harness.lossless import format_counts
 from reports.compare import DEFINITIONS, Group, mean_std, position_counts
 from reports.results import TOPK_KEY
 
@@ -37,20 +38,42 @@ def leaderboard(metrics: pd.DataFrame, labels: list[str], tasks: list[str], defi
             shown[name] = cell(mean, std, suffix=suffix)
             values[name], values[f"{name}_std"] = mean, std
         values["runs"] = runs
+        # a leaderboard row never hides a mismatch: the lossless column rides along
+        rows = metrics[metrics["label"] == label]
+        shown["Lossless"] = lossless_cell(rows)
+        values.update(_lossless_numbers(rows))
         display.append(shown)
         numbers.append(values)
     return pd.DataFrame(display), pd.DataFrame(numbers)
 
 
-def _lossless(rows: pd.DataFrame) -> str:
+LOSSLESS_COUNTS = ("exact", "near_tie", "mismatch", "compared")
+
+
+def lossless_counts(rows: pd.DataFrame) -> dict:
+    """A method's questions per lossless status, summed over its runs (repeats)."""
+    return {key: int(rows[f"lossless_{key}"].sum()) for key in LOSSLESS_COUNTS}
+
+
+def lossless_cell(rows: pd.DataFrame) -> str:
+    """"18 exact + 2 near-tie / 20", or "MISMATCH 1/20; ..." (harness/lossless.py spells both)."""
     sources = set(rows["lossless_source"])
     prefix = "LOSSY by design; " if rows["lossy"].any() else ""
     if sources == {"reference"}:
         return "reference"
     if sources == {"n/a"}:
         return "n/a (sampling)"
-    matched, compared = int(rows["lossless_matched"].sum()), int(rows["lossless_compared"].sum())
-    return prefix + (f"{matched / compared:.0%} ({matched}/{compared})" if compared else "—")
+    text = format_counts(lossless_counts(rows))
+    if "vanilla" in sources and int(rows["lossless_mismatch"].sum()):
+        text += " (ids only, unclassified)"      # no margins: bench with reference=<vanilla run> to classify
+    return prefix + text
+
+
+def _lossless_numbers(rows: pd.DataFrame) -> dict:
+    counts = lossless_counts(rows)
+    compared = counts["compared"]
+    return {"lossless_rate": (counts["exact"] + counts["near_tie"]) / compared if compared else math.nan,
+            **{f"lossless_{key}": value for key, value in counts.items()}}
 
 
 def summary(metrics: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -74,9 +97,8 @@ def summary(metrics: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame, pd.
             mean, std, _ = mean_std((rows[column] * scale).tolist())
             shown[name] = cell(mean, std, digits, suffix)
             values[column], values[f"{column}_std"] = mean, std
-        shown["Lossless"] = _lossless(rows)
-        compared = int(rows["lossless_compared"].sum())
-        values["lossless_rate"] = rows["lossless_matched"].sum() / compared if compared else math.nan
+        shown["Lossless"] = lossless_cell(rows)
+        values.update(_lossless_numbers(rows))
         display.append(shown)
         numbers.append(values)
     return pd.DataFrame(display), pd.DataFrame(numbers)

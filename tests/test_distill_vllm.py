@@ -54,6 +54,7 @@ def test_vllm_backend_gives_the_hf_backends_greedy_answers(chat_model, questions
     assert engine["gpu_memory_utilization"] == 0.5 and engine["model"] == str(chat_model)
     meta = json.loads((tmp_path / "vllm" / "shard-00000-of-00001.meta.json").read_text())
     assert meta["backend_info"] == {"vllm": "0.0-stub"} and meta["stats"][0]["tokens_per_s_now"] > 0
+    assert len(meta["stats"]) == 1 and meta["stats"][0]["finished"]    # one entry per run, updated per chunk
 
 
 def test_vllm_backend_without_its_environment_is_one_line(chat_model, questions_path, tmp_path):

@@ -180,8 +180,9 @@ def test_reference_check_records_match_and_first_divergence(tiny_model_dir, ques
     summary = run_bench(compose_config(*tiny_bench_overrides(tiny_model_dir, second, questions_path, *base,
                                                              f"reference={first}")), second)
     lossless = [r["lossless"] for r in RunStore(second).records()]
-    assert lossless[0]["match"] is True
-    assert lossless[1]["match"] is False and lossless[1]["turns"][0]["first_diff"] == 3
+    assert lossless[0]["match"] is True and lossless[0]["status"] == "exact"
+    assert lossless[1]["match"] is False and lossless[1]["turns"][0]["position"] == 3
+    assert lossless[1]["status"] == "mismatch"       # the edited token is no near-tie of the target's logits
     assert summary["lossless_rate"] == 0.5
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.latency import format_curve, main, measure_verify_latency
+from harness.latency import (bandwidth_bound, format_bound, format_curve, main, measure_read_bandwidth,
+                             measure_verify_latency)
 from harness.target import Target
 
 PROMPT = list(range(3, 43))
@@ -52,13 +54,50 @@ def test_bad_sizes_fail_clearly(tiny_llama):
         measure_verify_latency(Target(tiny_llama), None, sizes=(1,))
 
 
+def test_bandwidth_bound_arithmetic_and_line():
+    bound = bandwidth_bound(538_000_000, 54e9, 0.0437)
+    assert bound["bound_s"] == pytest.approx(538e6 / 54e9)
+    assert bound["x_bound"] == pytest.approx(0.0437 / bound["bound_s"])
+    assert format_bound(bound) == ("bound: 538 MB / 54.0 GB/s = 9.96 ms per step; "
+                                   "1-token step measured 43.70 ms = 4.4x the bound")
+    assert format_bound(bandwidth_bound(10**6, 1e9)).endswith("= 1.00 ms per step")     # no 1-token size measured
+    assert measure_read_bandwidth("cpu", megabytes=8, repeats=2) > 1e8                 # > 0.1 GB/s on any machine
+    with pytest.raises(HarnessError, match="megabytes >= 1"):
+        measure_read_bandwidth("cpu", megabytes=0)
+
+
+def test_cli_reports_the_bandwidth_bound_of_the_loaded_model(tiny_model_dir, capsys, monkeypatch):
+    import harness.latency
+    from harness.models import load_model, model_config
+    from harness.quant import weight_memory_bytes
+
+    measured = []
+    monkeypatch.setattr(harness.latency, "measure_read_bandwidth",       # a fixed bandwidth: exact arithmetic
+                        lambda device, megabytes: measured.append(megabytes) or 10e9)
+    args = ["--model-path", str(tiny_model_dir), "--device", "cpu", "--sizes", "1,2", "--repeats", "1",
+            "--warmup", "0", "--prompt-len", "16", "--bandwidth-mb", "8"]
+    assert main(args) == 0 and measured == [8]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:4]] == ["1", "2"]       # the curve, then the bound under it
+    cfg = model_config("smollm2-135m")
+    cfg.path = str(tiny_model_dir)
+    weights = weight_memory_bytes(load_model(cfg, "cpu").model)
+    match = re.fullmatch(r"bound: (\d+) MB / 10\.0 GB/s = ([\d.]+) ms per step; "
+                         r"1-token step measured ([\d.]+) ms = ([\d.]+)x the bound", lines[4])
+    assert match, lines[4]
+    megabytes, bound_ms, step_ms, ratio = match.groups()
+    assert int(megabytes) == round(weights / 1e6) and bound_ms == f"{weights / 10e9 * 1e3:.2f}"
+    assert float(ratio) == pytest.approx(float(step_ms) / (weights / 10e9 * 1e3), abs=0.06)
+    assert main(args[:-1] + ["0"]) == 0 and "bound:" not in capsys.readouterr().out   # --bandwidth-mb 0: skipped
+
+
 @pytest.mark.integration
 def test_cli_prints_the_table_for_the_default_model(capsys, tmp_path):
     out = tmp_path / "curve.json"
     assert main(["--sizes", "1,4", "--repeats", "1", "--warmup", "1", "--prompt-len", "64", "--json", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# smollm2-135m") and "prefix 64 tokens" in lines[0]
-    assert [line.split()[0] for line in lines[2:]] == ["1", "4"]
+    assert [line.split()[0] for line in lines[2:4]] == ["1", "4"] and lines[4].startswith("bound: ")
     assert out.is_file() and set(json.loads(out.read_text())) == {"1", "4"}
 
 

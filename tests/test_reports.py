@@ -165,7 +165,8 @@ def test_spec_bench_task_groups_topk_and_trigram_ablation(tmp_path):
     board = report.tables["leaderboard"]
     board = board[board["definition"] == "per_question"]
     assert [c for c in board.columns if not c.endswith("_std")][3:] == [
-        "Multi-turn Conversation", "Translation", "Summarization", "#Mean Accepted Tokens", "Overall", "runs"]
+        "Multi-turn Conversation", "Translation", "Summarization", "#Mean Accepted Tokens", "Overall", "runs",
+        "lossless_rate", "lossless_exact", "lossless_near_tie", "lossless_mismatch", "lossless_compared"]
     assert list(board["method"]) == ["ours", "ours_no_trigram", "medusa", "vanilla"]   # ablation side by side
     assert board.set_index("method").loc["ours", "Translation"] == pytest.approx(2.0)
     assert board.set_index("method").loc["medusa", "Overall"] == pytest.approx(1.25)
@@ -192,7 +193,7 @@ def test_method_parameter_sweeps_get_their_own_rows_and_lossy_methods_are_marked
     assert set(report.metrics["label"]) == {"vanilla", "pld[max_draft=3]", "pld[max_draft=5]",
                                             "medusa_typical (lossy)"}
     assert "| medusa_typical (lossy) |" in (tmp_path / "out" / "summary.md").read_text().replace("  ", " ")
-    assert "LOSSY by design; 100% (2/2)" in (tmp_path / "out" / "summary.md").read_text()
+    assert "LOSSY by design; 2 exact + 0 near-tie / 2" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_report_run_logs_tables_and_figures_to_offline_wandb(tmp_path):
