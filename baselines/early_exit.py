@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import torch
 
-from harness.acceptance import target_probs
-from harness.decoding import DecodeContext, Draft, DraftLength, Proposer, Step
-from harness.errors import HarnessError
-from harness.target import Target
-from harness.tree import compact_cache
+from harness.engine.acceptance import target_probs
+from harness.engine.loop import DecodeContext, Draft, DraftLength, Proposer, Step
+from harness.infra.errors import HarnessError
+from harness.engine.target import Target
+from harness.engine.tree import compact_cache
 
 
 def _decoder_parts(model: torch.nn.Module) -> tuple:

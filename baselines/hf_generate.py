@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from harness.acceptance import Sampling
-from harness.decoding import Clock, StopCriteria, TurnResult
-from harness.target import Target
+from harness.engine.acceptance import Sampling
+from harness.engine.loop import Clock, StopCriteria, TurnResult
+from harness.engine.target import Target
 
 
 class _StepCounter(StoppingCriteria):
@@ -41,7 +41,7 @@ class HFGenerate:
     def setup(self, loaded) -> None:
         self.loaded = loaded
         if self.assistant_name:
-            from harness.models import load_model, model_config
+            from harness.model.loading import load_model, model_config
 
             self.assistant = load_model(model_config(self.assistant_name), str(loaded.device)).model
 

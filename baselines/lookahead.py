@@ -46,8 +46,8 @@ from functools import lru_cache
 import torch
 
 from baselines.pld import trie_draft
-from harness.decoding import DecodeContext, Draft, Proposer, Step
-from harness.errors import HarnessError
+from harness.engine.loop import DecodeContext, Draft, Proposer, Step
+from harness.infra.errors import HarnessError
 
 
 class NgramPool:

@@ -9,13 +9,13 @@ predicts x_{t+i+2}.
 Decoding: a static tree of candidates, `medusa_choices` (index paths: [0, 1] = head 0's top-1 token,
 then head 1's top-2 token below it), verified in one forward by the harness loop and accepted by its
 shared greedy / rejection-sampling code (lossless; the candidates are deterministic, q_draft = None).
-`tree: auto` sizes the tree on the hardware at hand (harness/sizing.py): `medusa_choices` becomes the
+`tree: auto` sizes the tree on the hardware at hand (harness/engine/sizing.py): `medusa_choices` becomes the
 pool of candidates, each node's path confidence is the product of its heads' probabilities along its
 path (the heads are independent, so this is Medusa's own estimate of the path), and every step keeps the
 n most confident nodes (prefix-closed), n maximising the expected tokens per second on the measured
 verify curve; while drafting pays, the next step runs the heads only one level deeper than the deepest node
 kept; while it does not pay it is skipped (plain target steps), but for probes that draft the whole tree.
-A published checkpoint (FasterDecoding/medusa-*, harness/official.py) brings as many heads as its weights hold
+A published checkpoint (FasterDecoding/medusa-*, `MedusaHead.from_official`) brings as many heads as its weights hold
 (5 for medusa-vicuna-7b/13b-v1.3, whatever config.json says); `medusa_num_heads` then caps how many of them
 load (Spec-Bench uses 4; mc_sim_7b_63 is 4 deep, so a 5th head would never be run). A specdec-train head
 brings its own shape; for a null head_path `medusa_num_heads` is the untrained head's shape.
@@ -27,16 +27,19 @@ marks it.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from harness.acceptance import Acceptance, Sampling, greedy_accept
-from harness.decoding import Clock, DecodeContext, Draft, Proposer, Step
-from harness.errors import HarnessError
-from harness.heads import BaseHandles, DraftHead, load_or_init_head
-from harness.sizing import keep_most_likely, make_sizer, subtree
-from harness.target import Scores
+from harness.engine.acceptance import Acceptance, Sampling, greedy_accept
+from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
+from harness.infra.errors import HarnessError
+from harness.heads.base import BaseHandles, DraftHead, build_head
+from harness.heads.checkpoint import (check_dims, check_state_dict, has_published_layout, load_or_init_head,
+                                      published_weights, read_published_config, read_tensors)
+from harness.engine.sizing import keep_most_likely, make_sizer, subtree
+from harness.engine.target import Scores
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,32 @@ MC_SIM_7B_63 = [[0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [
 MC_CPU_5 = [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
 
 PRESETS = {"mc_sim_7b_63": MC_SIM_7B_63, "mc_cpu_5": MC_CPU_5}
+
+
+OFFICIAL_WEIGHTS = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
+
+
+def official_heads_in(tensors: dict[str, torch.Tensor]) -> int:
+    """How many heads published weights hold: the distinct `{h}.` indices (the config.json count can be wrong)."""
+    return len({key.split(".", 1)[0] for key in tensors if key.split(".", 1)[0].isdigit()})
+
+
+def official_state_dict(tensors: dict[str, torch.Tensor], num_heads: int, num_layers: int) -> dict[str, torch.Tensor]:
+    """Official `medusa_lm_head` keys ({h}.{l}.linear.weight/bias, {h}.{L}.weight) -> MedusaHead keys
+    (`medusa_head.` + the same), checking that every head has its blocks and its own lm_head and that no key
+    is left unexplained (the official loader's strict=False would skip both silently)."""
+    names = {h: [f"{h}.{l}.linear.{part}" for l in range(num_layers) for part in ("weight", "bias")]
+             + [f"{h}.{num_layers}.weight"] for h in range(num_heads)}
+    for head_names in names.values():
+        for name in head_names:
+            if name not in tensors:
+                raise HarnessError(f"the Medusa checkpoint lacks {name} (its weights hold {num_heads} heads, its "
+                                   f"config.json says {num_layers} layer(s) each); re-download it or fix config.json")
+    extra = sorted(set(tensors) - {name for head_names in names.values() for name in head_names})
+    if extra:
+        raise HarnessError(f"the Medusa checkpoint has keys its layout does not explain ({extra[:3]}); is it a "
+                           f"Medusa-1 head with medusa_num_layers={num_layers} as its config.json says?")
+    return {f"medusa_head.{name}": tensors[name] for head_names in names.values() for name in head_names}
 
 
 class ResBlock(nn.Module):
@@ -87,6 +116,69 @@ class MedusaHead(DraftHead):
                           *([nn.Linear(hidden_size, vocab_size, bias=False)] if own_lm_head else []))
             for _ in range(medusa_num_heads))
         self.num_layers = medusa_num_layers
+
+    # -- the published checkpoint layout (FasterDecoding/medusa-vicuna-7b-v1.3, ...): `config.json`
+    # {medusa_num_heads, medusa_num_layers, base_model_name_or_path} + `medusa_lm_head.pt` (or .safetensors) =
+    # `medusa_head.state_dict()` of nn.ModuleList(Sequential(ResBlock * L, Linear(H, V, bias=False)) * K):
+    #     {h}.{l}.linear.weight / .bias    residual block l of head h
+    #     {h}.{L}.weight                   head h's own lm_head
+    # which is this class with own_lm_head=True and the `medusa_head.` prefix. K is counted from the weights,
+    # not config.json: medusa-vicuna-7b/13b-v1.3 say `medusa_num_heads: 2` but hold 5 heads (keys `0.*` ..
+    # `4.*`, lmdeploy issue #1180), and the official MedusaModel.from_pretrained forces 5 and loads
+    # non-strictly; Spec-Bench builds 4. We load every head the weights hold, or the first `max_heads` (the
+    # method's medusa_num_heads), and, unlike strict=False, refuse a key the layout does not explain or a
+    # missing / misshapen tensor.
+
+    @classmethod
+    def is_published(cls, folder) -> bool:
+        return has_published_layout(folder, OFFICIAL_WEIGHTS)
+
+    @classmethod
+    def from_official(cls, folder, loaded, max_heads: int | None = None) -> "MedusaHead":
+        """A published Medusa-1 head folder -> MedusaHead(own_lm_head=True) on loaded's device and dtype, with every
+        head the weights hold (as the official loader), or the first `max_heads` (method.medusa_num_heads)."""
+        folder = Path(folder)
+        config = read_published_config(folder)
+        tensors = read_tensors(published_weights(folder, OFFICIAL_WEIGHTS, "Medusa"))
+        tensors = {key.removeprefix("medusa_head."): value for key, value in tensors.items()}
+        try:
+            num_layers = int(config["medusa_num_layers"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HarnessError(f"{folder}/config.json lacks medusa_num_layers (a Medusa config.json has "
+                               f"medusa_num_heads and medusa_num_layers); is it a Medusa head?") from exc
+        stored = official_heads_in(tensors)
+        if stored == 0:
+            raise HarnessError(f"{folder} holds no Medusa head weights ({{h}}.{{l}}.linear.weight ...); is it a "
+                               f"Medusa-1 head?")
+        said = config.get("medusa_num_heads")
+        if said is not None and said != stored:
+            log.info("%s: config.json says %s heads, the weights hold %d: using %d, as the official loader does",
+                     folder, said, stored, stored)
+        used = stored if max_heads is None else min(stored, int(max_heads))
+        if used < 1:
+            raise HarnessError(f"method.medusa_num_heads={max_heads}: use at least 1 of the {stored} heads in {folder}")
+        if used < stored:
+            log.info("%s: using the first %d of its %d heads (method.medusa_num_heads=%s)", folder, used, stored,
+                     max_heads)
+        lm_head = tensors.get(f"0.{num_layers}.weight")
+        if lm_head is not None and lm_head.dim() == 2:
+            check_dims({"vocab_size": lm_head.shape[0], "hidden_size": lm_head.shape[1]}, loaded, folder, "Medusa")
+        base = config.get("base_model_name_or_path")
+        if base:
+            log.info("published Medusa head %s was trained for %s", folder, base)
+        state = official_state_dict(tensors, stored, num_layers)
+        head = build_head("medusa", loaded.model.config, medusa_num_heads=used, medusa_num_layers=num_layers,
+                          own_lm_head=True)
+        expected = head.state_dict()
+        for key, value in state.items():       # every stored head, used or not, has head 0's shapes in our class
+            need = tuple(expected["medusa_head.0." + key.split(".", 2)[2]].shape)
+            if tuple(value.shape) != need:
+                raise HarnessError(f"{folder}: {key} has shape {tuple(value.shape)}, this target needs {need}; pick "
+                                   f"the head published for this model")
+        state = {key: value for key, value in state.items() if int(key.split(".")[1]) < used}
+        check_state_dict(expected, state, str(folder), "Medusa layout", "pick the head published for this model")
+        head.load_state_dict(state)
+        return head.to(device=loaded.device, dtype=loaded.dtype).eval().requires_grad_(False)
 
     @property
     def num_positions(self) -> int:
@@ -173,12 +265,10 @@ class MedusaProposer(Proposer):
         self.lossy = bool(lossy)
 
     def setup(self, loaded) -> None:
-        from harness.official import is_official, load_official_medusa
-
-        if self.head_path and is_official(self.head_path) == "medusa":   # published: the cap on its stored heads
-            self.head = load_official_medusa(self.head_path, loaded, max_heads=self.head_kwargs["medusa_num_heads"])
-        else:
-            self.head = load_or_init_head(self.head_path, loaded, "medusa", **self.head_kwargs)
+        # a published checkpoint: medusa_num_heads caps the heads its weights hold
+        self.head = load_or_init_head(self.head_path, loaded, "medusa",
+                                      official_options={"max_heads": self.head_kwargs["medusa_num_heads"]},
+                                      **self.head_kwargs)
         self.base = BaseHandles.for_head(loaded.model, self.head)
         depth = max(len(path) for path in self.choices)
         if depth > self.head.num_positions:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-from harness.decoding import DecodeContext, Draft, Proposer, Step
-from harness.errors import HarnessError
+from harness.engine.loop import DecodeContext, Draft, Proposer, Step
+from harness.infra.errors import HarnessError
 
 
 class NgramIndex:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from harness.acceptance import target_probs
-from harness.decoding import DecodeContext, Draft, DraftLength, Proposer, Step
-from harness.errors import HarnessError
-from harness.tree import compact_cache
+from harness.engine.acceptance import target_probs
+from harness.engine.loop import DecodeContext, Draft, DraftLength, Proposer, Step
+from harness.infra.errors import HarnessError
+from harness.engine.tree import compact_cache
 
 
 def check_same_vocabulary(target_tokenizer, draft_tokenizer, draft_name: str) -> None:
@@ -51,7 +51,7 @@ class SpSProposer(Proposer):
         if self.draft is None and self.draft_name == loaded.name:
             self.draft = loaded.model   # the target as its own draft: a plumbing check (tau ~ k + 1), no copy
         if self.draft is None:
-            from harness.models import load_model, model_config
+            from harness.model.loading import load_model, model_config
 
             draft = load_model(model_config(self.draft_name), str(loaded.device))
             check_same_vocabulary(loaded.tokenizer, draft.tokenizer, self.draft_name)

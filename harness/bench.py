@@ -16,19 +16,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from harness.acceptance import Sampling
-from harness.app import hydra_app
-from harness.data import Question, load_questions
-from harness.decoding import Proposer, StopCriteria, TurnResult, decode_turn
-from harness.errors import HarnessError
-from harness.lossless import LosslessCheck, mismatch_details, parse_tolerance
-from harness.metrics import summarize
-from harness.models import LoadedModel, load_model
+from harness.engine.acceptance import Sampling
+from harness.infra.app import hydra_app
+from harness.data.questions import Question, load_questions
+from harness.engine.loop import Proposer, StopCriteria, TurnResult, decode_turn
+from harness.infra.errors import HarnessError
+from harness.engine.lossless import LosslessCheck, mismatch_details, parse_tolerance
+from harness.engine.metrics import summarize
+from harness.model.loading import LoadedModel, load_model
 from harness.plan import check_fits
-from harness.quant import weight_memory_bytes
-from harness.store import RunStore, hardware
-from harness.target import Target
-from harness.tracking import Tracker
+from harness.model.quantization import weight_memory_bytes
+from harness.infra.store import RunStore, hardware
+from harness.engine.target import Target
+from harness.infra.tracking import Tracker
 from reports.compare import check_baseline, speedups_against
 
 log = logging.getLogger(__name__)

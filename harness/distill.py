@@ -39,19 +39,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from harness.app import hydra_app
-from harness.data import load_questions
-from harness.decoding import StopCriteria
-from harness.errors import HarnessError
-from harness.locks import hold
-from harness.models import load_model
-from harness.self_prompts import (EvalOverlap, NearDuplicates, PromptFilter, clean_user_turn, encode_prefix, open_user_turn,
+from harness.infra.app import hydra_app
+from harness.data.questions import load_questions
+from harness.engine.loop import StopCriteria
+from harness.infra.errors import HarnessError
+from harness.infra.locks import hold
+from harness.model.loading import load_model
+from harness.data.self_prompts import (EvalOverlap, NearDuplicates, PromptFilter, clean_user_turn, encode_prefix, open_user_turn,
                                   user_turn_stops)
-from harness.sharegpt import JsonlLog, normalise, read_sharegpt, user_turns, write_sharegpt
-from harness.tracking import Tracker
-from harness.store import git_commit
-from harness.token_data import is_token_dataset, sha256_of, write_manifest, write_parquet
-from harness.train_data import answer_spans
+from harness.data.sharegpt import JsonlLog, read_sharegpt, user_turns, write_sharegpt
+from harness.infra.tracking import Tracker
+from harness.infra.store import git_commit
+from harness.data.token_data import is_token_dataset, sha256_of, write_manifest, write_parquet
+from harness.data.examples import answer_spans
 
 log = logging.getLogger(__name__)
 
@@ -266,11 +266,11 @@ class Distiller:
     chunk (vLLM batches it; hf at batch 1 runs the benchmark loop), so the backends differ only in speed.
 
     A self-written conversation (`Conversation.turns` empty, `planned_turns` > 0) first has the target write
-    each user turn (Magpie, harness/self_prompts.py) and the filters pass it; a dropped turn 1 skips the
+    each user turn (Magpie, harness/data/self_prompts.py) and the filters pass it; a dropped turn 1 skips the
     conversation (recorded with the reason, so a resumed run does not redo it), a dropped turn 2 ends it."""
 
     def __init__(self, backend, template, cfg: DictConfig, prompt_filter: PromptFilter | None):
-        from harness.distill_backends import Params
+        from harness.data.backends import Params
 
         self.backend, self.template, self.tokenizer = backend, template, template.tokenizer
         self.max_length = int(cfg.max_length)
@@ -360,7 +360,7 @@ class Distiller:
 def token_layout(template, pairs: list[tuple[str, str]], prompt_ids: list[int], answer_ids: list[int]) -> dict:
     """The tokens the target saw at the last turn (its prompt + its generated answer) and the [start, end)
     token spans of every answer in them: the last answer exactly as generated, earlier ones as the prompt
-    re-tokenised them (found by text offsets, as harness.train_data does for ShareGPT text)."""
+    re-tokenised them (found by text offsets, as harness.data.examples does for ShareGPT text)."""
     spans = []
     if len(pairs) > 1:
         found = answer_spans(template, pairs[:-1])
@@ -382,8 +382,8 @@ def token_layout(template, pairs: list[tuple[str, str]], prompt_ids: list[int], 
 
 def make_backend(cfg: DictConfig, out_dir: Path, shard_name: str):
     """The generation backend and the template; vLLM gets the same weights folder the harness loads."""
-    from harness.distill_backends import HFBackend, VllmBackend
-    from harness.models import load_template, model_source
+    from harness.data.backends import HFBackend, VllmBackend
+    from harness.model.loading import load_template, model_source
 
     if cfg.backend == "hf":
         loaded = load_model(cfg.model, cfg.device)

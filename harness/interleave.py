@@ -25,7 +25,7 @@ from hydra import compose, initialize_config_dir
 from tqdm import tqdm
 
 from harness import CONF_DIR
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 
 
 def paired(times: dict[str, list[float]], tokens: dict[str, list[int]], first: str, name: str) -> float:
@@ -38,8 +38,8 @@ def paired(times: dict[str, list[float]], tokens: dict[str, list[int]], first: s
 
 def run(methods: list[str], overrides: list[str], passes: int) -> dict:
     from harness.bench import Runner, answer_question, build_method, warm_up
-    from harness.data import load_questions
-    from harness.models import load_model
+    from harness.data.questions import load_questions
+    from harness.model.loading import load_model
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         base = compose(config_name="config", overrides=overrides)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             raise HarnessError(f"--methods needs two or more distinct method names (got {args.methods!r})")
         if args.passes < 1:
             raise HarnessError(f"--passes must be >= 1 (got {args.passes})")
-        from harness.app import check_choices
+        from harness.infra.app import check_choices
 
         for name in methods:
             check_choices([*args.overrides, f"method={name}"])

@@ -6,7 +6,7 @@
 
 The architecture comes from config.json only (model.path, else the cached safetensors folder of the
 default model, else conf/architectures.yaml). Every byte count below says what it assumes; the weight
-count is exact for the layouts in harness/quant.py (tests/test_plan.py checks it byte for byte against
+count is exact for the layouts in harness/model/quantization.py (tests/test_plan.py checks it byte for byte against
 a loaded model) and the rest are upper-bound style estimates of the peak.
 
 Weights: the decoder's Linear layers at the quantization's layout, everything else (embeddings, lm_head,
@@ -51,9 +51,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness import CONF_DIR
-from harness.app import hydra_app
-from harness.errors import HarnessError
-from harness.quant import NF4_BLOCKSIZE, QUANTIZATIONS, QUANTIZE_LM_HEAD
+from harness.infra.app import hydra_app
+from harness.infra.errors import HarnessError
+from harness.model.quantization import NF4_BLOCKSIZE, QUANTIZATIONS, QUANTIZE_LM_HEAD
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def read_architecture(model_cfg) -> Architecture:
             raise HarnessError(f"model.path={model_cfg.path} has no config.json; point it at a Hugging Face model folder")
         return Architecture.from_config(json.loads(path.read_text()), str(path))
     if model_cfg.get("gguf"):
-        from harness.models import gguf_cache_dir
+        from harness.model.loading import gguf_cache_dir
 
         try:
             path = gguf_cache_dir(model_cfg) / "config.json"
@@ -198,7 +198,8 @@ def method_verify_tokens(method_cfg) -> int:
 
 def head_parameters(method_cfg, arch: Architecture) -> tuple[str | None, int, int]:
     """(head type, parameter count, positions K) of the method's draft head, built on the meta device."""
-    from harness.heads import _head_class, build_head, read_head_config
+    from harness.heads.base import head_class, build_head
+    from harness.heads.checkpoint import read_head_config
 
     module, cls_name = _module_of(method_cfg)
     head_type, kwargs = HEAD_PROPOSERS.get(cls_name), dict(method_cfg)
@@ -208,7 +209,7 @@ def head_parameters(method_cfg, arch: Architecture) -> tuple[str | None, int, in
         head_type, kwargs = info["head_type"], dict(info["config"])
     if head_type is None:
         return None, 0, 0
-    cls = _head_class(head_type)
+    cls = head_class(head_type)
     accepted = inspect.signature(cls.__init__).parameters
     arch_fields = {"intermediate_size": arch.intermediate_size, "num_attention_heads": arch.num_attention_heads,
                    "num_key_value_heads": arch.num_key_value_heads, "head_dim": arch.head_dim,
@@ -238,7 +239,7 @@ def _scale_bytes(device: str, dtype_bytes: int) -> int:
 
 
 def weight_bytes(arch: Architecture, quantization: str, dtype_bytes: int, device: str) -> tuple[int, int]:
-    """(decoder Linear weights at the quantization, everything else) in bytes; exact for harness/quant.py."""
+    """(decoder Linear weights at the quantization, everything else) in bytes; exact for harness/model/quantization.py."""
     linear = 0
     for out_features, in_features in arch.linear_shapes():
         numel = out_features * in_features
@@ -250,7 +251,7 @@ def weight_bytes(arch: Architecture, quantization: str, dtype_bytes: int, device
             linear += math.ceil(numel / 2) + math.ceil(numel / NF4_BLOCKSIZE) * 4 + NF4_CODE_BYTES
     linear *= arch.num_hidden_layers
     embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
-    assert not QUANTIZE_LM_HEAD, "the planner counts the lm_head in the model dtype (harness/quant.py policy)"
+    assert not QUANTIZE_LM_HEAD, "the planner counts the lm_head in the model dtype (harness/model/quantization.py policy)"
     norms = (2 * arch.num_hidden_layers + 1) * arch.hidden_size
     biases = arch.num_hidden_layers * arch.layer_bias_count()
     rotary = 2 * (arch.head_dim // 2) * 4          # inv_freq + original_inv_freq, fp32
@@ -389,7 +390,7 @@ def plan_from_config(cfg: DictConfig, quantization: str | None = None, gpu_memor
     plan_cfg = cfg.get("plan") or cfg
     device = str(plan_cfg.get("device") or cfg.get("device") or "cuda")
     if device == "auto":   # specdec-bench's device=auto: plan for the device the run will use
-        from harness.models import resolve_device
+        from harness.model.device import resolve_device
 
         device = resolve_device("auto").type
     device = device.split(":")[0]
@@ -402,7 +403,7 @@ def plan_from_config(cfg: DictConfig, quantization: str | None = None, gpu_memor
     draft_model = None
     draft_name = method_cfg.get("draft_model") or method_cfg.get("assistant_model")
     if draft_name:
-        from harness.models import model_config
+        from harness.model.loading import model_config
 
         draft_cfg = model_config(str(draft_name))
         draft_model = (read_architecture(draft_cfg), draft_cfg.get("quantization") or "none")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import HarnessError
-from harness.heads import CONFIG_FILE, WEIGHTS_FILE, read_head_config
+from harness.infra.errors import HarnessError
+from harness.heads.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_head_config
 from harness.train import TOPK_FILE
 
 MANIFEST = "MANIFEST.json"

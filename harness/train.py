@@ -28,16 +28,16 @@ losses unweighted (decay = 1.0, our presets); the Medusa paper weights head k by
 A head with its own objective defines `training_loss(hidden, input_ids, loss_mask, base) -> (loss, logits)`
 (EAGLE: feature regression + cross-entropy); its `last_losses` are logged.
 
-`feature_cache=<folder>` writes the target's features for the training set once (harness.feature_cache)
+`feature_cache=<folder>` writes the target's features for the training set once (harness.data.feature_cache)
 and reads them every epoch instead of running the target in each step (eval stays on the fly);
 `clip_grad_value=v` clamps gradients before each optimizer step (EAGLE-1).
 
-Checkpoints (`checkpoint-<step>/` and the final `output_dir/`) are harness.heads.save_head folders:
+Checkpoints (`checkpoint-<step>/` and the final `output_dir/`) are harness.heads.base.save_head folders:
 model.safetensors (head only) + head_config.json (base-model identity, head config, training settings,
 the last eval's top-k accuracy) + topk_accuracy.json; the final `output_dir` is what `method.head_path=`
 loads. Trainer adds its optimizer / scheduler / RNG state to the checkpoints for `resume=true`.
 
-Eval: loss and teacher-forced top-1 / top-5 accuracy per head position (harness.heads.topk_accuracy,
+Eval: loss and teacher-forced top-1 / top-5 accuracy per head position (harness.heads.base.topk_accuracy,
 summed over the whole eval set), logged as eval/pos{k}_top{j} (W&B) / eval_pos{k}_top{j} (Trainer logs).
 """
 
@@ -62,17 +62,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from harness.app import hydra_app
-from harness.errors import HarnessError
-from harness.heads import (WEIGHTS_FILE, BaseHandles, DraftHead, base_identity, build_head, check_base, load_head,
-                           read_head_config, save_head, topk_accuracy)
-from harness.locks import hold
-from harness.models import load_model
-from harness.quant import quantization_signature
-from harness.store import git_commit
-from harness.tracking import Tracker
-from harness.token_data import TokenDataset, is_token_dataset
-from harness.train_data import IGNORE_INDEX, Collator, ConversationDataset
+from harness.infra.app import hydra_app
+from harness.infra.errors import HarnessError
+from harness.heads.base import BaseHandles, DraftHead, build_head, topk_accuracy
+from harness.heads.checkpoint import WEIGHTS_FILE, base_identity, check_base, load_head, read_head_config, save_head
+from harness.infra.locks import hold
+from harness.model.loading import load_model
+from harness.model.quantization import quantization_signature
+from harness.infra.store import git_commit
+from harness.infra.tracking import Tracker
+from harness.data.token_data import TokenDataset, is_token_dataset
+from harness.data.examples import IGNORE_INDEX, Collator, ConversationDataset
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +377,7 @@ class BatchCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if "hidden" in examples[0]:
-            from harness.feature_cache import FeatureCollator
+            from harness.data.feature_cache import FeatureCollator
 
             return FeatureCollator(self.tokens)(examples)
         return self.tokens(examples)
@@ -387,7 +387,7 @@ def cached_training_set(cfg: DictConfig, loaded, identity: dict, train_data: Con
                         args: TrainingArguments):
     """`feature_cache=<folder>`: the target's features for the training set, written once (rank 0, one
     conversation at a time) and read every epoch instead of running the target in each step."""
-    from harness.feature_cache import INDEX_FILE, CachedTrainingSet, FeatureCache, training_examples, write_cache
+    from harness.data.feature_cache import INDEX_FILE, CachedTrainingSet, FeatureCache, training_examples, write_cache
 
     folder = Path(cfg.feature_cache)
     source = {"data_path": str(Path(cfg.data_path).expanduser().resolve()),

@@ -15,7 +15,7 @@ expansions per beam; the draft is the tree of every prefix the beam kept) or `tr
 `top_k` children enter the draft, the `beam_width` best by cumulative log-prob are expanded);
 `max_nodes` keeps the best nodes by cumulative log-prob (a prefix-closed cut: a path's log-prob only
 falls). Candidates are deterministic (q_draft = None), so greedy and sampling stay lossless.
-`max_nodes: auto` sizes every step's draft on the hardware at hand (harness/sizing.py): a node's path
+`max_nodes: auto` sizes every step's draft on the hardware at hand (harness/engine/sizing.py): a node's path
 confidence is the product of the head's probabilities along its path, and the n most confident nodes are
 kept (a chain: its first n tokens), n maximising the expected tokens per second on the measured verify
 curve. While drafting pays, the next step drafts at most one level past the deepest node kept; while it
@@ -31,11 +31,12 @@ import torch
 from torch import nn
 
 from baselines.medusa import ResBlock
-from harness.decoding import Clock, DecodeContext, Draft, Proposer, Step
-from harness.errors import HarnessError
-from harness.heads import BaseHandles, DraftHead, load_or_init_head
-from harness.sizing import keep_most_likely, make_sizer, subtree
-from harness.tree import depths_of
+from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
+from harness.infra.errors import HarnessError
+from harness.heads.base import BaseHandles, DraftHead
+from harness.heads.checkpoint import load_or_init_head
+from harness.engine.sizing import keep_most_likely, make_sizer, subtree
+from harness.engine.tree import depths_of
 
 DRAFT_MODES = ("chain", "beam", "tree")
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from harness.errors import HarnessError
-from harness.lossless import classify, count, question_status
+from harness.infra.errors import HarnessError
+from harness.engine.lossless import classify, count, question_status
 from reports.results import SETTINGS, Run, differences, task_of
 
 DEFINITIONS = {"per_question": "mean of per-question speedups",
@@ -126,7 +126,7 @@ def group_runs(runs: list[Run], baseline: str = "vanilla") -> list[Group]:
 
 
 def lossless(run: Run, base: list[Run], baseline: str = "vanilla") -> dict:
-    """Questions per status (harness/lossless.py: exact, near_tie, mismatch, compared) and `source`:
+    """Questions per status (harness/engine/lossless.py: exact, near_tie, mismatch, compared) and `source`:
     `record` (the run's own check against `reference=`, divergences classified), `vanilla` (token ids
     compared here, greedy only: with no model at hand a divergence stays unclassified = mismatch;
     bench with reference=<vanilla run> to classify it), `reference` (the baseline itself) or `n/a`."""

@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from harness.app import hydra_app
-from harness.errors import HarnessError
+from harness.infra.app import hydra_app
+from harness.infra.errors import HarnessError
 from reports import figures, tables
 from reports.compare import DEFINITIONS, Group, group_runs, label_order, run_metrics
 from reports.results import load_runs, run_frame, task_of, task_order, turns_frame
@@ -161,7 +161,7 @@ def default_out_dir(sources) -> Path:
 
 def log_to_wandb(cfg: DictConfig, report: Report, sources) -> str | None:
     """The tables and figures as one W&B run (job_type report); returns its local folder."""
-    from harness.tracking import Tracker
+    from harness.infra.tracking import Tracker
 
     listed = _as_list(sources)
     group = Path(str(listed[0])).name if len(listed) == 1 else None

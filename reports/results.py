@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.errors import HarnessError
-from harness.lossless import question_status
+from harness.infra.errors import HarnessError
+from harness.engine.lossless import question_status
 
 log = logging.getLogger(__name__)
 

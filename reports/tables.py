@@ -7,7 +7,7 @@ import math
 
 import pandas as pd
 
-from harness.lossless import format_counts
+from harness.engine.lossless import format_counts
 from reports.compare import DEFINITIONS, Group, mean_std, position_counts
 from reports.results import TOPK_KEY
 
@@ -56,7 +56,7 @@ def lossless_counts(rows: pd.DataFrame) -> dict:
 
 
 def lossless_cell(rows: pd.DataFrame) -> str:
-    """"18 exact + 2 near-tie / 20", or "MISMATCH 1/20; ..." (harness/lossless.py spells both)."""
+    """"18 exact + 2 near-tie / 20", or "MISMATCH 1/20; ..." (harness/engine/lossless.py spells both)."""
     sources = set(rows["lossless_source"])
     prefix = "LOSSY by design; " if rows["lossy"].any() else ""
     if sources == {"reference"}:

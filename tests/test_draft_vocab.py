@@ -11,11 +11,11 @@ from head_fitting import as_loaded, fit_head, greedy, one_thread  # noqa: F401 (
 
 from baselines.eagle import EagleProposer
 from baselines.medusa import MedusaProposer
-from harness.acceptance import Sampling
-from harness.decoding import StopCriteria, decode_turn
-from harness.errors import HarnessError
-from harness.heads import BaseHandles, build_head
-from harness.target import Target
+from harness.engine.acceptance import Sampling
+from harness.engine.loop import StopCriteria, decode_turn
+from harness.infra.errors import HarnessError
+from harness.heads.base import BaseHandles, build_head
+from harness.engine.target import Target
 from methods.trigram import TrigramProposer
 
 pytestmark = pytest.mark.filterwarnings("ignore:method.head_path is null")

@@ -13,13 +13,14 @@ from scipy.stats import chisquare
 
 from baselines.eagle import (EAGLE_TREE_25, EagleHead, EagleProposer, HeadCache, build_eagle_head, sample_children,
                              static_tree)
-from harness.acceptance import Sampling, target_probs
+from harness.engine.acceptance import Sampling, target_probs
 from harness.bench import run_bench
-from harness.decoding import DecodeContext, Proposer, StopCriteria, decode_turn
-from harness.errors import HarnessError
-from harness.heads import BaseHandles, base_identity, load_head, save_head
-from harness.models import LoadedModel
-from harness.target import Target
+from harness.engine.loop import DecodeContext, Proposer, StopCriteria, decode_turn
+from harness.infra.errors import HarnessError
+from harness.heads.base import BaseHandles
+from harness.heads.checkpoint import base_identity, load_head, save_head
+from harness.model.loading import LoadedModel
+from harness.engine.target import Target
 from tests.conftest import compose_config, make_tiny_llama, real_bench_overrides
 
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81, 82, 84, 59], [1, 41, 42, 13, 56, 23, 73, 9, 30]]
@@ -334,9 +335,9 @@ def test_sampling_follows_the_target_distribution(settings):
 
 
 def test_feature_cache_round_trip_size_and_base_check(tiny, sequences, tmp_path):
-    from harness.feature_cache import (CachedTrainingSet, FeatureCache, FeatureCollator, feature_bytes,
+    from harness.data.feature_cache import (CachedTrainingSet, FeatureCache, FeatureCollator, feature_bytes,
                                        target_features, write_cache)
-    from harness.train_data import Collator
+    from harness.data.examples import Collator
 
     examples = [{"id": f"c{i}", "input_ids": seq[: 40 + i], "loss_mask": [i % 2 == 0] * (40 + i)}
                 for i, seq in enumerate(sequences)]
@@ -364,8 +365,8 @@ def test_specdec_train_eagle_end_to_end_from_a_feature_cache(tmp_path, monkeypat
     import json
 
     from harness import train as train_module
-    from harness.models import load_model
-    from harness.sharegpt import write_sharegpt
+    from harness.model.loading import load_model
+    from harness.data.sharegpt import write_sharegpt
     from harness.train import run_train
 
     clipped = []

@@ -10,11 +10,11 @@ import torch
 from transformers import LlamaForCausalLM
 
 from baselines.early_exit import EarlyExitProposer
-from harness.acceptance import Sampling, target_probs
+from harness.engine.acceptance import Sampling, target_probs
 from harness.bench import build_method
-from harness.decoding import DecodeContext, Proposer, StopCriteria, decode_turn
-from harness.errors import HarnessError
-from harness.target import Target
+from harness.engine.loop import DecodeContext, Proposer, StopCriteria, decode_turn
+from harness.infra.errors import HarnessError
+from harness.engine.target import Target
 from tests.conftest import compose_config, make_tiny_llama
 
 PROMPT = list(range(5, 40))

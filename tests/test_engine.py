@@ -2,10 +2,10 @@
 
 import torch
 
-from harness.acceptance import Sampling, greedy_accept
-from harness.decoding import Draft, Proposer, StopCriteria, decode_turn
-from harness.target import Target
-from harness.tree import children_of, depths_of, verify_layout
+from harness.engine.acceptance import Sampling, greedy_accept
+from harness.engine.loop import Draft, Proposer, StopCriteria, decode_turn
+from harness.engine.target import Target
+from harness.engine.tree import children_of, depths_of, verify_layout
 
 
 def test_vanilla_loop_matches_transformers_generate(tiny_llama):

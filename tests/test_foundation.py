@@ -15,10 +15,11 @@ import torch
 
 from harness import CONF_DIR, REPO_ROOT
 from harness.bench import run_bench
-from harness.data import load_questions, parse_questions
-from harness.errors import HarnessError
-from harness.models import load_model, resolve_dtype
-from harness.store import RunStore
+from harness.data.questions import load_questions, parse_questions
+from harness.infra.errors import HarnessError
+from harness.model.device import resolve_dtype
+from harness.model.loading import load_model
+from harness.infra.store import RunStore
 from tests.conftest import compose_config, tiny_bench_overrides
 
 MODELS = ["smollm2-135m", "vicuna-7b-v1.3", "vicuna-13b-v1.3", "vicuna-7b-v1.5", "vicuna-13b-v1.5",
@@ -42,7 +43,7 @@ def test_dtype_auto_is_fp32_on_cpu_and_fp16_on_gpu():
 
 
 def test_fschat_templates_build_the_published_prompts():
-    from harness.templates import make_template
+    from harness.model.templates import make_template
 
     class FakeTokenizer:
         eos_token_id = 2

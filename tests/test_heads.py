@@ -1,4 +1,4 @@
-"""harness/heads.py: top-k accuracy by hand, checkpoints round trip, and the one-line refusals."""
+"""harness/heads/base.py: top-k accuracy by hand, checkpoints round trip, and the one-line refusals."""
 
 import copy
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from harness.errors import HarnessError
-from harness.heads import (BaseHandles, base_identity, build_head, check_base, load_head, save_head,
-                           topk_accuracy)
+from harness.infra.errors import HarnessError
+from harness.heads.base import BaseHandles, build_head, topk_accuracy
+from harness.heads.checkpoint import base_identity, check_base, load_head, save_head
 from conftest import make_tiny_llama
 from head_fitting import as_loaded, one_thread  # noqa: F401 (autouse fixture)
 
@@ -86,13 +86,13 @@ def test_keys_or_shapes_that_do_not_match_the_config_are_refused(tmp_path):
     info = json.loads(config_path.read_text())
     info["config"]["medusa_num_layers"] = 2
     config_path.write_text(json.dumps(info))
-    with pytest.raises(HarnessError, match="does not match its head_config.json"):
+    with pytest.raises(HarnessError, match="does not have the layout of its head_config.json"):
         load_head(folder, as_loaded(model))
     info["config"]["medusa_num_layers"] = 1
     info["config"]["medusa_num_heads"] = 1
     info["config"]["own_lm_head"] = False
     config_path.write_text(json.dumps(info))
-    with pytest.raises(HarnessError, match="does not match"):
+    with pytest.raises(HarnessError, match="does not have the layout of its head_config.json"):
         load_head(folder, as_loaded(model))
 
 

@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from harness.errors import HarnessError
-from harness.latency import (bandwidth_bound, format_bound, format_curve, main, measure_read_bandwidth,
-                             measure_verify_latency)
-from harness.target import Target
+from harness.infra.errors import HarnessError
+from harness.engine.timing import bandwidth_bound, format_bound, format_curve, measure_read_bandwidth, measure_verify_latency
+from harness.latency import main
+from harness.engine.target import Target
 
 PROMPT = list(range(3, 43))
 
@@ -68,8 +68,8 @@ def test_bandwidth_bound_arithmetic_and_line():
 
 def test_cli_reports_the_bandwidth_bound_of_the_loaded_model(tiny_model_dir, capsys, monkeypatch):
     import harness.latency
-    from harness.models import load_model, model_config
-    from harness.quant import weight_memory_bytes
+    from harness.model.loading import load_model, model_config
+    from harness.model.quantization import weight_memory_bytes
 
     measured = []
     monkeypatch.setattr(harness.latency, "measure_read_bandwidth",       # a fixed bandwidth: exact arithmetic

@@ -1,4 +1,4 @@
-"""One writer per run folder (harness.locks): a second holder is refused with one line naming the holder's pid
+"""One writer per run folder (harness.infra.locks): a second holder is refused with one line naming the holder's pid
 and host, in this process or another; a killed holder's lock is taken over; a lock from another host is not;
 bench, distill and train refuse a second writer before they load a model."""
 
@@ -15,22 +15,23 @@ import textwrap
 import pytest
 
 from conftest import compose_config, tiny_bench_overrides
-from harness import REPO_ROOT, locks
-from harness.errors import HarnessError
-from harness.locks import hold
+from harness import REPO_ROOT
+from harness.infra import locks
+from harness.infra.errors import HarnessError
+from harness.infra.locks import hold
 
 HOST = socket.gethostname()
 CHILD_HOLDS = textwrap.dedent("""
     import sys
-    from harness.locks import hold
+    from harness.infra.locks import hold
     with hold(sys.argv[1], "run_dir"):
         print("held", flush=True)
         sys.stdin.read()      # until the test closes stdin (clean release) or kills this process
 """)
 CHILD_TRIES = textwrap.dedent("""
     import sys
-    from harness.errors import HarnessError
-    from harness.locks import hold
+    from harness.infra.errors import HarnessError
+    from harness.infra.locks import hold
     try:
         with hold(sys.argv[1], "run_dir"):
             print("acquired")
@@ -104,14 +105,14 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_with_one_log_line(tmp_pat
         holder.kill()        # SIGKILL: no cleanup, the lock file keeps its pid; the OS drops the flock
         holder.wait()
     assert json.loads(lock_text(run_dir))["pid"] == holder.pid
-    with caplog.at_level(logging.WARNING, logger="harness.locks"):
+    with caplog.at_level(logging.WARNING, logger="harness.infra.locks"):
         with hold(run_dir, "run_dir") as path:
             assert json.loads(path.read_text())["pid"] == os.getpid()
     taken = [r.getMessage() for r in caplog.records if "taking over" in r.getMessage()]
     assert len(taken) == 1 and f"pid {holder.pid}" in taken[0] and str(run_dir) in taken[0]
 
     caplog.clear()           # a cleanly released lock is taken without a word
-    with caplog.at_level(logging.WARNING, logger="harness.locks"):
+    with caplog.at_level(logging.WARNING, logger="harness.infra.locks"):
         with hold(run_dir, "run_dir"):
             pass
     assert not caplog.records
@@ -141,7 +142,7 @@ def test_without_flock_the_pid_decides(tmp_path, monkeypatch, caplog):
             pass
     gone = dead_pid()
     (run_dir / ".lock").write_text(json.dumps({"pid": gone, "host": HOST, "since": "then"}))
-    with caplog.at_level(logging.WARNING, logger="harness.locks"):
+    with caplog.at_level(logging.WARNING, logger="harness.infra.locks"):
         with hold(run_dir, "run_dir"):
             pass
     assert f"taking over the lock of pid {gone}" in caplog.text
@@ -214,7 +215,7 @@ def test_train_refuses_a_second_writer_into_its_output_dir_before_loading_the_mo
 
 def test_a_finished_bench_releases_its_run_dir_for_a_resume(tiny_model_dir, tmp_path, questions_path):
     from harness.bench import run_bench
-    from harness.store import RunStore
+    from harness.infra.store import RunStore
 
     run_dir = tmp_path / "run"
     common = ("max_new_tokens=4", "bench.max_turns=1")
@@ -229,7 +230,7 @@ def test_a_finished_bench_releases_its_run_dir_for_a_resume(tiny_model_dir, tmp_
 
 def test_a_finished_distill_shard_releases_its_lock_for_a_resume(tmp_path, questions_path):
     from harness.distill import run_distill, shard_stem
-    from harness.sharegpt import write_sharegpt
+    from harness.data.sharegpt import write_sharegpt
     from tiny_chat import make_tiny_chat_model, model_overrides
 
     chat_model = make_tiny_chat_model(tmp_path / "chat")

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from baselines.lookahead import LookaheadProposer, NgramPool, window_layout
-from harness.acceptance import Sampling, greedy_accept
+from harness.engine.acceptance import Sampling, greedy_accept
 from harness.bench import build_method
-from harness.decoding import DecodeContext, Proposer, Step, StopCriteria, decode_turn
-from harness.errors import HarnessError
-from harness.target import Target
+from harness.engine.loop import DecodeContext, Proposer, Step, StopCriteria, decode_turn
+from harness.infra.errors import HarnessError
+from harness.engine.target import Target
 from tests.conftest import compose_config, make_tiny_llama
 
 REPETITIVE_PROMPT = [5, 6, 7, 8, 9, 10, 11, 12] * 4 + list(range(30, 50))
@@ -246,7 +246,7 @@ def test_observe_reads_the_last_level_from_the_tail_of_the_verify_logits():
     vocab = 50
     logits = torch.zeros(1 + len(draft.extra_tokens), vocab)
     logits[-2, 11] = logits[-1, 12] = 1.0                             # the level-0 rows predict 11, 12
-    from harness.target import Scores
+    from harness.engine.target import Scores
     ctx.scores = Scores(logits, torch.zeros(len(logits), 1))
     proposer.observe(Step(draft, None, [6]), ctx)
     assert proposer.levels[-1] == [11, 12]

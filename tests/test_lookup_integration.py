@@ -4,7 +4,7 @@ questions x 2 turns (short answers), through the whole bench path (run_bench wit
 import pytest
 
 from harness.bench import run_bench
-from harness.store import RunStore
+from harness.infra.store import RunStore
 from tests.conftest import REAL_LIMIT, compose_config, real_bench_overrides
 
 

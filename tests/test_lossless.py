@@ -1,4 +1,4 @@
-"""The lossless check (harness/lossless.py): exact / near_tie / mismatch per question, the margin
+"""The lossless check (harness/engine/lossless.py): exact / near_tie / mismatch per question, the margin
 recomputed by one target forward, the counts in the summary, W&B rows and reports."""
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ import shutil
 import pytest
 import torch
 
-import harness.decoding
-from harness.acceptance import Acceptance
+import harness.engine.loop
+from harness.engine.acceptance import Acceptance
 from harness.bench import format_summary, run_bench
-from harness.data import load_questions
-from harness.errors import HarnessError
-from harness.lossless import classify, count, format_counts, question_status, summary_fields, tolerance_for
-from harness.models import load_model
-from harness.store import RunStore
-from harness.target import Target
-from harness.tracking import flat_metrics, question_row
+from harness.data.questions import load_questions
+from harness.infra.errors import HarnessError
+from harness.engine.lossless import classify, count, format_counts, question_status, summary_fields, tolerance_for
+from harness.model.loading import load_model
+from harness.infra.store import RunStore
+from harness.engine.target import Target
+from harness.infra.tracking import flat_metrics, question_row
 from reports.report import build_report
 from tests.conftest import compose_config, tiny_bench_overrides
 
@@ -129,7 +129,7 @@ def vanilla_run(tiny_model_dir, questions_path, tmp_path_factory):
 
 def plant_wrong_token(monkeypatch, at_call: int = 3) -> dict:
     """A bug in the acceptance: on one verify step the emitted token is the target's WORST one."""
-    real, calls = harness.decoding.accept, {"n": 0, "token": None}
+    real, calls = harness.engine.loop.accept, {"n": 0, "token": None}
 
     def buggy(parents, tokens, logits, q_draft, sampling, generator):
         acceptance = real(parents, tokens, logits, q_draft, sampling, generator)
@@ -140,7 +140,7 @@ def plant_wrong_token(monkeypatch, at_call: int = 3) -> dict:
         calls["token"] = wrong
         return Acceptance(acceptance.path, acceptance.tokens[:-1] + [wrong], acceptance.accepted_draft)
 
-    monkeypatch.setattr(harness.decoding, "accept", buggy)
+    monkeypatch.setattr(harness.engine.loop, "accept", buggy)
     return calls
 
 

@@ -9,14 +9,15 @@ from conftest import compose_config, make_tiny_llama, real_bench_overrides, tiny
 from head_fitting import as_loaded, fit_head, greedy, one_thread  # noqa: F401 (autouse fixture)
 
 from baselines.medusa import MC_SIM_7B_63, MedusaProposer, choice_tree
-from harness.acceptance import Sampling
+from harness.engine.acceptance import Sampling
 from harness.bench import run_bench
-from harness.decoding import StopCriteria, decode_turn
-from harness.errors import HarnessError
-from harness.heads import BaseHandles, base_identity, build_head, save_head
-from harness.store import RunStore
-from harness.target import Target
-from harness.tree import depths_of
+from harness.engine.loop import StopCriteria, decode_turn
+from harness.infra.errors import HarnessError
+from harness.heads.base import BaseHandles, build_head
+from harness.heads.checkpoint import base_identity, save_head
+from harness.infra.store import RunStore
+from harness.engine.target import Target
+from harness.engine.tree import depths_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:method.head_path is null")   # fitted heads replace it
 
@@ -143,7 +144,7 @@ def test_auto_tree_follows_the_latency_curve(fitted):
 
 
 def _context(model, remaining=10):
-    from harness.decoding import DecodeContext
+    from harness.engine.loop import DecodeContext
 
     target = Target(model)
     with torch.inference_mode():

@@ -15,14 +15,14 @@ import torch.nn.functional as F
 
 from baselines.eagle import EagleHead, EagleProposer
 from baselines.medusa import MedusaHead, MedusaProposer
-from harness.acceptance import Sampling
+from harness.engine.acceptance import Sampling
 from harness.bench import build_method
-from harness.decoding import Proposer, StopCriteria, decode_turn
-from harness.errors import HarnessError
-from harness.heads import BaseHandles
-from harness.models import LoadedModel
-from harness.official import is_official, load_official_eagle, load_official_medusa, medusa_state_dict
-from harness.target import Target
+from harness.engine.loop import Proposer, StopCriteria, decode_turn
+from harness.infra.errors import HarnessError
+from harness.heads.base import BaseHandles
+from harness.model.loading import LoadedModel
+from baselines.medusa import official_state_dict as medusa_state_dict
+from harness.engine.target import Target
 from tests.conftest import compose_config, make_tiny_llama
 
 HIDDEN, VOCAB, HEADS, KV_HEADS, INTER = 64, 256, 4, 2, 128
@@ -140,8 +140,8 @@ def reference_eagle(state: dict, hidden: torch.Tensor, next_tokens: torch.Tensor
 def test_published_eagle_layout_loads_and_computes_the_official_forward(tiny, tmp_path, safetensors, bias):
     state = eagle_checkpoint(tiny, bias=bias)
     folder = write_eagle(tmp_path / "EAGLE-tiny", state, eagle_config(bias=bias), safetensors)
-    assert is_official(folder) == "eagle"
-    head = load_official_eagle(folder, as_loaded(tiny))
+    assert EagleHead.is_published(folder) and not MedusaHead.is_published(folder)
+    head = EagleHead.from_official(folder, as_loaded(tiny))
     assert isinstance(head, EagleHead) and head.config["fc_bias"] is bias
     ids = torch.tensor([list(range(5, 45))])
     with torch.no_grad():
@@ -164,19 +164,19 @@ def test_published_eagle_for_another_model_is_refused(tiny, tmp_path):
     state = eagle_checkpoint(tiny)
     state["embed_tokens.weight"] = torch.randn(VOCAB, HIDDEN)
     with pytest.raises(HarnessError, match="another model's embedding"):
-        load_official_eagle(write_eagle(tmp_path / "other", state, eagle_config()), as_loaded(tiny))
+        EagleHead.from_official(write_eagle(tmp_path / "other", state, eagle_config()), as_loaded(tiny))
     with pytest.raises(HarnessError, match="hidden_size=128"):
-        load_official_eagle(write_eagle(tmp_path / "wide", eagle_checkpoint(tiny), eagle_config(hidden_size=128)),
+        EagleHead.from_official(write_eagle(tmp_path / "wide", eagle_checkpoint(tiny), eagle_config(hidden_size=128)),
                             as_loaded(tiny))
     state = eagle_checkpoint(tiny)
     del state["layers.0.mlp.up_proj.weight"]
     with pytest.raises(HarnessError, match="does not have the EAGLE layout"):
-        load_official_eagle(write_eagle(tmp_path / "broken", state, eagle_config()), as_loaded(tiny))
+        EagleHead.from_official(write_eagle(tmp_path / "broken", state, eagle_config()), as_loaded(tiny))
     (tmp_path / "empty").mkdir()
     with pytest.raises(HarnessError, match="no config.json"):
-        load_official_eagle(tmp_path / "empty", as_loaded(tiny))
+        EagleHead.from_official(tmp_path / "empty", as_loaded(tiny))
     with pytest.raises(HarnessError, match="does not exist"):
-        load_official_eagle(tmp_path / "missing", as_loaded(tiny))
+        EagleHead.from_official(tmp_path / "missing", as_loaded(tiny))
 
 
 # ---------------------------------------------------------------------------------------------------- Medusa
@@ -212,8 +212,8 @@ def test_published_medusa_layout_maps_onto_medusa_head(tiny, tmp_path, safetenso
     heads, layers = 3, 2
     state = medusa_checkpoint(heads, layers)
     folder = write_medusa(tmp_path / "medusa-tiny", state, heads, layers, safetensors)
-    assert is_official(folder) == "medusa"
-    head = load_official_medusa(folder, as_loaded(tiny))
+    assert MedusaHead.is_published(folder) and not EagleHead.is_published(folder)
+    head = MedusaHead.from_official(folder, as_loaded(tiny))
     assert isinstance(head, MedusaHead) and head.num_positions == heads and head.own_lm_head
     features = torch.randn(5, HIDDEN)
     expected = []
@@ -244,8 +244,8 @@ DEEP_CHOICES = [[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 
 
 def test_published_vicuna_layout_loads_five_heads_and_decodes_losslessly(tiny, tmp_path, caplog):
     folder = write_medusa(tmp_path / "medusa-vicuna-tiny", medusa_checkpoint(5, 1), heads=2, layers=1)
-    with caplog.at_level(logging.INFO, logger="harness.official"):
-        head = load_official_medusa(folder, as_loaded(tiny))
+    with caplog.at_level(logging.INFO, logger="baselines.medusa"):
+        head = MedusaHead.from_official(folder, as_loaded(tiny))
     assert head.num_positions == 5 and head.own_lm_head
     said = [r.getMessage() for r in caplog.records if "config.json says" in r.getMessage()]
     assert len(said) == 1 and said[0].endswith("config.json says 2 heads, the weights hold 5: using 5, as the "
@@ -257,7 +257,7 @@ def test_published_vicuna_layout_loads_five_heads_and_decodes_losslessly(tiny, t
     assert decode(tiny, proposer, 40) == expected
     # the `medusa_head.` prefix (a state dict saved from the whole model) maps the same way
     prefixed = {f"medusa_head.{key}": value for key, value in medusa_checkpoint(5, 1).items()}
-    again = load_official_medusa(write_medusa(tmp_path / "prefixed", prefixed, heads=2, layers=1), as_loaded(tiny))
+    again = MedusaHead.from_official(write_medusa(tmp_path / "prefixed", prefixed, heads=2, layers=1), as_loaded(tiny))
     features, base = torch.randn(3, HIDDEN), BaseHandles.of(tiny)
     with torch.no_grad():
         torch.testing.assert_close(again.logits(features, base), head.logits(features, base))
@@ -268,49 +268,49 @@ def test_method_medusa_num_heads_caps_the_published_heads(tiny, tmp_path, caplog
     expected = greedy_reference(tiny, 40)
     # conf/method/medusa.yaml (medusa_num_heads: 4, mc_sim_7b_63) = Spec-Bench's 4 heads
     proposer = build_method(compose_config("method=medusa", f"method.head_path={folder}").method)
-    with caplog.at_level(logging.INFO, logger="harness.official"):
+    with caplog.at_level(logging.INFO, logger="baselines.medusa"):
         proposer.setup(as_loaded(tiny))
     assert proposer.head.num_positions == 4 and any("using the first 4 of its 5 heads" in r.getMessage()
                                                     for r in caplog.records)
     assert decode(tiny, proposer, 40) == expected
-    full = load_official_medusa(folder, as_loaded(tiny))
-    two = load_official_medusa(folder, as_loaded(tiny), max_heads=2)
-    assert two.num_positions == 2 and load_official_medusa(folder, as_loaded(tiny), max_heads=9).num_positions == 5
+    full = MedusaHead.from_official(folder, as_loaded(tiny))
+    two = MedusaHead.from_official(folder, as_loaded(tiny), max_heads=2)
+    assert two.num_positions == 2 and MedusaHead.from_official(folder, as_loaded(tiny), max_heads=9).num_positions == 5
     features, base = torch.randn(3, HIDDEN), BaseHandles.of(tiny)
     with torch.no_grad():         # the first heads, unchanged
         torch.testing.assert_close(two.logits(features, base), full.logits(features, base)[:2])
     with pytest.raises(HarnessError, match="at least 1"):
-        load_official_medusa(folder, as_loaded(tiny), max_heads=0)
+        MedusaHead.from_official(folder, as_loaded(tiny), max_heads=0)
 
 
 def test_medusa_heads_are_counted_from_the_weights_and_strays_are_refused(tiny, tmp_path):
     # config.json says 3, the weights hold 2: the weights win
-    assert load_official_medusa(write_medusa(tmp_path / "a", medusa_checkpoint(2, 1), 3, 1),
+    assert MedusaHead.from_official(write_medusa(tmp_path / "a", medusa_checkpoint(2, 1), 3, 1),
                                 as_loaded(tiny)).num_positions == 2
     gap = medusa_checkpoint(4, 1)
     for key in [k for k in gap if k.startswith("2.")]:
         del gap[key]                                          # heads 0, 1, 3
     with pytest.raises(HarnessError, match="lacks 2.0.linear.weight"):
-        load_official_medusa(write_medusa(tmp_path / "gap", gap, 4, 1), as_loaded(tiny))
+        MedusaHead.from_official(write_medusa(tmp_path / "gap", gap, 4, 1), as_loaded(tiny))
     stray = medusa_checkpoint(5, 1)
     stray["0.1.linear.weight"] = torch.zeros(HIDDEN, HIDDEN)  # a second block that medusa_num_layers=1 does not have
     with pytest.raises(HarnessError, match="does not explain"):
-        load_official_medusa(write_medusa(tmp_path / "stray", stray, 2, 1), as_loaded(tiny))
+        MedusaHead.from_official(write_medusa(tmp_path / "stray", stray, 2, 1), as_loaded(tiny))
     stray = medusa_checkpoint(2, 1)
     stray["rotary.inv_freq"] = torch.zeros(4)
     with pytest.raises(HarnessError, match=r"does not explain \(\['rotary.inv_freq'\]\)"):
-        load_official_medusa(write_medusa(tmp_path / "stray2", stray, 2, 1), as_loaded(tiny))
+        MedusaHead.from_official(write_medusa(tmp_path / "stray2", stray, 2, 1), as_loaded(tiny))
     misshapen = medusa_checkpoint(5, 1)
     misshapen["4.0.linear.bias"] = torch.zeros(HIDDEN + 1)    # refused even when only 2 heads are used
     with pytest.raises(HarnessError, match=r"medusa_head.4.0.linear.bias has shape \(65,\)"):
-        load_official_medusa(write_medusa(tmp_path / "misshapen", misshapen, 2, 1), as_loaded(tiny), max_heads=2)
+        MedusaHead.from_official(write_medusa(tmp_path / "misshapen", misshapen, 2, 1), as_loaded(tiny), max_heads=2)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "config.json").write_text("{}")
     torch.save({"0.0.linear.weight": torch.zeros(2, 2)}, tmp_path / "c" / "medusa_lm_head.pt")
     with pytest.raises(HarnessError, match="medusa_num_layers"):
-        load_official_medusa(tmp_path / "c", as_loaded(tiny))
+        MedusaHead.from_official(tmp_path / "c", as_loaded(tiny))
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "config.json").write_text(json.dumps({"medusa_num_layers": 1}))
     torch.save({"lm_head.weight": torch.zeros(2, 2)}, tmp_path / "d" / "medusa_lm_head.pt")
     with pytest.raises(HarnessError, match="holds no Medusa head weights"):
-        load_official_medusa(tmp_path / "d", as_loaded(tiny))
+        MedusaHead.from_official(tmp_path / "d", as_loaded(tiny))

@@ -8,13 +8,14 @@ import torch
 from conftest import compose_config, make_tiny_llama, real_bench_overrides, tiny_bench_overrides
 from head_fitting import as_loaded, fit_head, greedy, one_thread  # noqa: F401 (autouse fixture)
 
-from harness.acceptance import Sampling
+from harness.engine.acceptance import Sampling
 from harness.bench import run_bench
-from harness.decoding import DecodeContext, StopCriteria, decode_turn
-from harness.errors import HarnessError
-from harness.heads import BaseHandles, base_identity, build_head, save_head
-from harness.target import Target
-from harness.tree import depths_of
+from harness.engine.loop import DecodeContext, StopCriteria, decode_turn
+from harness.infra.errors import HarnessError
+from harness.heads.base import BaseHandles, build_head
+from harness.heads.checkpoint import base_identity, save_head
+from harness.engine.target import Target
+from harness.engine.tree import depths_of
 from methods.trigram import TrigramProposer
 
 pytestmark = pytest.mark.filterwarnings("ignore:method.head_path is null")   # fitted heads replace it

@@ -12,10 +12,10 @@ import torch
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 from harness.plan import (Architecture, estimate, head_parameters, method_verify_tokens, parse_memory,
                           plan_from_config, read_architecture, run_plan, weight_bytes)
-from harness.quant import quant_load_kwargs, quantize_after_load, weight_memory_bytes
+from harness.model.quantization import quant_load_kwargs, quantize_after_load, weight_memory_bytes
 
 # conftest.make_tiny_llama's shape
 TINY = Architecture(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -92,7 +92,7 @@ def test_planner_refuses_before_any_weights_load(monkeypatch, questions_path, tm
     def no_loading(*args, **kwargs):
         raise AssertionError("weights were loaded for a config that cannot fit")
 
-    monkeypatch.setattr("harness.models.load_model", no_loading)
+    monkeypatch.setattr("harness.model.loading.load_model", no_loading)
     monkeypatch.setattr("harness.bench.load_model", no_loading)
     cfg = compose_config("model=vicuna-13b-v1.3", "gpu_memory=16GB", "method=medusa", config_name="plan")
     assert run_plan(cfg) == 2
@@ -133,11 +133,11 @@ RSS_SCRIPT = textwrap.dedent("""
     import ctypes, gc, json, re, sys, torch
     sys.path.insert(0, sys.argv[1])
     from conftest import compose_config
-    from harness.acceptance import Sampling
-    from harness.decoding import Proposer, StopCriteria, decode_turn
-    from harness.models import load_model
+    from harness.engine.acceptance import Sampling
+    from harness.engine.loop import Proposer, StopCriteria, decode_turn
+    from harness.model.loading import load_model
     from harness.plan import estimate, read_architecture
-    from harness.target import Target
+    from harness.engine.target import Target
 
     # no transparent huge pages: with THP "always" a mapping's RSS rounds up to 2 MiB pages (kernel setting, not ours)
     ctypes.CDLL("libc.so.6").prctl(41, 1, 0, 0, 0)   # PR_SET_THP_DISABLE

@@ -9,11 +9,11 @@ from transformers.generation.candidate_generator import PromptLookupCandidateGen
 
 from baselines.hf_generate import HFGenerate
 from baselines.pld import NgramIndex, PromptLookupProposer, trie_draft
-from harness.acceptance import Sampling
+from harness.engine.acceptance import Sampling
 from harness.bench import build_method
-from harness.decoding import Proposer, StopCriteria, decode_turn
-from harness.errors import HarnessError
-from harness.target import Target
+from harness.engine.loop import Proposer, StopCriteria, decode_turn
+from harness.infra.errors import HarnessError
+from harness.engine.target import Target
 from tests.conftest import compose_config, make_tiny_llama
 
 # the tiny random model falls into a loop after this prompt, and the loop's text repeats: drafts get accepted

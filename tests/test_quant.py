@@ -6,12 +6,12 @@ import logging
 import pytest
 import torch
 
-from harness.acceptance import Sampling
-from harness.decoding import Draft, Proposer, StopCriteria, decode_turn
-from harness.errors import HarnessError
-from harness.quant import (WeightOnlyInt8Linear, check_head_quantization, check_quantization, quant_load_kwargs,
+from harness.engine.acceptance import Sampling
+from harness.engine.loop import Draft, Proposer, StopCriteria, decode_turn
+from harness.infra.errors import HarnessError
+from harness.model.quantization import (WeightOnlyInt8Linear, check_head_quantization, check_quantization, quant_load_kwargs,
                            quantization_signature, quantize_after_load, weight_memory_bytes)
-from harness.target import Target
+from harness.engine.target import Target
 
 CPU = torch.device("cpu")
 
@@ -140,12 +140,12 @@ def test_signature_and_head_quantization_warning(caplog):
     class Loaded:
         quantization = "none"
 
-    with caplog.at_level(logging.WARNING, logger="harness.quant"):
+    with caplog.at_level(logging.WARNING, logger="harness.model.quantization"):
         check_head_quantization({"base_quantization": signature}, Loaded())
     assert "quantization=int8 but runs on quantization=none" in caplog.text
     caplog.clear()
     Loaded.quantization = "int8"
-    with caplog.at_level(logging.WARNING, logger="harness.quant"):
+    with caplog.at_level(logging.WARNING, logger="harness.model.quantization"):
         check_head_quantization({"base_quantization": signature}, Loaded())
         check_head_quantization({"head_type": "medusa"}, Loaded())        # no record = trained on none
     assert caplog.text.count("trained over a base with quantization=none but runs on quantization=int8") == 1
@@ -154,8 +154,8 @@ def test_signature_and_head_quantization_warning(caplog):
 @pytest.mark.integration
 def test_default_model_int8_vanilla_and_pld_are_token_identical(questions_path):
     from baselines.pld import PromptLookupProposer
-    from harness.data import load_questions
-    from harness.models import load_model
+    from harness.data.questions import load_questions
+    from harness.model.loading import load_model
     from conftest import compose_config
 
     cfg = compose_config("model.quantization=int8", "bench.limit=2", f"bench.path={questions_path}")

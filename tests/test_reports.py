@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from harness import REPO_ROOT
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 from reports.report import build_report
 
 HARDWARE = {"cpu": "Test CPU", "cpu_count": 2, "torch_threads": 2, "gpu": None, "device": "cpu"}

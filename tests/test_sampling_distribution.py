@@ -19,13 +19,13 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-import harness.acceptance as acceptance_module
-import harness.decoding as decoding_module
+import harness.engine.acceptance as acceptance_module
+import harness.engine.loop as decoding_module
 from baselines.sps import SpSProposer
-from harness.acceptance import Acceptance, Sampling, target_probs
-from harness.decoding import Draft, Proposer, StopCriteria, decode_turn
-from harness.target import Target
-from harness.tree import children_of
+from harness.engine.acceptance import Acceptance, Sampling, target_probs
+from harness.engine.loop import Draft, Proposer, StopCriteria, decode_turn
+from harness.engine.target import Target
+from harness.engine.tree import children_of
 from tests.conftest import make_tiny_llama
 
 VOCAB = 8

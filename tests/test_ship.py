@@ -13,8 +13,9 @@ from head_fitting import as_loaded
 from safetensors import safe_open
 
 from harness import REPO_ROOT
-from harness.errors import HarnessError
-from harness.heads import BaseHandles, base_identity, build_head, load_head, save_head
+from harness.infra.errors import HarnessError
+from harness.heads.base import BaseHandles, build_head
+from harness.heads.checkpoint import base_identity, load_head, save_head
 from harness.ship import main as ship_main
 from harness.ship import sha256, ship
 
@@ -104,7 +105,7 @@ def test_the_shipped_heads_are_small_bf16_and_recorded():
 
 @pytest.mark.integration
 def test_the_shipped_heads_load_onto_the_default_model():
-    from harness.models import load_model
+    from harness.model.loading import load_model
 
     loaded = load_model(compose_config().model, "cpu", "fp32")
     for name in ("eagle", "medusa", "medusa1", "ours", "ours_no_trigram"):

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from harness.errors import HarnessError
-from harness.models import LoadedModel
-from harness.sizing import (OnlineSizer, expected_chain, expected_tree, interpolate, keep_most_likely, make_sizer,
+from harness.infra.errors import HarnessError
+from harness.model.loading import LoadedModel
+from harness.engine.sizing import (OnlineSizer, expected_chain, expected_tree, interpolate, keep_most_likely, make_sizer,
                             pick_size, read_curve, subtree, verify_curve)
 
 # a CPU-like curve: 40 ms for one token, +2 ms per extra verify token up to 16 (then flattening)

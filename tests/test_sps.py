@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from baselines.sps import SpSProposer, check_same_vocabulary
-from harness.acceptance import Sampling
+from harness.engine.acceptance import Sampling
 from harness.bench import build_method
-from harness.decoding import DecodeContext, Proposer, StopCriteria, decode_turn
-from harness.errors import HarnessError
-from harness.target import Target
+from harness.engine.loop import DecodeContext, Proposer, StopCriteria, decode_turn
+from harness.infra.errors import HarnessError
+from harness.engine.target import Target
 from tests.conftest import compose_config, make_tiny_llama
 
 PROMPT = list(range(5, 40))
@@ -92,7 +92,7 @@ def test_sampling_mode_sends_the_warped_draft_distribution(tiny_llama, near_copy
         torch.testing.assert_close(draft.q_draft.sum(-1), torch.ones(3))
         assert all(draft.q_draft[i, token] > 0 for i, token in enumerate(draft.tokens))
         reference = near_copy_draft(torch.tensor([ctx.tokens + draft.tokens[:-1]])).logits[0, -3:]
-        from harness.acceptance import target_probs
+        from harness.engine.acceptance import target_probs
 
         torch.testing.assert_close(draft.q_draft, target_probs(reference, sampling), atol=1e-5, rtol=1e-4)
 

@@ -15,9 +15,9 @@ from hydra.types import RunMode
 from omegaconf import open_dict
 
 from harness.bench import run_bench
-from harness.errors import HarnessError
-from harness.store import RunStore
-from harness.tracking import Tracker, flat_metrics
+from harness.infra.errors import HarnessError
+from harness.infra.store import RunStore
+from harness.infra.tracking import Tracker, flat_metrics
 from tests.conftest import compose_config, tiny_bench_overrides
 
 

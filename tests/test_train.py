@@ -15,14 +15,16 @@ from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from conftest import compose_config
-from harness import REPO_ROOT, heads
-from harness.errors import HarnessError
-from harness.heads import DraftHead, base_identity, load_head, topk_accuracy
-from harness.models import load_model
-from harness.sharegpt import write_sharegpt
+from harness import REPO_ROOT
+from harness.heads import base as heads
+from harness.infra.errors import HarnessError
+from harness.heads.base import DraftHead, topk_accuracy
+from harness.heads.checkpoint import base_identity, load_head
+from harness.model.loading import load_model
+from harness.data.sharegpt import write_sharegpt
 from harness.train import (HeadTrainer, HeadTrainingModel, run_train, training_arguments, training_kwargs,
                            wandb_enabled)
-from harness.train_data import IGNORE_INDEX, Collator, ConversationDataset, tokenize_conversation
+from harness.data.examples import IGNORE_INDEX, Collator, ConversationDataset, tokenize_conversation
 from tiny_chat import make_tiny_chat_model, model_overrides
 
 COUNTING = "one two three four five six seven eight nine ten"
@@ -225,8 +227,8 @@ def test_labels_cover_exactly_the_assistant_answers(chat_model):
 
 @pytest.mark.integration
 def test_real_tokenizer_spans_for_chatml_and_vicuna_templates(default_model):
-    from harness.models import model_config
-    from harness.templates import make_template
+    from harness.model.loading import model_config
+    from harness.model.templates import make_template
 
     pairs = [("Hi there", "Hello! How can I help?"), ("Name a colour.", "Blue.")]
     for template, expected in ((default_model.template, ["Hello! How can I help?<|im_end|>\n", "Blue.<|im_end|>\n"]),
@@ -387,7 +389,7 @@ def test_clip_grad_value_clamps_gradients_before_the_step():
                                                         ("trigram", {"num_positions": 4}, 1),
                                                         ("trigram", {"num_positions": 4, "trigram": False}, 0)])
 def test_cropping_prompt_columns_changes_no_counted_prediction(chat_model, head_type, kwargs, context):
-    from harness.heads import BaseHandles, build_head
+    from harness.heads.base import BaseHandles, build_head
 
     cfg = compose_config(*model_overrides(chat_model)[:-1], config_name="train")
     loaded = load_model(cfg.model, "cpu")
@@ -453,8 +455,8 @@ def test_bf16_training_with_a_draft_vocabulary_logs_medusas_step_metrics(chat_mo
 
 
 def test_feature_cache_continues_after_a_kill(chat_model, toy_data, tmp_path, monkeypatch):
-    from harness import feature_cache
-    from harness.feature_cache import FeatureCache, training_examples, write_cache
+    from harness.data import feature_cache
+    from harness.data.feature_cache import FeatureCache, training_examples, write_cache
 
     loaded = load_model(OmegaConf.create({"name": "tiny", "path": str(chat_model), "template": "chat_template"}),
                         "cpu")

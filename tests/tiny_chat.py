@@ -1,6 +1,6 @@
 """A tiny chat model folder for distill/train tests: a random Llama (conftest.make_tiny_llama) + a word-level
 tokenizer with a ChatML chat template, saved like a Hub model so `model.path=<folder>` loads it through
-harness.models.load_model (template, stop tokens and all). No downloads, a few hundred tokens of vocabulary."""
+harness.model.loading.load_model (template, stop tokens and all). No downloads, a few hundred tokens of vocabulary."""
 
 from __future__ import annotations
 

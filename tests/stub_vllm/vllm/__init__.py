@@ -1,5 +1,5 @@
 """A stand-in for vLLM with its interface (LLM, SamplingParams, vllm.inputs.TokensPrompt, RequestOutput-like
-results) for CI, which has no vLLM: `harness/vllm_worker.py` runs against it unchanged. It generates with
+results) for CI, which has no vLLM: `harness/data/vllm_worker.py` runs against it unchanged. It generates with
 transformers on the CPU, one prompt at a time: greedy = argmax, as vLLM's greedy is. Every engine's arguments
 are appended to $STUB_VLLM_LOG (when set) so tests can see what the harness asked for."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.tree import children_of
+from harness.engine.tree import children_of
 
 
 @dataclass

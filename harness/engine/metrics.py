@@ -3,14 +3,14 @@
 - tokens/s: generated token ids (never re-tokenised text) / wall time (prefill + decode), every turn.
 - τ (mean accepted length) = generated tokens / verify steps, bonus included, prefill = one step.
 - acceptance at position k = P(draft token k accepted | tokens 1..k-1 accepted).
-- lossless: exact / near_tie / mismatch per question (harness/lossless.py); rate = (exact + near_tie) / compared.
+- lossless: exact / near_tie / mismatch per question (harness/engine/lossless.py); rate = (exact + near_tie) / compared.
 """
 
 from __future__ import annotations
 
 import math
 
-from harness import lossless
+from harness.engine import lossless
 
 
 def _turns(records: list[dict]) -> list[dict]:

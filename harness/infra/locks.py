@@ -28,7 +28,7 @@ try:
 except ImportError:      # not POSIX: the pid check alone
     fcntl = None
 
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 
 log = logging.getLogger(__name__)
 

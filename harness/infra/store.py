@@ -1,6 +1,6 @@
 """The results store: one folder per run, `run.json` + `answers.jsonl` (+ `summary.json` at the end).
 
-A run folder has one writer: `RunStore.lock()` (harness.locks) is held for the whole run, so a second run or
+A run folder has one writer: `RunStore.lock()` (harness.infra.locks) is held for the whole run, so a second run or
 resume into the same run_dir is refused before it loads a model or writes a line.
 
 answers.jsonl gets one record per question, appended, flushed and fsync'd as each question finishes,
@@ -21,8 +21,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness import REPO_ROOT
-from harness.errors import HarnessError
-from harness.locks import hold
+from harness.infra.errors import HarnessError
+from harness.infra.locks import hold
 
 ANSWERS = "answers.jsonl"
 RUN_INFO = "run.json"

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -130,7 +130,7 @@ class FeatureCache(torch.utils.data.Dataset):
         path = self.folder / INDEX_FILE
         if not path.is_file():
             raise HarnessError(f"{self.folder} is not a finished feature cache (no {INDEX_FILE}); build it with "
-                               f"harness.feature_cache.write_cache (or specdec-train feature_cache=<folder>)")
+                               f"harness.data.feature_cache.write_cache (or specdec-train feature_cache=<folder>)")
         try:
             self.index = json.loads(path.read_text())
         except ValueError as exc:
@@ -139,7 +139,7 @@ class FeatureCache(torch.utils.data.Dataset):
             raise HarnessError(f"{self.folder} has cache format {self.index.get('format')}, this code reads "
                                f"{FORMAT_VERSION}; delete it and rebuild")
         if base is not None:
-            from harness.heads import check_base
+            from harness.heads.checkpoint import check_base
 
             check_base(self.index.get("base") or {}, base, self.folder)
         self.examples = self.index["examples"]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from harness.errors import HarnessError
-from harness.models import cache_root
+from harness.infra.errors import HarnessError
+from harness.model.loading import cache_root
 
 SPEC_BENCH_URL = "https://raw.githubusercontent.com/hemingkx/Spec-Bench/main/data/spec_bench/question.jsonl"
 MT_BENCH_IDS = range(81, 161)

@@ -41,7 +41,7 @@ import logging
 import torch
 from torch import nn
 
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def weight_memory_bytes(model: nn.Module) -> int:
 def quantization_signature(model_cfg, device: str | torch.device = "auto") -> dict:
     """What a head checkpoint records about its base's quantization (save_head(..., extra=
     {"base_quantization": quantization_signature(cfg.model, loaded.device)}))."""
-    from harness.models import resolve_device
+    from harness.model.device import resolve_device
 
     quantization = (model_cfg.get("quantization") if hasattr(model_cfg, "get") else None) or "none"
     dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device

@@ -12,7 +12,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 
 USER_ROLES = frozenset({"human", "user"})
 ASSISTANT_ROLES = frozenset({"gpt", "assistant", "chatgpt", "bing", "bard", "model"})
@@ -69,7 +69,7 @@ def normalise(text: str) -> str:
 
 class JsonlLog:
     """Append-only `.jsonl`: one record a line, flushed and fsync'd per record (the pattern of
-    harness/store.py), so a kill loses at most the record being written; a torn last line is cut off."""
+    harness/infra/store.py), so a kill loses at most the record being written; a torn last line is cut off."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.lossless import question_status
+from harness.engine.lossless import question_status
 
 log = logging.getLogger(__name__)
 

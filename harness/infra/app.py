@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from harness import CONF_DIR
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 
 CHECKED_GROUPS = {"model", "method", "bench", "logger", "experiment", "train"}
 

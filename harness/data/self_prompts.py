@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from harness.sharegpt import normalise
+from harness.data.sharegpt import normalise
 
 SENTINEL = "\u2063specdec-user-turn\u2063"       # text no model writes: marks where the user turn goes
 

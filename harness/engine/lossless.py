@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 
 STATUSES = ("exact", "near_tie", "mismatch")      # best to worst
 
@@ -203,7 +203,7 @@ class LosslessCheck:
     forward runs on its own Target (its own KV cache), after the question's timed turns."""
 
     def __init__(self, loaded, tolerance_setting):
-        from harness.target import Target
+        from harness.engine.target import Target
 
         self.template = loaded.template
         self.target = Target(loaded.model)

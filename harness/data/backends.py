@@ -4,7 +4,7 @@
   proposer: the same greedy tokens vanilla benchmark runs produce); batch_size>1 transformers `generate`
   with left padding.
 - `vllm`: vLLM (CPU or CUDA build) in its own environment (`make distill-env`), driven through
-  `harness/vllm_worker.py` over a pipe; tensor parallelism and every other engine option through
+  `harness/data/vllm_worker.py` over a pipe; tensor parallelism and every other engine option through
   `vllm.engine_kwargs` / `vllm.tensor_parallel_size`. The engine starts once per job (minutes on a CPU)
   and is handed whole rounds of prompts, which it batches itself.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, loaded, batch_size: int = 1):
-        from harness.target import Target
+        from harness.engine.target import Target
 
         self.loaded, self.batch_size = loaded, int(batch_size)
         self.target = Target(loaded.model)
@@ -69,8 +69,8 @@ class HFBackend:
         return out
 
     def _one(self, prompt: list[int], params: Params) -> Completion:
-        from harness.acceptance import Sampling
-        from harness.decoding import Proposer, StopCriteria, decode_turn
+        from harness.engine.acceptance import Sampling
+        from harness.engine.loop import Proposer, StopCriteria, decode_turn
 
         generator = torch.Generator(device=self.target.device).manual_seed(int(params.seed or 0) % 2**63)
         stop = StopCriteria(frozenset(params.stop_token_ids), tuple(params.stop), self.loaded.tokenizer,

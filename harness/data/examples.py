@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from harness.errors import HarnessError
-from harness.sharegpt import read_sharegpt, turn_pairs
+from harness.infra.errors import HarnessError
+from harness.data.sharegpt import read_sharegpt, turn_pairs
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 
 
 @dataclass

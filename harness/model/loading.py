@@ -21,34 +21,16 @@ from typing import TYPE_CHECKING
 import torch
 from omegaconf import DictConfig
 
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
+from harness.model.device import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
-    from harness.templates import ChatTemplate
+    from harness.model.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-          "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
 def cache_root() -> Path:
     return Path(os.environ.get("SPECDEC_CACHE", Path.home() / ".cache" / "specdec-harness"))
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is fp32 on CPU (exact, and fp16 matmuls are slow there) and fp16 on GPU."""
-    if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise HarnessError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(sorted(DTYPES))}")
-    return DTYPES[dtype]
 
 
 @dataclass
@@ -125,8 +107,8 @@ def load_model(cfg: DictConfig, device: str = "auto", dtype: str | None = None) 
     """Load target model + tokenizer + template. Any failure is one line naming model.path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.quant import check_quantization, quant_load_kwargs, quantize_after_load
-    from harness.templates import make_template
+    from harness.model.quantization import check_quantization, quant_load_kwargs, quantize_after_load
+    from harness.model.templates import make_template
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype or cfg.get("dtype", "auto"), dev)
@@ -158,7 +140,7 @@ def load_template(cfg: DictConfig, source: str | None = None):
     """The tokenizer's conversation template without the weights (for a backend that loads them itself)."""
     from transformers import AutoTokenizer
 
-    from harness.templates import make_template
+    from harness.model.templates import make_template
 
     source = source or model_source(cfg)
     try:

@@ -8,7 +8,7 @@ The best size maximises
 
 over n >= 0; n = 0 is a plain target step, so an auto-sized method never plans to be slower than vanilla.
 
-verify_time comes from `harness.latency.measure_verify_latency` (a {verify tokens: seconds} curve, linear
+verify_time comes from `harness.engine.timing.measure_verify_latency` (a {verify tokens: seconds} curve, linear
 between measured sizes). A(n) comes from the method:
 - a chain with per-position acceptance a_1..a_K (P(token k accepted | 1..k-1 accepted)):
   A(n) = sum_{k<=n} prod_{j<=k} a_j                                    (`expected_chain`)
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 
 # verify sizes measured for an auto-sized method (root included); linear interpolation in between
 CURVE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
@@ -42,7 +42,7 @@ def interpolate(curve: dict[int, float], size: float) -> float:
     """Seconds for a verify of `size` tokens: piecewise linear through the measured points, the nearest
     point's value below the smallest, the last segment's slope beyond the largest."""
     if not curve:
-        raise HarnessError("empty verify latency curve; measure one with harness.latency.measure_verify_latency")
+        raise HarnessError("empty verify latency curve; measure one with `python -m harness.latency --tree --json <file>`")
     points = sorted((int(k), float(v)) for k, v in curve.items())
     if size <= points[0][0] or len(points) == 1:
         return points[0][1]
@@ -145,13 +145,13 @@ def verify_curve(loaded, source: str | dict | None = None, max_tokens: int = 64,
     (flat tree mask, a `prompt_len`-token prefix, median of `repeats`) and cached for the process."""
     if source is not None:
         return read_curve(source)
-    from harness.latency import measure_verify_latency, prefix_ids
-    from harness.target import Target
+    from harness.engine.target import Target
+    from harness.engine.timing import filler_ids, measure_verify_latency
 
     sizes = sorted({s for s in CURVE_SIZES if s <= max_tokens} | {max(1, int(max_tokens))})
     key = (id(loaded.model), str(loaded.device), torch.get_num_threads(), tuple(sizes), prompt_len)
     if key not in _CURVES:
-        prompt, _ = prefix_ids(loaded, prompt_len)
+        prompt = filler_ids(loaded, prompt_len)
         _CURVES[key] = measure_verify_latency(Target(loaded.model), prompt, sizes, repeats=repeats, warmup=1,
                                               tree=True)
     return _CURVES[key]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from harness.tree import compact_cache, verify_layout
+from harness.engine.tree import compact_cache, verify_layout
 
 
 @dataclass

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.acceptance import Acceptance, Sampling, accept, select_token
-from harness.errors import HarnessError
-from harness.target import Scores, Target
-from harness.tree import children_of, depths_of
+from harness.engine.acceptance import Acceptance, Sampling, accept, select_token
+from harness.infra.errors import HarnessError
+from harness.engine.target import Scores, Target
+from harness.engine.tree import children_of, depths_of
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Draft:
     extra_mask: torch.Tensor | None = None         # [m, 1 + n + m] bool: what each extra row sees
     extra_offsets: torch.Tensor | None = None      # [m] position of each extra token relative to root
     # An explicitly LOSSY acceptance (Medusa's typical acceptance) replacing the shared lossless one:
-    # (draft, scores, sampling, generator) -> Acceptance. None (the default) = harness/acceptance.py.
+    # (draft, scores, sampling, generator) -> Acceptance. None (the default) = harness/engine/acceptance.py.
     acceptance_override: Callable[..., Acceptance] | None = None
 
     @staticmethod

@@ -18,10 +18,9 @@ import json
 import os
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 
-from harness.errors import HarnessError
+from harness.infra.errors import HarnessError
 
 IGNORE_INDEX = -100
 

@@ -1,0 +1,1 @@
+"""Data: question files, ShareGPT, training examples, token datasets, the feature cache, self-written prompts and the generation backends of distillation."""

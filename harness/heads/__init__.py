@@ -1,0 +1,1 @@
+"""Draft heads: the base class and registry, checkpoints, published-checkpoint layouts."""

@@ -1,0 +1,1 @@
+"""Target loading: the model cache and loader, quantization, chat templates."""
