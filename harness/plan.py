@@ -61,7 +61,7 @@ GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
 ARCHITECTURES = CONF_DIR / "architectures.yaml"
 NF4_CODE_BYTES = 16 * 4       # bitsandbytes' NF4 code table: 16 fp32 values per quantized layer
-HEAD_PROPOSERS = {"MedusaProposer": "medusa", "TrigramProposer": "trigram", "EagleProposer": "eagle"}
+HEAD_PROPOSERS = {"MedusaProposer": "medusa", "OursProposer": "ours", "EagleProposer": "eagle"}
 
 
 # ---------------------------------------------------------------------------------------------

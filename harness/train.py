@@ -64,7 +64,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from harness.infra.app import hydra_app
 from harness.infra.errors import HarnessError
-from harness.heads.base import BaseHandles, DraftHead, build_head, topk_accuracy
+from harness.heads.base import BaseHandles, DraftHead, build_head, head_class, topk_accuracy
 from harness.heads.checkpoint import WEIGHTS_FILE, base_identity, check_base, load_head, read_head_config, save_head
 from harness.infra.locks import hold
 from harness.model.loading import load_model
@@ -275,7 +275,7 @@ def load_head_weights(head: DraftHead, folder: str | Path, identity: dict) -> No
     info = read_head_config(folder)
     check_base(info.get("base") or {}, identity, folder)
     wanted = json.loads(json.dumps(head.config))
-    if info["head_type"] != head.head_type or info["config"] != wanted:
+    if head_class(info["head_type"]) is not type(head) or info["config"] != wanted:   # an alias names the same class
         raise HarnessError(f"checkpoint {folder} holds a {info['head_type']} head {info['config']}, this run trains "
                            f"a {head.head_type} head {wanted}; use another output_dir or resume=false")
     head.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))

@@ -16,7 +16,7 @@ from harness.engine.loop import StopCriteria, decode_turn
 from harness.infra.errors import HarnessError
 from harness.heads.base import BaseHandles, build_head
 from harness.engine.target import Target
-from methods.trigram import TrigramProposer
+from methods.ours import OursProposer
 
 pytestmark = pytest.mark.filterwarnings("ignore:method.head_path is null")
 
@@ -61,7 +61,7 @@ class Recording:
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.5])
-@pytest.mark.parametrize("kind", ["medusa", "trigram", "eagle"])
+@pytest.mark.parametrize("kind", ["medusa", "ours", "eagle"])
 def test_reduced_vocabulary_heads_are_lossless_and_draft_only_inside_it(model_and_reference, kind, keep):
     model, reference = model_and_reference
     vocab = draft_vocab(reference, keep)
@@ -83,7 +83,7 @@ def test_reduced_vocabulary_heads_are_lossless_and_draft_only_inside_it(model_an
             losses = fit_head(head, model, [PROMPT + reference], steps=60, lr=3e-2)
             head.set_draft_vocab(64, vocab)
         assert losses[-1] < 0.5 * losses[0]
-        proposer = with_head(MedusaProposer() if kind == "medusa" else TrigramProposer(), model, head)
+        proposer = with_head(MedusaProposer() if kind == "medusa" else OursProposer(), model, head)
     recording = Recording(proposer)
     result = decode_turn(Target(model), recording, PROMPT, Sampling(), StopCriteria(frozenset(), max_new_tokens=TOKENS))
     assert result.token_ids == reference

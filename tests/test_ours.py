@@ -1,4 +1,4 @@
-"""Ours (methods/trigram.py): teacher-forced training logits, chain / beam / tree drafting, lossless decoding
+"""Ours (methods/ours.py): teacher-forced training logits, chain / beam / tree drafting, lossless decoding
 with untrained and fitted heads, and the checks on head type and trigram flag."""
 
 import json
@@ -16,7 +16,7 @@ from harness.heads.base import BaseHandles, build_head
 from harness.heads.checkpoint import base_identity, save_head
 from harness.engine.target import Target
 from harness.engine.tree import depths_of
-from methods.trigram import TrigramProposer
+from methods.ours import OursHead, OursProposer
 
 pytestmark = pytest.mark.filterwarnings("ignore:method.head_path is null")   # fitted heads replace it
 
@@ -26,8 +26,8 @@ MODES = [dict(draft="chain"), dict(draft="beam", beam_width=2, top_k=2),
          dict(draft="tree", beam_width=2, top_k=3, max_nodes=8)]
 
 
-def ours(model, head=None, **options) -> TrigramProposer:
-    proposer = TrigramProposer(**options)
+def ours(model, head=None, **options) -> OursProposer:
+    proposer = OursProposer(**options)
     proposer.setup(as_loaded(model))
     if head is not None:
         proposer.head = head
@@ -54,7 +54,7 @@ def fitted():
     heads = {}
     for trigram in (True, False):
         torch.manual_seed(0)
-        head = build_head("trigram", model.config, base=BaseHandles.of(model), num_positions=3, trigram=trigram)
+        head = build_head("ours", model.config, base=BaseHandles.of(model), num_positions=3, trigram=trigram)
         losses = fit_head(head, model, [PROMPT + reference], steps=60, lr=3e-2)
         assert losses[-1] < 0.3 * losses[0]
         heads[trigram] = head
@@ -65,7 +65,7 @@ def test_training_logits_unroll_the_recurrence_with_true_tokens():
     model = make_tiny_llama()
     base = BaseHandles.of(model)
     torch.manual_seed(1)
-    head = build_head("trigram", model.config, base=base, num_positions=3, num_layers=2)
+    head = build_head("ours", model.config, base=base, num_positions=3, num_layers=2)
     with torch.no_grad():
         for param in head.parameters():
             param.add_(0.05 * torch.randn_like(param))
@@ -86,7 +86,7 @@ def test_training_logits_unroll_the_recurrence_with_true_tokens():
             torch.testing.assert_close(logits[k, b, t], base.lm_head(state))
     # an untrained head starts as "s = h": position 1 repeats the target's own next-token logits
     hidden = torch.randn(1, 5, 64)
-    fresh = build_head("trigram", model.config, base=base, num_positions=3)
+    fresh = build_head("ours", model.config, base=base, num_positions=3)
     torch.testing.assert_close(fresh.training_logits(hidden, torch.zeros(1, 5, dtype=torch.long), base)[0],
                                base.lm_head(hidden))
 
@@ -169,25 +169,25 @@ def test_auto_size_follows_the_latency_curve(fitted, options):
 def test_bad_options_and_mismatched_heads_are_refused(fitted, tmp_path):
     model, heads, _ = fitted
     with pytest.raises(HarnessError, match="max_nodes=most"):
-        TrigramProposer(max_nodes="most")
+        OursProposer(max_nodes="most")
     with pytest.raises(HarnessError, match="method.draft"):
-        TrigramProposer(draft="greedy")
+        OursProposer(draft="greedy")
     with pytest.raises(HarnessError, match=">= 1"):
-        TrigramProposer(beam_width=0)
+        OursProposer(beam_width=0)
     folder = save_head(heads[True], tmp_path / "trigram", base_identity(model))
     with pytest.raises(HarnessError, match="method=ours"):
-        TrigramProposer(head_path=str(folder), trigram=False).setup(as_loaded(model))
+        OursProposer(head_path=str(folder), trigram=False).setup(as_loaded(model))
     medusa = save_head(build_head("medusa", model.config), tmp_path / "medusa", base_identity(model))
     with pytest.raises(HarnessError, match="is a medusa head"):
-        TrigramProposer(head_path=str(medusa)).setup(as_loaded(model))
-    loaded = TrigramProposer(head_path=str(folder))
+        OursProposer(head_path=str(medusa)).setup(as_loaded(model))
+    loaded = OursProposer(head_path=str(folder))
     loaded.setup(as_loaded(model))
     assert loaded.depth == 3 and not loaded.head.training
 
 
 def test_bench_path_refuses_a_head_for_another_model(tiny_model_dir, questions_path, tmp_path):
     other = make_tiny_llama(seed=2)
-    folder = save_head(build_head("trigram", other.config), tmp_path / "head", base_identity(other))
+    folder = save_head(build_head("ours", other.config), tmp_path / "head", base_identity(other))
     run_dir = tmp_path / "run"
     cfg = compose_config(*tiny_bench_overrides(tiny_model_dir, run_dir, questions_path, "bench.limit=1",
                                                "max_new_tokens=8", "method=ours", f"method.head_path={folder}"))
@@ -208,3 +208,10 @@ def test_untrained_and_shipped_ours_on_the_default_model_are_lossless(questions_
         assert summary["questions"] == 1 and summary["turns"] == 2 and summary["lossless_rate"] == 1.0, method
         head_path = json.loads((run_dir / "run.json").read_text())["config"]["method"]["head_path"]
         assert (head_path is None) == (i == 0) and (i == 0 or head_path.endswith(f"heads/smollm2-135m/{method}"))
+
+
+def test_trigram_is_a_documented_alias_of_the_ours_head_type():
+    """Checkpoints written before the rename say head_type "trigram": they still build the same class."""
+    model = make_tiny_llama()
+    old = build_head("trigram", model.config, num_positions=2)
+    assert type(old) is OursHead and old.head_type == "ours"

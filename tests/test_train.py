@@ -323,8 +323,8 @@ def test_torchrun_runs_the_same_command_on_two_processes(chat_model, toy_data, t
 
 
 @pytest.mark.parametrize("preset, head_type, positions", [("medusa_smollm2", "medusa", 3),
-                                                          ("ours_smollm2", "trigram", 4),
-                                                          ("ours_no_trigram_smollm2", "trigram", 4),
+                                                          ("ours_smollm2", "ours", 4),
+                                                          ("ours_no_trigram_smollm2", "ours", 4),
                                                           ("eagle_smollm2", "eagle", 4)])
 def test_cpu_presets_train_their_head(chat_model, toy_data, tmp_path, preset, head_type, positions):
     train, held = toy_data
@@ -386,8 +386,8 @@ def test_clip_grad_value_clamps_gradients_before_the_step():
 
 
 @pytest.mark.parametrize("head_type, kwargs, context", [("medusa", {"medusa_num_heads": 3}, 0),
-                                                        ("trigram", {"num_positions": 4}, 1),
-                                                        ("trigram", {"num_positions": 4, "trigram": False}, 0)])
+                                                        ("ours", {"num_positions": 4}, 1),
+                                                        ("ours", {"num_positions": 4, "trigram": False}, 0)])
 def test_cropping_prompt_columns_changes_no_counted_prediction(chat_model, head_type, kwargs, context):
     from harness.heads.base import BaseHandles, build_head
 

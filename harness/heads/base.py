@@ -5,7 +5,7 @@ Position k = 0 predicts t + 2 from the state at t (the target's own lm_head pred
 Medusa-1 convention, used by every head here. Checkpoints (ours and the published layouts' shared
 helpers) are harness/heads/checkpoint.py.
 
-Head classes live next to their decoders (baselines/medusa.py, baselines/eagle.py, methods/trigram.py);
+Head classes live next to their decoders (baselines/medusa.py, baselines/eagle.py, methods/ours.py);
 `HEAD_TYPES` names them so `build_head("medusa", ...)` works without importing every method up front. A
 head class that reads a published checkpoint implements `is_published` and `from_official`.
 """
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 # head_type -> "module:Class"; imported lazily so harness/ does not depend on baselines/ at import time
 HEAD_TYPES = {
     "medusa": "baselines.medusa:MedusaHead",
-    "trigram": "methods.trigram:TrigramHead",
+    "ours": "methods.ours:OursHead",
+    "trigram": "methods.ours:OursHead",   # alias: the head type checkpoints written before the rename carry
     "eagle": "baselines.eagle:EagleHead",
 }
 

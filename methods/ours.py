@@ -41,8 +41,8 @@ from harness.engine.tree import depths_of
 DRAFT_MODES = ("chain", "beam", "tree")
 
 
-class TrigramHead(DraftHead):
-    head_type = "trigram"
+class OursHead(DraftHead):
+    head_type = "ours"
 
     def __init__(self, hidden_size: int, vocab_size: int, num_positions: int = 4, num_layers: int = 1,
                  trigram: bool = True, own_lm_head: bool = False):
@@ -100,8 +100,8 @@ class TrigramHead(DraftHead):
         return torch.stack(logits)                                               # [K, B, T, V]
 
 
-class TrigramProposer(Proposer):
-    """Drafts with a TrigramHead: chain, beam or tree (see the module docstring)."""
+class OursProposer(Proposer):
+    """Drafts with a OursHead: chain, beam or tree (see the module docstring)."""
 
     name = "ours"
 
@@ -127,7 +127,7 @@ class TrigramProposer(Proposer):
                                 own_lm_head=own_lm_head)
 
     def setup(self, loaded) -> None:
-        self.head = load_or_init_head(self.head_path, loaded, "trigram", **self.head_kwargs)
+        self.head = load_or_init_head(self.head_path, loaded, "ours", **self.head_kwargs)
         if self.head.trigram != bool(self.head_kwargs["trigram"]):
             raise HarnessError(f"head {self.head_path} was trained with trigram={self.head.trigram} but the method "
                                f"says trigram={self.head_kwargs['trigram']}; use "
