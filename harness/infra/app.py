@@ -7,6 +7,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -18,19 +19,47 @@ from harness.infra.errors import HarnessError
 CHECKED_GROUPS = {"model", "method", "bench", "logger", "experiment", "train"}
 
 
+def config_dirs(argv: list[str]) -> list[Path]:
+    """The folders Hydra composes from, in its order: conf/, then `--config-dir` / `-cd` DIR (a user's own
+    configs) and every `hydra.searchpath=[file://DIR, pkg://module.path, DIR]` entry given on the command line."""
+    dirs = [CONF_DIR]
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith(("--config-dir=", "-cd=")):
+            dirs.append(Path(arg.split("=", 1)[1]))
+        elif arg.lstrip("+").startswith("hydra.searchpath="):
+            entries = arg.split("=", 1)[1].strip().strip("[]")
+            for entry in filter(None, (e.strip().strip("'\"") for e in entries.split(","))):
+                dirs.append(_searchpath_dir(entry))
+    return [d for d in dirs if d is not None]
+
+
+def _searchpath_dir(entry: str) -> Path | None:
+    if entry.startswith("pkg://"):
+        import importlib.util
+
+        spec = importlib.util.find_spec(entry.removeprefix("pkg://").replace("/", "."))
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        return Path(locations[0]) if locations else None     # Hydra reports a missing package itself
+    return Path(entry.removeprefix("file://"))
+
+
 def check_choices(argv: list[str]) -> None:
-    """Unknown `model=`/`method=`/`bench=`/... names get one line listing the choices, before Hydra."""
+    """Unknown `model=`/`method=`/`bench=`/... names get one line listing the choices, before Hydra. The
+    choices are the files in conf/<group>/ and in the same group of every user config folder (config_dirs)."""
+    dirs = config_dirs(argv)
     for arg in argv:
         key, sep, value = arg.lstrip("+~").partition("=")
         if not sep or key not in CHECKED_GROUPS:
             continue
-        folder = CONF_DIR / key
-        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        known = sorted({p.stem for folder in dirs for p in (folder / key).glob("*.yaml")})
         for name in value.split(","):
             name = name.strip()
             if name and not name.startswith(("glob(", "choice(", "range(")) and name not in known:
-                print(f"error: unknown {key} '{name}'; choose one of: {', '.join(known)} "
-                      f"(files in conf/{key}/)", file=sys.stderr)
+                where = ", ".join(f"{folder}/{key}/" for folder in dirs)
+                print(f"error: unknown {key} '{name}'; choose one of: {', '.join(known)} (files in {where})",
+                      file=sys.stderr)
                 sys.exit(2)
 
 
