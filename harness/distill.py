@@ -43,6 +43,7 @@ from harness.infra.app import hydra_app
 from harness.data.questions import load_questions
 from harness.engine.loop import StopCriteria
 from harness.infra.errors import HarnessError
+from harness.infra.settings import DISTILL, check_settings
 from harness.infra.locks import hold
 from harness.model.loading import load_model
 from harness.data.self_prompts import (EvalOverlap, NearDuplicates, PromptFilter, clean_user_turn, encode_prefix, open_user_turn,
@@ -421,6 +422,7 @@ def record_run(meta_path: Path, summary: dict, run_id: float) -> None:
 
 def run_distill(cfg: DictConfig) -> dict:
     """One shard of a distillation (or the merge). Raises HarnessError on bad input."""
+    check_settings(cfg, DISTILL)
     if cfg.merge:
         return merge(cfg)
     shard, num_shards = int(cfg.shard), int(cfg.num_shards)

@@ -64,6 +64,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from harness.infra.app import hydra_app
 from harness.infra.errors import HarnessError
+from harness.infra.settings import TRAIN, check_settings
 from harness.heads.base import BaseHandles, DraftHead, build_head, head_class, topk_accuracy
 from harness.heads.checkpoint import WEIGHTS_FILE, base_identity, check_base, load_head, read_head_config, save_head
 from harness.infra.locks import hold
@@ -453,14 +454,50 @@ def write_json(path: Path, data: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------------- runs
 
-def last_checkpoint(output_dir: str | Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT_FILES = (WEIGHTS_FILE, "head_config.json", "trainer_state.json")   # + optimizer/scheduler unless save_only_model
+STATE_FILES = ("optimizer.pt", "scheduler.pt")
 
-    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+def checkpoint_problem(folder: Path, model_only: bool = False) -> str | None:
+    """Why `folder` cannot be resumed from (None: it is complete). Trainer writes a checkpoint's files in
+    order (head, optimizer, scheduler, RNG, trainer_state.json last), so a kill mid-write leaves a folder
+    without a readable trainer_state.json, or without the files before it."""
+    for name in CHECKPOINT_FILES + (() if model_only else STATE_FILES):
+        if not (folder / name).is_file() or (folder / name).stat().st_size == 0:
+            return f"{name} is missing or empty"
+    for name in ("trainer_state.json", "head_config.json"):
+        try:
+            json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            return f"{name} is torn"
+    return None
+
+
+def last_checkpoint(output_dir: str | Path, model_only: bool = False) -> str | None:
+    """The newest COMPLETE `checkpoint-<step>` in output_dir. A newer incomplete one (a kill during its write)
+    is renamed `incomplete-checkpoint-<step>-<time>` (kept, never deleted; out of Trainer's rotation) and
+    the one before it is tried."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    steps = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                   if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit())
+    for _, folder in reversed(steps):
+        problem = checkpoint_problem(folder, model_only)
+        if problem is None:
+            return str(folder)
+        aside = folder.with_name(f"incomplete-{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(aside)
+        log.warning("%s is incomplete (%s: killed while it was written?); moved to %s, trying the one before",
+                    folder, problem, aside.name)
+    return None
 
 
 def run_train(cfg: DictConfig) -> dict:
     """Train (or with eval_only, evaluate) a head; returns the summary. Raises HarnessError on bad input."""
+    check_settings(cfg, TRAIN)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     if cfg.eval_only:
@@ -553,7 +590,7 @@ def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
         log.info("top-k accuracy of %s written to %s", cfg.head_path, Path(cfg.head_path) / TOPK_FILE)
         return {"head_path": str(cfg.head_path), **metrics}
 
-    checkpoint = last_checkpoint(cfg.output_dir) if cfg.resume else None
+    checkpoint = last_checkpoint(cfg.output_dir, bool(args.save_only_model)) if cfg.resume else None
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -41,3 +41,21 @@ def test_unknown_names_still_fail_in_one_line_naming_every_folder(user_dir):
     assert out.returncode == 2 and len(lines) == 1
     assert "unknown method 'theirs'" in lines[0] and "mymethod" in lines[0] and "vanilla" in lines[0]
     assert f"{user_dir}/method/" in lines[0] and "conf/method/" in lines[0]
+
+
+def test_a_sweep_jobs_bad_input_is_recorded_and_the_other_jobs_run(tiny_model_dir, questions_path, tmp_path):
+    """`-m bench.limit=0,1`: job 0 is refused (limit 0) and leaves failed.json; job 1 runs to its summary;
+    the sweep ends with one line counting the failure and exit status 2."""
+    import json
+
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([sys.executable, "-m", "harness.bench", "-m", f"model.path={tiny_model_dir}",
+                          f"bench.path={questions_path}", "warmup=0", "logger.wandb.mode=disabled", "progress=false",
+                          "max_new_tokens=4", "bench.max_turns=1", "bench.limit=0,1", f"hydra.sweep.dir={sweep}",
+                          "hydra.sweep.subdir=${hydra:job.num}"], capture_output=True, text=True, cwd=REPO_ROOT,
+                         timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    failed = json.loads((sweep / "0" / "failed.json").read_text())
+    assert "bench.limit=0 must be an integer >= 1" in failed["error"] and "bench.limit=0" in failed["overrides"]
+    assert (sweep / "1" / "summary.json").is_file() and not (sweep / "1" / "failed.json").exists()
+    assert "1 sweep job(s) failed on bad input" in out.stderr.splitlines()[-1]

@@ -66,44 +66,97 @@ def question_file(bench: DictConfig) -> Path:
             f"({type(exc).__name__}); set bench.path=/path/to/question.jsonl or SPECDEC_DATA") from exc
 
 
+def _question(record, path: Path, line_no: int) -> Question:
+    """One line of question.jsonl, typed: an integer id, a string category, a non-empty list of strings."""
+    where = f"{path}:{line_no}"
+    if not isinstance(record, dict):
+        raise HarnessError(f"{where}: a question must be a JSON object with question_id, category and turns")
+    missing = [key for key in ("question_id", "category", "turns") if key not in record]
+    if missing:
+        raise HarnessError(f"{where}: the question lacks {', '.join(missing)}; each line needs question_id, category "
+                           f"and turns")
+    qid, category, turns = record["question_id"], record["category"], record["turns"]
+    if isinstance(qid, bool) or not isinstance(qid, int):
+        raise HarnessError(f"{where}: question_id {qid!r} is not an integer; write ids as integers (81, not 81.7 "
+                           f"or \"81\")")
+    if not isinstance(category, str):
+        raise HarnessError(f"{where}: category {category!r} is not a string")
+    if not isinstance(turns, list) or not turns or not all(isinstance(turn, str) and turn for turn in turns):
+        raise HarnessError(f"{where}: turns must be a non-empty list of non-empty strings (got {str(turns)[:60]!r}); "
+                           f"write [\"first turn\", \"second turn\"]")
+    return Question(qid, category, list(turns))
+
+
 def parse_questions(path: Path) -> list[Question]:
-    questions = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                question = Question(int(record["question_id"]), str(record["category"]),
-                                    [str(turn) for turn in record["turns"]])
-                if not question.turns:
-                    raise ValueError("empty 'turns'")
-            except (ValueError, KeyError, TypeError) as exc:
-                raise HarnessError(f"{path}:{line_no}: malformed question ({type(exc).__name__}: {exc}); "
-                                   "each line must be JSON with question_id, category and turns") from exc
-            questions.append(question)
+    questions, seen = [], {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"{path} is not UTF-8 ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise HarnessError(f"{path}:{line_no}: not JSON ({exc}); each line must be one JSON question") from None
+        question = _question(record, path, line_no)
+        if question.question_id in seen:
+            raise HarnessError(f"{path}:{line_no}: question_id {question.question_id} repeats line "
+                               f"{seen[question.question_id]}; ids must be unique")
+        seen[question.question_id] = line_no
+        questions.append(question)
     if not questions:
         raise HarnessError(f"{path} holds no questions")
     return questions
 
 
+def _positive(bench: DictConfig, key: str) -> int | None:
+    value = bench.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HarnessError(f"bench.{key}={value!r} must be an integer >= 1, or null for no limit")
+    return value
+
+
+def _selection(bench: DictConfig):
+    """The bench selection settings, checked: one line per bad value, before any question is read."""
+    id_range = bench.get("id_range")
+    if id_range is not None:
+        if (len(id_range) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in id_range)
+                or id_range[0] > id_range[1]):
+            raise HarnessError(f"bench.id_range={list(id_range)} must be [low, high], integers with low <= high")
+    ids = bench.get("question_ids")
+    if ids is not None:
+        if isinstance(ids, (int, str)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
+            raise HarnessError(f"bench.question_ids={ids!r} must be a list of integer ids, e.g. "
+                               f"bench.question_ids=[{ids if isinstance(ids, int) else 81}]")
+    categories = bench.get("categories")
+    if categories is not None and (isinstance(categories, str) or not all(isinstance(c, str) for c in categories)):
+        raise HarnessError(f"bench.categories={categories!r} must be a list of names, e.g. bench.categories=[writing]")
+    return id_range, ids, categories, _positive(bench, "limit"), _positive(bench, "max_turns")
+
+
 def load_questions(bench: DictConfig) -> list[Question]:
     """Questions selected by the bench config: id range, ids, categories, limit; turns capped."""
+    id_range, ids, categories, limit, max_turns = _selection(bench)
     questions = parse_questions(question_file(bench))
-    if bench.get("id_range"):
-        low, high = bench.id_range
+    if id_range:
+        low, high = id_range
         questions = [q for q in questions if low <= q.question_id <= high]
-    if bench.get("question_ids"):
-        wanted = {int(i) for i in bench.question_ids}
+    if ids:
+        wanted = set(ids)
         questions = [q for q in questions if q.question_id in wanted]
-    if bench.get("categories"):
-        wanted_categories = set(bench.categories)
+    if categories:
+        wanted_categories = set(categories)
         questions = [q for q in questions if q.category in wanted_categories]
-    if bench.get("limit"):
-        questions = questions[: int(bench.limit)]
-    if bench.get("max_turns"):
+    if limit:
+        questions = questions[:limit]
+    if max_turns:
         for q in questions:
-            q.turns = q.turns[: int(bench.max_turns)]
+            q.turns = q.turns[:max_turns]
     if not questions:
         raise HarnessError(f"bench '{bench.name}' selects no questions; check bench.question_ids / categories / limit")
     return questions

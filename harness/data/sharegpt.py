@@ -29,6 +29,8 @@ def read_sharegpt(path: str | Path) -> list[dict]:
                 records = [json.loads(line) for line in handle if line.strip()]
         else:
             records = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"{path} is not UTF-8 ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
     except ValueError as exc:
         raise HarnessError(f"{path} is not valid JSON ({exc}); give a ShareGPT .json list or .jsonl file") from exc
     if not isinstance(records, list):
@@ -38,6 +40,11 @@ def read_sharegpt(path: str | Path) -> list[dict]:
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise HarnessError(f"{path}: record {index} has no 'conversations' list; ShareGPT records are "
                                "{\"id\", \"conversations\": [{\"from\", \"value\"}]}")
+        for turn, message in enumerate(record["conversations"]):
+            if not isinstance(message, dict) or not isinstance(message.get("value", ""), str) \
+                    or not isinstance(message.get("from"), str):
+                raise HarnessError(f"{path}: record {index} turn {turn} is {str(message)[:60]!r}, not a message "
+                                   "{\"from\": \"human\"|\"gpt\", \"value\": \"...\"}")
         record["id"] = str(record.get("id", f"row{index}"))
     return records
 

@@ -4,6 +4,7 @@ bad input (a HarnessError) reported as one `error:` line with exit status 2 inst
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -63,9 +64,47 @@ def check_choices(argv: list[str]) -> None:
                 sys.exit(2)
 
 
+FAILED_MARKER = "failed.json"     # a sweep job that stopped on bad input leaves this in its Hydra output folder
+
+
+def _sweep_job_dir() -> Path | None:
+    """The job's output folder when this call is one job of a multirun, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:          # not under @hydra.main (a test calling the app function directly)
+        return None
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_cfg.runtime.output_dir)
+
+
+def record_failure(folder: Path, error: str) -> Path:
+    """Write the failed-job marker: the one-line error, the job's overrides and when (the report lists it)."""
+    from datetime import datetime
+
+    from hydra.core.hydra_config import HydraConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / FAILED_MARKER
+    info = {"error": error, "overrides": list(HydraConfig.get().overrides.task),
+            "time": datetime.now().astimezone().isoformat(timespec="seconds")}
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(marker)
+    return marker
+
+
 def hydra_app(config_name: str, run: Callable[[DictConfig], Any],
               show: Callable[[Any], None] | None = None) -> Callable[[], None]:
-    """A console entry point: `run(cfg)` under `@hydra.main(conf/<config_name>.yaml)`, then `show(result)`."""
+    """A console entry point: `run(cfg)` under `@hydra.main(conf/<config_name>.yaml)`, then `show(result)`.
+
+    Bad input (a HarnessError) is one `error:` line and exit status 2. In a multirun (a sweep), a job's bad
+    input does not stop the sweep: the job leaves `failed.json` in its output folder, the other jobs run,
+    and the sweep ends with one line counting the failed jobs and exit status 2."""
+    failures: list[str] = []
 
     # wraps(run): Hydra names the job (log file, SLURM job name) after run's module, e.g. "bench"
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")
@@ -75,7 +114,11 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any],
             result = run(cfg)
         except HarnessError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            job_dir = _sweep_job_dir()
+            if job_dir is None:
+                sys.exit(2)
+            failures.append(str(record_failure(job_dir, str(exc))))
+            return None
         if show is not None:
             show(result)
         return result
@@ -84,5 +127,9 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any],
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         check_choices(sys.argv[1:])
         _hydra_main()
+        if failures:
+            print(f"error: {len(failures)} sweep job(s) failed on bad input; the others ran. Their errors: "
+                  f"{', '.join(failures)}", file=sys.stderr)
+            sys.exit(2)
 
     return main

@@ -8,12 +8,14 @@ that as safetensors. Later loads read the cache in a second or two.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,10 +69,34 @@ def gguf_cache_dir(cfg: DictConfig) -> Path:
 
 
 def convert_gguf(cfg: DictConfig) -> Path:
-    """Dequantise the GGUF once into a safetensors folder (written atomically) and return it."""
+    """Dequantise the GGUF once into a safetensors folder and return it. Written into a temp folder and renamed,
+    under a lock on the cache (two first runs convert once); a temp folder a killed conversion left is removed."""
+    from harness.infra.locks import hold
+
     out = gguf_cache_dir(cfg)
     if (out / "config.json").is_file():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + 900
+    while not (out / "config.json").is_file():
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(hold(out.parent, "model cache ($SPECDEC_CACHE)", out.name))
+            except HarnessError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)                             # another process is converting: wait for it
+                continue
+            if not (out / "config.json").is_file():       # it may have finished while we waited
+                for stale in out.parent.glob(f".{out.name}-*"):
+                    if stale.is_dir():                    # only a killed conversion leaves one (we hold the lock)
+                        log.info("removing %s, left by a conversion that was killed", stale)
+                        shutil.rmtree(stale, ignore_errors=True)
+                _convert(cfg, out)
+    return out
+
+
+def _convert(cfg: DictConfig, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, filename = _gguf_location(cfg)
@@ -83,7 +109,6 @@ def convert_gguf(cfg: DictConfig) -> Path:
     plain = type(gguf_model)(config)  # same class, no gguf quantizer attached: serialisable
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config = gguf_model.generation_config
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
@@ -92,7 +117,6 @@ def convert_gguf(cfg: DictConfig) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def model_source(cfg: DictConfig) -> str:
