@@ -626,7 +626,21 @@ def _show(summary: dict) -> None:
         print(format_summary(summary))
 
 
-main = hydra_app("train", run_train, _show)
+_hydra_main = hydra_app("train", run_train, _show)
+
+
+def main() -> None:
+    """specdec-train: Hydra overrides, or the team's Medusa train.py flags as typed (harness/medusa_cli.py)."""
+    import sys
+
+    from harness.medusa_cli import translate
+
+    try:
+        sys.argv[1:] = translate(sys.argv[1:])
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ lazy import is still a dependency, it only hides a circle until the function run
     harness.data       questions, ShareGPT, training examples, token data, feature cache, distill backends
     baselines, methods the published methods and ours (methods may build on baselines)
     reports            tables and figures from run folders
-    apps               harness/*.py: bench, train, distill, plan, demo, interleave, ship, latency
+    apps               harness/*.py: bench, train (+ medusa_cli, its Medusa flags), distill, plan, demo,
+                       interleave, ship, latency
 
 `harness.infra.tracking` mirrors run summaries to W&B and so reads the glossary (`harness.engine.metrics`,
 `harness.engine.lossless`): the one listed exception.
@@ -84,7 +85,7 @@ def test_the_layout_is_the_documented_one():
     assert {layer(name) for name in MODULES} == set(RANKS)
     apps = sorted(name for name in MODULES if layer(name) == "apps")
     assert apps == ["harness.bench", "harness.demo", "harness.distill", "harness.interleave", "harness.latency",
-                    "harness.plan", "harness.ship", "harness.train"]
+                    "harness.medusa_cli", "harness.plan", "harness.ship", "harness.train"]
 
 
 def test_no_import_circles():
