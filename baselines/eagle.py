@@ -55,11 +55,12 @@ from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm, Ll
                                                       apply_rotary_pos_emb)
 
 from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
-from harness.infra.errors import HarnessError
+from harness.engine.sizing import keep_most_likely, make_sizer
+from harness.engine.tree import best_nodes, index_tree, subtree
 from harness.heads.base import BaseHandles, DraftHead, build_head
 from harness.heads.checkpoint import (check_dims, check_state_dict, has_published_layout, load_or_init_head,
                                       published_weights, read_published_config, read_tensors)
-from harness.engine.sizing import keep_most_likely, make_sizer, subtree
+from harness.infra.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,16 @@ EAGLE_TREE_25 = [[0], [1], [2], [3], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2,
 # 576 x 49152 lm_head on 2 cores), so few levels: two guesses at depth 1, the top chain to depth 3.
 EAGLE_TREE_CPU_5 = [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
 TREES = {"eagle_25": EAGLE_TREE_25, "eagle_cpu_5": EAGLE_TREE_CPU_5}
+
+
+def named_tree(tree_choices: str | list) -> list[list[int]]:
+    """A preset name or a list of index paths -> the index paths."""
+    if isinstance(tree_choices, str):
+        if tree_choices not in TREES:
+            raise HarnessError(f"unknown tree_choices '{tree_choices}'; use one of {', '.join(TREES)} or a list "
+                               f"of index paths")
+        tree_choices = TREES[tree_choices]
+    return [list(path) for path in tree_choices]
 
 # the architecture fields an EAGLE head copies from its target (EAGLE builds its layer from the target's
 # config.json with num_hidden_layers = 1)
@@ -469,23 +480,6 @@ def build_eagle_head(base_config, base: BaseHandles | None = None, **kwargs) -> 
 # decoding
 
 
-def static_tree(choices: list[list[int]]) -> tuple[tuple[int, ...], list[int], list[int]]:
-    """Index paths -> (parents, depth, rank) per node, parents first (sorted by depth, then path)."""
-    paths = sorted({tuple(int(r) for r in path) for path in choices if len(path) > 0}, key=lambda p: (len(p), p))
-    index = {path: i for i, path in enumerate(paths)}
-    parents, depths, ranks = [], [], []
-    for path in paths:
-        if min(path) < 0:
-            raise HarnessError(f"tree_choices path {list(path)} has a negative rank; ranks start at 0")
-        if len(path) > 1 and path[:-1] not in index:
-            raise HarnessError(f"tree_choices has {list(path)} without its parent {list(path[:-1])}; every prefix "
-                               f"of a path must be in the tree")
-        parents.append(index[path[:-1]] if len(path) > 1 else -1)
-        depths.append(len(path))
-        ranks.append(path[-1])
-    return tuple(parents), depths, ranks
-
-
 @dataclass
 class _Expansion:
     """Nodes of this step that the head has read (each holds one speculative cache slot)."""
@@ -518,6 +512,16 @@ class EagleProposer(Proposer):
     """EAGLE-1 static tree or EAGLE-2 dynamic tree from an EAGLE head."""
 
     name = "eagle"
+    head_type = "eagle"
+
+    @classmethod
+    def verify_tokens(cls, cfg) -> int:
+        """Static: root + every node of tree_choices. Dynamic (EAGLE-2): total_token, root included (the reranked
+        tree the target verifies), or auto_max_tokens when the size is chosen per step."""
+        if cls.config_value(cfg, "tree") == "static":
+            return 1 + len(index_tree(named_tree(cls.config_value(cfg, "tree_choices")))[0])
+        total = cls.config_value(cfg, "total_token")
+        return int(cls.config_value(cfg, "auto_max_tokens")) if total == "auto" else int(total)
 
     def __init__(self, head_path: str | None = None, official: bool = False, tree: str = "static",
                  tree_choices: str | list = "eagle_25", total_token: int | str = 60, depth: int = 5,
@@ -526,11 +530,6 @@ class EagleProposer(Proposer):
                  fc_bias: bool = True):
         if tree not in ("static", "dynamic"):
             raise HarnessError(f"method.tree={tree}: use static (EAGLE-1) or dynamic (EAGLE-2)")
-        if isinstance(tree_choices, str):
-            if tree_choices not in TREES:
-                raise HarnessError(f"unknown tree_choices '{tree_choices}'; use one of {', '.join(TREES)} or a list "
-                                   f"of index paths")
-            tree_choices = TREES[tree_choices]
         self.auto = total_token == "auto"
         if not self.auto and (not isinstance(total_token, int) or total_token < 1):
             raise HarnessError(f"method.total_token={total_token}: give the verify size (root included, >= 1) or auto")
@@ -541,7 +540,7 @@ class EagleProposer(Proposer):
         if self.auto and tree != "dynamic":
             raise HarnessError("method.total_token=auto sizes the EAGLE-2 dynamic tree; set method.tree=dynamic")
         self.head_path, self.official, self.tree = head_path, bool(official), tree
-        self.choices = [list(path) for path in tree_choices]
+        self.choices = named_tree(tree_choices)
         self.total_token = None if self.auto else int(total_token)
         self.depth, self.top_k, self.sample_draft = int(depth), int(top_k), bool(sample_draft)
         self.auto_max_tokens, self.latency_curve, self.calibrate = int(auto_max_tokens), latency_curve, bool(calibrate)
@@ -555,7 +554,7 @@ class EagleProposer(Proposer):
         self.device, self.dtype = loaded.device, loaded.dtype
         self.clock = Clock(loaded.device)
         if self.tree == "static":
-            self.parents, self.depths, self.ranks = static_tree(self.choices)
+            self.parents, self.depths, self.ranks = index_tree(self.choices)
             self.max_depth = max(self.depths)
         if self.auto:
             self.sizer = make_sizer(loaded, self.latency_curve, self.auto_max_tokens, self.calibrate)
@@ -607,7 +606,8 @@ class EagleProposer(Proposer):
     # -- drafting
 
     def propose(self, ctx: DecodeContext) -> Draft:
-        if ctx.remaining <= 1:       # only the target's own token fits: verifying a draft is waste
+        # drafts only while a draft token can still be emitted; the tree itself is not cut to the budget
+        if ctx.draft_budget(1) <= 0:
             return Draft.empty()
         self.cache.crop(self.committed)
         if self.tree == "static":
@@ -695,8 +695,7 @@ class EagleProposer(Proposer):
         if self.auto:
             keep = keep_most_likely(self.sizer, scores.exp(), self.clock() - start)
         else:
-            order = torch.sort(scores, descending=True, stable=True).indices
-            keep = sorted(order[: self.total_token - 1].tolist())       # ascending id = topological order
+            keep = best_nodes(scores, self.total_token - 1)             # ascending id = topological order
         if not keep:
             return Draft.empty()
         return Draft(*subtree(tokens.tolist(), parents.tolist(), keep))

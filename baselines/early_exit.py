@@ -2,21 +2,15 @@
 the draft is the target itself cut after its first `exit_layer` decoder layers, followed by the
 target's own final norm and lm_head. No extra weights.
 
-The draft shares the target's KV cache. For committed tokens the first L layers' keys/values are
-exactly what the draft would compute (same weights, same inputs), so the draft reads the target's
-cache for layers < L and appends its own entries for the tokens it drafts. Those entries must be
-gone before the verify forward (which appends the verify tokens at the same positions), so propose()
-crops layers < L back to the committed length before it returns. Layers >= L are never touched.
-
-The draft feeds one token per forward (the pending token, then each draft token), so attention needs
-no mask: a single query may see every cached key.
+The draft shares the target's KV cache: for committed tokens the first L layers' keys/values are
+exactly what the draft would compute, so it reads them and appends its own for the tokens it drafts
+(`Target.prefix_step`). Those entries must be gone before the verify forward, which writes the same
+positions, so propose() rolls them back (`Target.rollback_prefix`) before it returns. Layers >= L are
+never touched.
 
 Only a model trained for early exit (LayerSkip's layer dropout + early-exit loss) drafts well this
-way. Measured on SmolLM2-135M-Instruct (30 layers, not trained for it), teacher-forced over 4 MT-Bench
-answers: the layer-L draft's argmax equals the full model's on 3% of tokens for L = 4..10, 6% at 12,
-11% at 16, 18% at 20, 46% at 28, and its confidence does not separate right from wrong drafts. A
-draft step costs about L/30 of a target step plus the full lm_head (~6.5 ms of ~41 ms on 2 CPU
-cores), so no L pays on that model; adaptive_k at least shrinks the loss to ~k_min drafts per step.
+way; docs/method_notes.md has what an untrained small model gives. `adaptive_k` shrinks a weak
+draft to about k_min tokens per step.
 """
 
 from __future__ import annotations
@@ -25,30 +19,18 @@ import torch
 
 from harness.engine.acceptance import target_probs
 from harness.engine.loop import DecodeContext, Draft, DraftLength, Proposer, Step
-from harness.infra.errors import HarnessError
 from harness.engine.target import Target
-from harness.engine.tree import compact_cache
-
-
-def _decoder_parts(model: torch.nn.Module) -> tuple:
-    """(embed_tokens, layers, rotary_emb, norm) of a Llama-style decoder, or a one-line error."""
-    body = getattr(model, model.base_model_prefix, None)
-    parts = tuple(getattr(body, name, None) for name in ("embed_tokens", "layers", "rotary_emb", "norm"))
-    if body is None or any(part is None for part in parts):
-        raise HarnessError(f"early_exit needs a Llama-style decoder (embed_tokens, layers, rotary_emb, norm); "
-                           f"{type(model).__name__} has another layout: use method=sps or method=pld")
-    return parts
-
-
-class _LayerView:
-    """The first n layers of a cache, as compact_cache expects (it only walks `.layers`)."""
-
-    def __init__(self, cache, n: int):
-        self.layers = cache.layers[:n]
+from harness.infra.errors import HarnessError
 
 
 class EarlyExitProposer(Proposer):
     name = "early_exit"
+
+    @classmethod
+    def verify_tokens(cls, cfg) -> int:
+        """Root + the longest chain: k, or k_max when adaptive_k may grow it."""
+        key = "k_max" if cls.config_value(cfg, "adaptive_k") else "k"
+        return 1 + int(cls.config_value(cfg, key))
 
     def __init__(self, exit_layer: int = 8, k: int = 6, min_confidence: float = 0.0, adaptive_k: bool = True,
                  k_min: int = 1, k_max: int = 12):
@@ -57,40 +39,21 @@ class EarlyExitProposer(Proposer):
         self.exit_layer = int(exit_layer)
         self.length = DraftLength("early_exit", k, adaptive_k, k_min, k_max)
         self.min_confidence = float(min_confidence)
-        self._model = None
 
     def setup(self, loaded) -> None:
-        self._bind(loaded.model)
+        self._check(Target(loaded.model))
 
-    def _bind(self, model: torch.nn.Module) -> None:
-        if model is self._model:
-            return
-        self.embed_tokens, layers, self.rotary_emb, self.norm = _decoder_parts(model)
-        if self.exit_layer >= len(layers):
+    def _check(self, target: Target) -> None:
+        if self.exit_layer >= target.num_layers:
             raise HarnessError(f"early_exit: exit_layer={self.exit_layer} must be below the model's "
-                               f"{len(layers)} layers; set method.exit_layer to a smaller value")
-        self.layers = layers[: self.exit_layer]
-        self.lm_head = model.get_output_embeddings()
-        self._model = model
+                               f"{target.num_layers} layers; set method.exit_layer to a smaller value")
 
     def reset(self, ctx: DecodeContext) -> None:
-        self._bind(ctx.target.model)
+        self._check(ctx.target)
         self.length.reset()
 
-    def _draft_logits(self, target: Target, token: int, position: int) -> torch.Tensor:
-        """One token through layers < L (appending to their cache), final norm, lm_head -> [vocab]."""
-        ids = torch.tensor([[token]], device=target.device)
-        positions = torch.tensor([[position]], device=target.device)
-        hidden = self.embed_tokens(ids)
-        position_embeddings = self.rotary_emb(hidden, position_ids=positions)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=None, position_ids=positions, cache=target.cache,
-                           use_cache=True, position_embeddings=position_embeddings)
-        return self.lm_head(self.norm(hidden[:, -1]))[0]
-
     def propose(self, ctx: DecodeContext) -> Draft:
-        # a step emits at most len(draft) + 1 tokens; drafting past the cap is wasted work
-        budget = min(self.length.k, ctx.remaining - 1)
+        budget = ctx.draft_budget(self.length.k)
         if budget <= 0:
             return Draft.empty()
         target = ctx.target
@@ -100,7 +63,7 @@ class EarlyExitProposer(Proposer):
         q_rows: list[torch.Tensor] = []
         try:
             for i in range(budget):
-                logits = self._draft_logits(target, token, past + i)
+                logits = target.prefix_step(token, past + i, self.exit_layer)
                 q_draft = None if ctx.sampling.greedy else target_probs(logits, ctx.sampling)
                 # Draft & Verify's stop rule (a fixed threshold): an unsure draft token is likely rejected,
                 # so it is not proposed and drafting stops
@@ -115,8 +78,7 @@ class EarlyExitProposer(Proposer):
                     q_rows.append(q_draft)
                 tokens.append(token)
         finally:
-            # drop the draft's own entries from layers < L: the verify forward writes these positions
-            compact_cache(_LayerView(target.cache, self.exit_layer), past, [])
+            target.rollback_prefix(past, self.exit_layer)
         return Draft.chain(tokens, torch.stack(q_rows) if q_rows else None)
 
     def observe(self, step: Step, ctx: DecodeContext) -> None:

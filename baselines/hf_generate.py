@@ -28,7 +28,19 @@ class _StepCounter(StoppingCriteria):
 
 
 class HFGenerate:
+    """A peer runner (generate_turn), not a Proposer; it describes itself to the planner the same way."""
+
     name = "hf_generate"
+    head_type = None
+
+    @classmethod
+    def verify_tokens(cls, cfg) -> int:
+        """Plain generate: one token a forward; prompt lookup / assisted decoding: root + the candidates
+        (transformers' num_assistant_tokens defaults to 20)."""
+        lookup, assistant = cfg.get("prompt_lookup_num_tokens"), cfg.get("assistant_model")
+        if not lookup and not assistant:
+            return 1
+        return 1 + int(lookup or cfg.get("num_assistant_tokens") or 20)
 
     def __init__(self, prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int | None = None,
                  assistant_model: str | None = None, num_assistant_tokens: int | None = None):

@@ -28,14 +28,8 @@ fewer verify inputs (lade also verifies every guess in full, without our trie's 
 `pool_from_prompt` also seeds the pool with every N-gram of the prompt and of the accepted text
 (the official POOL_FROM_PROMPT). With an empty pool the draft is empty: a vanilla step plus the window.
 
-On a 2-core CPU every window token costs verify time (shared DESIGN.md: ~41 ms a step, ~2.2 ms per
-extra input token). τ measured with this code on SmolLM2-135M, MT-Bench 81/82/85 x 2 turns, 96 tokens
-(load-independent; the speed estimate uses that cost curve): N,W,G = 5,7,7: τ 1.74 but 34 inputs a
-step (est. 0.64x; the official package measured 0.59x); 3,4,4: τ 1.39 (est. 0.93x); 3,2,2 with the
-prompt pool: τ 1.53 on 7 inputs (est. 1.21x) -> conf/method/lookahead_cpu.yaml. Wider windows raise τ
-slowly (4,3,3 + pool: 1.80) but cost more than they save here.
-Those estimates used last session's cost curve; measured on 2026-11-28 (a 1-token verify at 99 ms,
-~7 tokens at ~228 ms) the 3,2,2 preset ran at 0.80x vanilla (τ 1.86, multirun/cpu_compare): re-size it.
+Every window token costs verify time, so on a CPU the window must be small (conf/method/lookahead_cpu.yaml);
+docs/method_notes.md has the τ and speed measured for several N, W, G on this machine.
 """
 
 from __future__ import annotations
@@ -45,8 +39,8 @@ from functools import lru_cache
 
 import torch
 
-from baselines.pld import trie_draft
 from harness.engine.loop import DecodeContext, Draft, Proposer, Step
+from harness.engine.tree import trie
 from harness.infra.errors import HarnessError
 
 
@@ -106,6 +100,12 @@ def window_layout(level_sizes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Ten
 class LookaheadProposer(Proposer):
     name = "lookahead"
 
+    @classmethod
+    def verify_tokens(cls, cfg) -> int:
+        """Root + the Jacobi window (N-1 levels x W) + up to G candidate (N-1)-grams."""
+        level, window, guesses = (int(cls.config_value(cfg, key)) for key in ("level", "window", "guess_set_size"))
+        return 1 + (level - 1) * (window + guesses)
+
     def __init__(self, level: int = 5, window: int = 15, guess_set_size: int = 15,
                  pool_from_prompt: bool = False, window_with_draft_only: bool = False, seed: int = 0,
                  max_emit: str = "n"):
@@ -139,9 +139,9 @@ class LookaheadProposer(Proposer):
 
     def propose(self, ctx: DecodeContext) -> Draft:
         self.root = ctx.tokens[-1]
-        budget = min(self.draft_depth, ctx.remaining - 1)   # one verify emits at most draft depth + 1 tokens
+        budget = ctx.draft_budget(self.draft_depth)
         branches = [list(c[:budget]) for c in self.pool.get(self.root)] if budget > 0 else []
-        draft = trie_draft(branches) if branches else Draft.empty()
+        draft = Draft(*trie(branches)) if branches else Draft.empty()
         if self.window_with_draft_only and not draft.tokens:
             return draft                         # a plain one-token step; the window waits
         visible, offsets = window_layout(tuple(len(level) for level in self.levels))

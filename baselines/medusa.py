@@ -2,8 +2,8 @@
 
 Head i = `medusa_num_layers` residual blocks (x + SiLU(Linear(x)), the Linear weight zero-initialised
 so a fresh head starts as the identity) + a vocabulary projection: its own lm_head copied from the
-target's (`own_lm_head: true`, as in the paper) or the target's lm_head shared (`false`, ~113 MB less
-per head on SmolLM2). From the state h_t (whose lm_head logits gave the pending token x_{t+1}), head i
+target's (`own_lm_head: true`, as in the paper) or the target's lm_head shared (`false`, one vocabulary
+x hidden matrix less per head; docs/method_notes.md). From the state h_t (whose lm_head logits gave the pending token x_{t+1}), head i
 predicts x_{t+i+2}.
 
 Decoding: a static tree of candidates, `medusa_choices` (index paths: [0, 1] = head 0's top-1 token,
@@ -19,9 +19,9 @@ A published checkpoint (FasterDecoding/medusa-*, `MedusaHead.from_official`) bri
 (5 for medusa-vicuna-7b/13b-v1.3, whatever config.json says); `medusa_num_heads` then caps how many of them
 load (Spec-Bench uses 4; mc_sim_7b_63 is 4 deep, so a 5th head would never be run). A specdec-train head
 brings its own shape; for a null head_path `medusa_num_heads` is the untrained head's shape.
-`acceptance: typical` is Medusa's typical acceptance: LOSSY by design, routed through the Draft's
-`acceptance_override` hook, and only allowed with `lossy: true` in the method config so every report
-marks it.
+`acceptance: typical` is Medusa's typical acceptance (harness/engine/acceptance.py): LOSSY by design,
+declared to the loop through `Proposer.acceptance` and only allowed with `lossy: true` in the method
+config so every report marks it.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.engine.acceptance import Acceptance, Sampling, greedy_accept
+from harness.engine.acceptance import acceptance_rule
 from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
-from harness.infra.errors import HarnessError
+from harness.engine.sizing import keep_most_likely, make_sizer
+from harness.engine.tree import index_tree, subtree
 from harness.heads.base import BaseHandles, DraftHead, build_head
 from harness.heads.checkpoint import (check_dims, check_state_dict, has_published_layout, load_or_init_head,
                                       published_weights, read_published_config, read_tensors)
-from harness.engine.sizing import keep_most_likely, make_sizer, subtree
-from harness.engine.target import Scores
+from harness.infra.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,16 @@ MC_SIM_7B_63 = [[0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [
 MC_CPU_5 = [[0], [1], [0, 0], [0, 1], [0, 0, 0]]
 
 PRESETS = {"mc_sim_7b_63": MC_SIM_7B_63, "mc_cpu_5": MC_CPU_5}
+
+
+def named_choices(medusa_choices: str | list) -> list[list[int]]:
+    """A preset name or a list of index paths -> the index paths."""
+    if isinstance(medusa_choices, str):
+        if medusa_choices not in PRESETS:
+            raise HarnessError(f"unknown medusa_choices '{medusa_choices}'; use one of "
+                               f"{', '.join(PRESETS)} or a list of index paths")
+        medusa_choices = PRESETS[medusa_choices]
+    return [list(path) for path in medusa_choices]
 
 
 OFFICIAL_WEIGHTS = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
@@ -210,31 +220,17 @@ class MedusaHead(DraftHead):
 # decoding
 
 
-def choice_tree(choices: list[list[int]], max_depth: int) -> tuple[tuple[int, ...], list[int], list[int]]:
-    """Index paths -> (parents, head index, top-k rank) per node, parents first, depth <= max_depth.
-
-    Node [r_0, .., r_d] = the rank-r_d token of head d, below node [r_0, .., r_{d-1}].
-    """
-    paths = sorted({tuple(int(r) for r in path) for path in choices if 0 < len(path) <= max_depth},
-                   key=lambda path: (len(path), path))
-    index = {path: i for i, path in enumerate(paths)}
-    parents, heads, ranks = [], [], []
-    for path in paths:
-        if len(path) > 1 and path[:-1] not in index:
-            raise HarnessError(f"medusa_choices has {list(path)} without its parent {list(path[:-1])}; every "
-                               f"prefix of a path must be in the tree")
-        if min(path) < 0:
-            raise HarnessError(f"medusa_choices path {list(path)} has a negative rank; ranks start at 0")
-        parents.append(index[path[:-1]] if len(path) > 1 else -1)
-        heads.append(len(path) - 1)
-        ranks.append(path[-1])
-    return tuple(parents), heads, ranks
-
-
 class MedusaProposer(Proposer):
-    """Medusa-1 tree drafting from the heads' top-k at ctx.hidden[-1]; static, or sized per step (tree: auto)."""
+    """Medusa-1 tree drafting from the heads' top-k at ctx.hidden[-1]; static, or sized per step (tree: auto).
+    A node at depth d (harness.engine.tree.index_tree) is head d-1's rank-r token."""
 
     name = "medusa"
+    head_type = "medusa"
+
+    @classmethod
+    def verify_tokens(cls, cfg) -> int:
+        """Root + every node of medusa_choices (tree: auto keeps at most these)."""
+        return 1 + len(index_tree(named_choices(cls.config_value(cfg, "medusa_choices")), option="medusa_choices")[0])
 
     def __init__(self, head_path: str | None = None, medusa_choices: str | list = "mc_cpu_5", tree: str = "static",
                  auto_max_tokens: int = 16, latency_curve: str | dict | None = None, calibrate: bool = True,
@@ -244,17 +240,8 @@ class MedusaProposer(Proposer):
         if tree not in ("static", "auto"):
             raise HarnessError(f"method.tree={tree}: use static (verify every node of medusa_choices) or auto "
                                f"(keep the nodes that pay on this device, per step)")
-        if acceptance not in ("lossless", "typical"):
-            raise HarnessError(f"method.acceptance={acceptance}: use lossless (default) or typical (lossy)")
-        if (acceptance == "typical") != bool(lossy):
-            raise HarnessError("method.acceptance=typical is lossy and must be declared: set method.lossy=true "
-                               "together with method.acceptance=typical (and lossy=false otherwise)")
-        if isinstance(medusa_choices, str):
-            if medusa_choices not in PRESETS:
-                raise HarnessError(f"unknown medusa_choices '{medusa_choices}'; use one of "
-                                   f"{', '.join(PRESETS)} or a list of index paths")
-            medusa_choices = PRESETS[medusa_choices]
-        self.choices = [list(path) for path in medusa_choices]
+        acceptance_rule(acceptance, bool(lossy), "medusa")   # the lossy flag must match the rule, before any load
+        self.choices = named_choices(medusa_choices)
         self.auto = tree == "auto"
         self.auto_max_tokens, self.latency_curve, self.calibrate = int(auto_max_tokens), latency_curve, bool(calibrate)
         self.head_path = head_path
@@ -274,7 +261,8 @@ class MedusaProposer(Proposer):
         if depth > self.head.num_positions:
             log.info("medusa: the tree is %d deep but the head has %d positions; deeper nodes are dropped",
                      depth, self.head.num_positions)
-        self.parents, heads, ranks = choice_tree(self.choices, self.head.num_positions)
+        self.parents, depths, ranks = index_tree(self.choices, self.head.num_positions, option="medusa_choices")
+        heads = [depth - 1 for depth in depths]
         if not self.parents:
             raise HarnessError("medusa_choices leaves no node for this head; give at least one path like [0]")
         device = loaded.device
@@ -289,15 +277,21 @@ class MedusaProposer(Proposer):
             self.clock = Clock(device)
             self.sizer = make_sizer(loaded, self.latency_curve, self.auto_max_tokens, self.calibrate)
 
+    @property
+    def acceptance_options(self) -> dict[str, float]:
+        if self.acceptance != "typical":
+            return {}
+        return {"posterior_threshold": self.posterior_threshold, "posterior_alpha": self.posterior_alpha}
+
     def propose(self, ctx: DecodeContext) -> Draft:
-        if ctx.remaining <= 1:       # only the target's own token fits: verifying a draft is waste
+        # auto, while drafting pays: one head deeper than the deepest node kept last; a probe runs every head
+        limit = self.depth_limit if self.auto and self.sizer.gain >= 1.0 else self.used_heads
+        heads = ctx.draft_budget(limit)                                        # no node past the token cap
+        if heads <= 0:
             return Draft.empty()
         if self.auto and not self.sizer.should_draft():
             return Draft.empty()     # drafting has not paid lately on this device: a plain target step
         start = self.clock() if self.auto else 0.0
-        # auto, while drafting pays: one head deeper than the deepest node kept last; a probe runs every head
-        limit = self.depth_limit if self.auto and self.sizer.gain >= 1.0 else self.used_heads
-        heads = min(limit, ctx.remaining - 1)                                  # no node past the token cap
         count = self.nodes_within[heads]
         # ctx.hidden[-1] = h_t, the state whose logits chose the pending token x_{t+1}; head i -> x_{t+i+2}
         logits = self.head.logits(ctx.hidden[-1], self.base, heads)             # [K', V]
@@ -313,53 +307,11 @@ class MedusaProposer(Proposer):
             self.depth_limit = min(self.used_heads, deepest + 1)
             if not keep:
                 return Draft.empty()
-            draft = Draft(*subtree(tokens, self.parents, keep))
-        else:
-            ranked = logits.topk(self.top_k, dim=-1).indices                    # [K', top_k]
-            tokens = ranked[node_head, node_rank].tolist()
-            draft = Draft(tokens, self.parents[:count])   # deterministic candidates: q_draft None, lossless
-        if self.acceptance == "typical":
-            draft.acceptance_override = self.typical_accept
-        return draft
+            return Draft(*subtree(tokens, self.parents, keep))
+        ranked = logits.topk(self.top_k, dim=-1).indices                        # [K', top_k]
+        tokens = ranked[node_head, node_rank].tolist()
+        return Draft(tokens, self.parents[:count])       # deterministic candidates: q_draft None
 
     def observe(self, step: Step, ctx: DecodeContext) -> None:
         if self.auto:
             self.sizer.observe(step.acceptance.accepted_draft, 0.0)   # nothing to read back: Medusa keeps no state
-
-    def typical_accept(self, draft: Draft, scores: Scores, sampling: Sampling,
-                       generator: torch.Generator | None) -> Acceptance:
-        """Medusa's typical acceptance (LOSSY): a candidate passes where p_target(x) > min(threshold,
-        alpha * exp(-entropy(p_target))); the longest passing path wins (ties: higher likelihood), then
-        the next token is drawn from p_target truncated to the tokens above that bar. At temperature 0
-        Medusa falls back to greedy, and so does this."""
-        if sampling.greedy:
-            return greedy_accept(draft.parents, draft.tokens, scores.logits)
-        n_tree = len(draft.parents) + 1
-        probs = torch.softmax(scores.logits[:n_tree].float() / sampling.temperature, dim=-1)   # [N, V]
-        entropy = -(probs * torch.log(probs + 1e-5)).sum(dim=-1)
-        bar = torch.clamp(self.posterior_alpha * torch.exp(-entropy), max=self.posterior_threshold)   # [N]
-        parent_rows = torch.tensor([p + 1 for p in draft.parents], device=probs.device)
-        token_ids = torch.tensor(draft.tokens, device=probs.device)
-        p_token = probs[parent_rows, token_ids]                                   # [n]
-        passes = (p_token > bar[parent_rows]).tolist()
-        log_p = torch.log(p_token).tolist()
-        best, best_key = 0, (0, 0.0)
-        depth, likelihood, alive = [0] * n_tree, [0.0] * n_tree, [True] + [False] * (n_tree - 1)
-        for i, parent in enumerate(draft.parents):
-            node = i + 1
-            alive[node] = alive[parent + 1] and passes[i]
-            if alive[node]:
-                depth[node] = depth[parent + 1] + 1
-                likelihood[node] = likelihood[parent + 1] + log_p[i]
-                if (depth[node], likelihood[node]) > best_key:
-                    best, best_key = node, (depth[node], likelihood[node])
-        path, node = [], best
-        while node > 0:
-            path.insert(0, node)
-            node = draft.parents[node - 1] + 1
-        path = [0] + path
-        last = probs[best]
-        truncated = torch.where(last >= bar[best], last, torch.zeros_like(last))
-        bonus = int(torch.multinomial(truncated / truncated.sum(), 1, generator=generator))
-        tokens = [draft.tokens[node - 1] for node in path[1:]] + [bonus]
-        return Acceptance(path, tokens, len(path) - 1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from bisect import bisect_right
 
 from harness.engine.loop import DecodeContext, Draft, Proposer, Step
+from harness.engine.tree import trie
 from harness.infra.errors import HarnessError
 
 
@@ -60,26 +61,13 @@ class NgramIndex:
         return self.tables[n].get(tuple(self.tokens[-n:]), [])
 
 
-def trie_draft(branches: list[list[int]]) -> Draft:
-    """Token sequences from the root -> one draft tree; equal prefixes become one node."""
-    tokens: list[int] = []
-    parents: list[int] = []
-    child_of: dict[tuple[int, int], int] = {}          # (parent node, token) -> node
-    for branch in branches:
-        parent = -1
-        for token in branch:
-            node = child_of.get((parent, token))
-            if node is None:
-                node = len(tokens)
-                tokens.append(token)
-                parents.append(parent)
-                child_of[(parent, token)] = node
-            parent = node
-    return Draft(tokens, tuple(parents))
-
-
 class PromptLookupProposer(Proposer):
     name = "pld"
+
+    @classmethod
+    def verify_tokens(cls, cfg) -> int:
+        """Root + up to max_matches continuations of num_pred_tokens each (no shared prefix assumed)."""
+        return 1 + int(cls.config_value(cfg, "num_pred_tokens")) * int(cls.config_value(cfg, "max_matches") or 1)
 
     def __init__(self, max_ngram_size: int = 2, min_ngram_size: int = 1, num_pred_tokens: int = 10,
                  max_matches: int = 1, match: str = "first", cut_at_stop: bool = True,
@@ -142,8 +130,7 @@ class PromptLookupProposer(Proposer):
 
     def propose(self, ctx: DecodeContext) -> Draft:
         self.index.sync(ctx.tokens)
-        # one verify emits at most draft + 1 tokens; drafting past the cap only costs verify time
-        budget = min(self.num_pred_tokens, ctx.remaining - 1)
+        budget = ctx.draft_budget(self.num_pred_tokens)
         if budget <= 0:
             return Draft.empty()
         branches = self.candidates(budget)
@@ -151,4 +138,4 @@ class PromptLookupProposer(Proposer):
             return Draft.empty()
         if len(branches) == 1:
             return Draft.chain(branches[0])
-        return trie_draft(branches)
+        return Draft(*trie(branches))

@@ -37,6 +37,12 @@ def check_same_vocabulary(target_tokenizer, draft_tokenizer, draft_name: str) ->
 class SpSProposer(Proposer):
     name = "sps"
 
+    @classmethod
+    def verify_tokens(cls, cfg) -> int:
+        """Root + the longest chain: k, or k_max when adaptive_k may grow it."""
+        key = "k_max" if cls.config_value(cfg, "adaptive_k") else "k"
+        return 1 + int(cls.config_value(cfg, key))
+
     def __init__(self, draft_model: str | torch.nn.Module = "smollm2-135m", k: int = 5, adaptive_k: bool = False,
                  k_min: int = 1, k_max: int = 16):
         self.draft_name = draft_model if isinstance(draft_model, str) else type(draft_model).__name__
@@ -61,7 +67,7 @@ class SpSProposer(Proposer):
         if self.draft is None:
             raise HarnessError("sps: no draft model; call setup(loaded) or pass a model instance as draft_model")
         # same tokenizer, but the two lm_heads may be padded to different widths: q_draft needs the target's
-        self.target_vocab = ctx.target.lm_head.weight.shape[0]
+        self.target_vocab = ctx.target.vocab_size
         # a fresh draft cache per turn, as the target's is (its prefill is counted as draft time)
         self.cache = DynamicCache(config=self.draft.config)
         self.cached_tokens = []
@@ -99,7 +105,7 @@ class SpSProposer(Proposer):
         return committed[keep:]
 
     def propose(self, ctx: DecodeContext) -> Draft:
-        budget = min(self.length.k, ctx.remaining - 1)
+        budget = ctx.draft_budget(self.length.k)
         if budget <= 0:
             return Draft.empty()
         feed = self._sync(ctx.tokens)

@@ -21,8 +21,9 @@ from harness.infra.app import hydra_app
 from harness.data.questions import Question, load_questions
 from harness.engine.loop import Proposer, StopCriteria, TurnResult, decode_turn
 from harness.infra.errors import HarnessError
+from harness.infra.settings import BENCH, check_settings
 from harness.engine.lossless import LosslessCheck, mismatch_details, parse_tolerance
-from harness.engine.metrics import summarize
+from harness.engine import metrics as glossary
 from harness.model.loading import LoadedModel, load_model
 from harness.plan import check_fits
 from harness.model.quantization import weight_memory_bytes
@@ -73,10 +74,10 @@ class Runner:
 
 def turn_record(index: int, result: TurnResult, text: str) -> dict:
     return {"turn": index, "new_tokens": result.new_tokens, "prompt_tokens": result.prompt_tokens,
-            "wall_time": result.wall_time, "tokens_per_s": result.new_tokens / result.wall_time,
+            "wall_time": result.wall_time, "tokens_per_s": glossary.tokens_per_s(result.new_tokens, result.wall_time),
             "prefill_time": result.prefill_time, "draft_time": result.draft_time,
             "verify_time": result.verify_time, "bookkeeping_time": result.bookkeeping_time,
-            "steps": result.steps, "tau": result.new_tokens / result.steps,
+            "steps": result.steps, "tau": glossary.tau(result.new_tokens, result.steps),
             "accepted_lengths": result.accepted_lengths, "draft_sizes": result.draft_sizes,
             "pos_attempted": result.pos_attempted, "pos_accepted": result.pos_accepted,
             "stop_reason": result.stop_reason, "token_ids": result.token_ids, "text": text}
@@ -115,6 +116,7 @@ def load_reference(path: str | None) -> dict[int, dict]:
 
 def run_bench(cfg: DictConfig, run_dir: str | Path) -> dict:
     """The whole benchmark run; returns the summary. Raises HarnessError on bad input."""
+    check_settings(cfg, BENCH)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
@@ -158,12 +160,14 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
             if question.question_id in reference:
                 record["lossless"] = check(question, turns, reference[question.question_id])
             store.append(record)
-            tokens += sum(t["new_tokens"] for t in turns)
-            seconds += sum(t["wall_time"] for t in turns)
-            bar.set_postfix(tok_s=f"{tokens / seconds:.1f}", tau=f"{record_tau(turns):.2f}")
+            summed = glossary.totals(turns)
+            tokens += summed["new_tokens"]
+            seconds += summed["wall_time"]
+            bar.set_postfix(tok_s=f"{glossary.tokens_per_s(tokens, seconds):.1f}",
+                            tau=f"{glossary.tau(summed['new_tokens'], summed['steps']):.2f}")
             tracker.log_record(record)
         records = store.records()
-        summary = summarize(records)
+        summary = glossary.summarize(records)
         summary.update(model=cfg.model.name, method=cfg.method.name, bench=cfg.bench.name,
                        run_dir=str(store.dir))
         if baseline is not None:
@@ -180,14 +184,6 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
         tracker.finish(failed=failed)
 
 
-def record_tps(turns: list[dict]) -> float:
-    return sum(t["new_tokens"] for t in turns) / max(sum(t["wall_time"] for t in turns), 1e-9)
-
-
-def record_tau(turns: list[dict]) -> float:
-    return sum(t["new_tokens"] for t in turns) / max(sum(t["steps"] for t in turns), 1)
-
-
 def format_summary(summary: dict) -> str:
     tau = summary["tau"]
     lines = [f"{summary['method']} on {summary['model']} / {summary['bench']}: {summary['questions']} questions, "
@@ -200,8 +196,11 @@ def format_summary(summary: dict) -> str:
             lines.append(f"WARNING: LOSSLESS MISMATCH in questions "
                          f"{', '.join(map(str, summary['lossless_mismatch_questions']))}")
     if summary.get("speedup") is not None:
-        lines.append(f"speedup vs {summary['baseline_run']}: {summary['speedup']:.2f}x (mean of per-question "
-                     f"ratios), {summary['speedup_total']:.2f}x (total tokens / total time)")
+        low, high = summary.get("speedup_ci_low"), summary.get("speedup_ci_high")
+        shown = (f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None
+                 else f"[no interval: {summary.get('speedup_questions')} paired question(s)]")
+        lines.append(f"speedup vs {summary['baseline_run']}: {summary['speedup']:.2f}x {shown} (mean of per-question "
+                     f"ratios, 95 % paired bootstrap), {summary['speedup_total']:.2f}x (total tokens / total time)")
     lines.append(f"run folder: {summary['run_dir']}")
     return "\n".join(lines)
 

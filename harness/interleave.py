@@ -3,7 +3,9 @@ question, so the slow drifts of a shared machine fall on every method alike.
 
 A sweep runs its methods one after another, minutes apart; for two methods within a few percent of each
 other that order decides who wins. Here each question is answered by every method back to back, in
-alternating order (A B, then B A, ...), and speedups are paired per question.
+alternating order (A B, then B A, ...), and speedups are paired per question: `paired` is the
+glossary's geometric mean of per-question ratios, `total` its total tokens / total time
+(harness/engine/metrics.py defines both).
 
     python -m harness.interleave --methods pld,hf_prompt_lookup bench.limit=8 bench.max_turns=1 \
         max_new_tokens=128 threads=2
@@ -15,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,15 +25,14 @@ from hydra import compose, initialize_config_dir
 from tqdm import tqdm
 
 from harness import CONF_DIR
+from harness.engine import metrics as glossary
 from harness.infra.errors import HarnessError
 
 
-def paired(times: dict[str, list[float]], tokens: dict[str, list[int]], first: str, name: str) -> float:
-    """Geometric mean over questions of (tokens/s of `name`) / (tokens/s of `first`)."""
-    ratios = [(tokens[name][i] / times[name][i]) / (tokens[first][i] / times[first][i])
-              for i in range(len(times[first]))
-              if times[name][i] and times[first][i] and tokens[name][i] and tokens[first][i]]
-    return math.exp(statistics.fmean(math.log(r) for r in ratios)) if ratios else math.nan
+def answer_totals(times: list[float], tokens: list[int]) -> dict[int, dict]:
+    """One method's answers as the glossary's per-question totals, keyed by answer index: index i of every
+    method is the same question in the same pass, so the speedups pair them."""
+    return {i: {"new_tokens": count, "wall_time": seconds} for i, (count, seconds) in enumerate(zip(tokens, times))}
 
 
 def run(methods: list[str], overrides: list[str], passes: int) -> dict:
@@ -68,13 +67,15 @@ def run(methods: list[str], overrides: list[str], passes: int) -> dict:
     bar.close()
     first = methods[0]
     greedy = float(base.decoding.temperature) == 0.0
+    reference = answer_totals(times[first], tokens[first])
     rows = []
     for name in methods:
         total_tokens, total_time = sum(tokens[name]), sum(times[name])
+        mine = answer_totals(times[name], tokens[name])
         rows.append({"method": name, "answers": len(times[name]), "tokens": total_tokens, "seconds": total_time,
-                     "tokens_per_s": total_tokens / total_time,
-                     "ratio_total": (total_tokens / total_time) / (sum(tokens[first]) / sum(times[first])),
-                     "ratio_paired": paired(times, tokens, first, name),
+                     "tokens_per_s": glossary.tokens_per_s(total_tokens, total_time),
+                     "ratio_total": glossary.speedup(mine, reference, "total"),
+                     "ratio_paired": glossary.speedup(mine, reference, "geometric"),
                      "identical": (sum(a == b for a, b in zip(answers[name], answers[first])) if greedy else None)})
     return {"model": loaded.name, "device": str(loaded.device), "threads": torch.get_num_threads(),
             "questions": len(questions), "passes": passes, "overrides": overrides, "rows": rows}

@@ -48,9 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from harness import CONF_DIR
+from harness.engine.loop import Proposer
 from harness.infra.app import hydra_app
 from harness.infra.errors import HarnessError
 from harness.model.quantization import NF4_BLOCKSIZE, QUANTIZATIONS, QUANTIZE_LM_HEAD
@@ -61,7 +63,6 @@ GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2}
 ARCHITECTURES = CONF_DIR / "architectures.yaml"
 NF4_CODE_BYTES = 16 * 4       # bitsandbytes' NF4 code table: 16 fp32 values per quantized layer
-HEAD_PROPOSERS = {"MedusaProposer": "medusa", "OursProposer": "ours", "EagleProposer": "eagle"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,58 +143,32 @@ def read_architecture(model_cfg) -> Architecture:
 
 
 # ---------------------------------------------------------------------------------------------
-# the method: verify tokens per step, draft head, draft model
+# the method: verify tokens per step, draft head, draft model (each method class describes itself)
 
 
-def _module_of(method_cfg) -> tuple[str, str]:
-    target = str(method_cfg.get("_target_", ""))
-    module, _, cls = target.rpartition(".")
-    return module, cls
-
-
-def _choice_count(module_name: str, name: str) -> int | None:
-    """Nodes of a named static tree (medusa_choices / tree_choices) found in the method's module."""
-    import importlib
-
+def method_class(method_cfg) -> type:
+    """The class the method config's `_target_` names (conf/method/<name>.yaml); none = vanilla."""
+    target = method_cfg.get("_target_")
+    if not target:
+        return Proposer
     try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return None
-    for value in vars(module).values():
-        if isinstance(value, dict) and isinstance(value.get(name), (list, tuple)):
-            return len({tuple(path) for path in value[name] if len(path) > 0})
-    return None
+        cls = get_class(str(target))
+    except (ImportError, ValueError) as exc:
+        raise HarnessError(f"method._target_={target} names no importable class ({exc}); fix _target_ in "
+                           f"conf/method/{method_cfg.get('name')}.yaml") from exc
+    return cls
 
 
 def method_verify_tokens(method_cfg) -> int:
-    """Tokens in one verify forward (root + draft + extras) for a method config, at its largest setting."""
-    cfg = method_cfg
-    module, cls = _module_of(cfg)
-    if cfg.get("tree_size"):
-        return int(cfg.tree_size)
-    if cls in ("VanillaProposer", "") or (cls == "HFGenerate" and not cfg.get("prompt_lookup_num_tokens")
-                                          and not cfg.get("assistant_model")):
-        return 1
-    if cls == "HFGenerate":
-        return 1 + int(cfg.get("prompt_lookup_num_tokens") or cfg.get("num_assistant_tokens") or 20)
-    if cls == "PromptLookupProposer":
-        return 1 + int(cfg.num_pred_tokens) * int(cfg.get("max_matches") or 1)
-    if cls in ("SpSProposer", "EarlyExitProposer"):
-        return 1 + int(cfg.k_max if cfg.get("adaptive_k") else cfg.k)
-    if cls == "LookaheadProposer":   # Jacobi window (N-1 levels x W) + up to G candidate (N-1)-grams
-        return 1 + (int(cfg.level) - 1) * (int(cfg.window) + int(cfg.guess_set_size))
-    for key in ("medusa_choices", "tree_choices"):
-        if isinstance(cfg.get(key), str):
-            count = _choice_count(module, cfg[key])
-            if count is not None:
-                return 1 + count
-    for key in ("max_nodes", "depth", "num_positions", "k", "num_pred_tokens"):
-        if cfg.get(key):
-            if cfg.get("draft") in ("beam", "tree") and key != "max_nodes":
-                return 1 + int(cfg[key]) * int(cfg.get("beam_width") or 1) * int(cfg.get("top_k") or 1)
-            return 1 + int(cfg[key])
-    log.warning("cannot tell the verify size of method '%s'; assuming 1 token (set tree_size=)", cfg.get("name"))
-    return 1
+    """Tokens in one verify forward (root + draft + extras) for a method config, at its largest setting;
+    a `tree_size` in the method config overrides what the method says."""
+    if method_cfg.get("tree_size"):
+        return int(method_cfg.tree_size)
+    cls = method_class(method_cfg)
+    if not callable(getattr(cls, "verify_tokens", None)):
+        raise HarnessError(f"{cls.__module__}.{cls.__qualname__} does not say its verify size (a verify_tokens(cfg) "
+                           f"classmethod): subclass harness.engine.loop.Proposer, or give the plan a tree_size")
+    return int(cls.verify_tokens(method_cfg))
 
 
 def head_parameters(method_cfg, arch: Architecture) -> tuple[str | None, int, int]:
@@ -201,8 +176,7 @@ def head_parameters(method_cfg, arch: Architecture) -> tuple[str | None, int, in
     from harness.heads.base import head_class, build_head
     from harness.heads.checkpoint import read_head_config
 
-    module, cls_name = _module_of(method_cfg)
-    head_type, kwargs = HEAD_PROPOSERS.get(cls_name), dict(method_cfg)
+    head_type, kwargs = getattr(method_class(method_cfg), "head_type", None), dict(method_cfg)
     head_path = method_cfg.get("head_path")
     if head_path and not method_cfg.get("official") and (Path(str(head_path)) / "head_config.json").is_file():
         info = read_head_config(head_path)

@@ -21,8 +21,8 @@ kept (a chain: its first n tokens), n maximising the expected tokens per second 
 curve. While drafting pays, the next step drafts at most one level past the deepest node kept; while it
 does not pay it is skipped (plain target steps), but for probes that draft to the full depth.
 
-Cost note (CPU): the vocabulary projection (576 x 49152 on SmolLM2, ~6.5 ms) dominates a draft step,
-far above the fusion and the blocks; a beam's projections therefore go through one matmul per depth.
+The vocabulary projection dominates a draft step (docs/method_notes.md), so a beam's projections go
+through one matmul per depth.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from torch import nn
 
 from baselines.medusa import ResBlock
 from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
-from harness.infra.errors import HarnessError
+from harness.engine.sizing import keep_most_likely, make_sizer
+from harness.engine.tree import best_nodes, depths_of, subtree
 from harness.heads.base import BaseHandles, DraftHead
 from harness.heads.checkpoint import load_or_init_head
-from harness.engine.sizing import keep_most_likely, make_sizer, subtree
-from harness.engine.tree import depths_of
+from harness.infra.errors import HarnessError
 
 DRAFT_MODES = ("chain", "beam", "tree")
 
@@ -104,6 +104,21 @@ class OursProposer(Proposer):
     """Drafts with a OursHead: chain, beam or tree (see the module docstring)."""
 
     name = "ours"
+    head_type = "ours"
+
+    @classmethod
+    def verify_tokens(cls, cfg) -> int:
+        """Root + max_nodes where set (auto: auto_max_tokens, which counts the root), else the depth (the
+        config's, or num_positions) x beam_width x top_k candidates per depth for beam and tree drafts."""
+        max_nodes = cls.config_value(cfg, "max_nodes")
+        if max_nodes == "auto":
+            return int(cls.config_value(cfg, "auto_max_tokens"))
+        if max_nodes:
+            return 1 + int(max_nodes)
+        depth = int(cls.config_value(cfg, "depth") or cls.config_value(cfg, "num_positions"))
+        if cls.config_value(cfg, "draft") in ("beam", "tree"):
+            return 1 + depth * int(cls.config_value(cfg, "beam_width")) * int(cls.config_value(cfg, "top_k"))
+        return 1 + depth
 
     def __init__(self, head_path: str | None = None, draft: str = "chain", depth: int | None = None,
                  beam_width: int = 2, top_k: int = 2, max_nodes: int | str | None = None, auto_max_tokens: int = 16,
@@ -148,7 +163,7 @@ class OursProposer(Proposer):
         return self.base.embed(torch.tensor(token_ids, device=self.device))
 
     def propose(self, ctx: DecodeContext) -> Draft:
-        depth = min(self.depth, ctx.remaining - 1)   # the bonus token always comes from the target
+        depth = ctx.draft_budget(self.depth)
         if depth <= 0:
             return Draft.empty()
         start = 0.0
@@ -177,7 +192,7 @@ class OursProposer(Proposer):
             tokens, parents = subtree(tokens, parents, keep)
             self.depth_limit = max(depths_of(parents), default=0) + 1
         elif self.max_nodes is not None and len(tokens) > self.max_nodes:
-            tokens, parents = _best_nodes(tokens, parents, scores, self.max_nodes)
+            tokens, parents = subtree(tokens, parents, best_nodes(scores, self.max_nodes))
         return Draft(tokens, parents)
 
     def observe(self, step: Step, ctx: DecodeContext) -> None:
@@ -212,7 +227,7 @@ class OursProposer(Proposer):
             states = self.head.step(states, trigrams)                            # [b, H]
             log_probs = torch.log_softmax(self.head.project(states, self.base).float(), dim=-1)  # [b, V] one matmul
             top = log_probs.topk(self.top_k, dim=-1)                             # [b, top_k]
-            # clamp: a rounding-positive log-prob would let a child outscore its parent (see _best_nodes)
+            # clamp: a rounding-positive log-prob would let a child outscore its parent (see tree.best_nodes)
             cumulative = (beam_scores[:, None] + top.values.clamp(max=0.0)).flatten()   # [b * top_k]
             keep = cumulative.topk(min(self.beam_width, cumulative.numel())).indices
             candidate_tokens = top.indices.flatten().tolist()
@@ -240,11 +255,3 @@ class OursProposer(Proposer):
                 trigrams = torch.cat([trigrams[source, hidden_size:],
                                       self.base.embed(kept_tokens).to(states.dtype)], dim=-1)
         return tokens, tuple(parents), scores
-
-
-def _best_nodes(tokens: list[int], parents: tuple[int, ...], scores: list[float], count: int
-                ) -> tuple[list[int], tuple[int, ...]]:
-    """The `count` nodes with the highest cumulative log-prob. A child never scores above its parent,
-    so the cut keeps every kept node's ancestors (ties go to the earlier, shallower node)."""
-    kept = sorted(sorted(range(len(tokens)), key=lambda i: (-scores[i], i))[:count])
-    return subtree(tokens, parents, kept)

@@ -1,13 +1,12 @@
 """Speedup, τ and lossless against the matching vanilla run (../shared/DESIGN.md, "Metrics").
 
-speedup = tokens/s of a method / tokens/s of vanilla, same model, bench, hardware and decoding settings,
-counted the same way (generated token ids, never re-tokenised text). Two definitions, both reported:
-- `per_question`: the mean over questions of (method tokens/s on q) / (vanilla tokens/s on q), where a
-  question's tokens/s = its tokens over all turns / its wall time over all turns (Spec-Bench's unit);
-- `total`: (method's total tokens / total time) / (vanilla's total tokens / total time), over the same
-  questions.
+Every number comes from the glossary, harness/engine/metrics.py (its docstring defines each one); this
+module only decides which runs are compared. The report shows two speedup definitions, `per_question`
+(the mean of per-question ratios, Spec-Bench's unit) and `total` (total tokens / total time), each with
+its 95 % paired bootstrap interval (`speedup_<definition>_ci_low` / `_ci_high`: NaN below 2 questions).
 (Spec-Bench's own evaluation/speed.py divides the mean per-question tokens/s of the method by that of
-vanilla: a third definition, between the two; we do not report it.)
+vanilla: a third definition, between the two; we do not report it. harness/interleave.py's geometric
+mean of per-question ratios is in the glossary too.)
 
 Repeats (same method and settings, another `seed`) each get their own speedup against the vanilla run
 with the same seed (else against all vanilla repeats pooled), then are shown as mean ± std.
@@ -22,12 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from harness.infra.errors import HarnessError
+from harness.engine import metrics as glossary
 from harness.engine.lossless import classify, count, question_status
+from harness.infra.errors import HarnessError
 from reports.results import SETTINGS, Run, differences, task_of
 
-DEFINITIONS = {"per_question": "mean of per-question speedups",
-               "total": "total tokens / total time, method over vanilla"}
+# the definitions the report's tables show (the glossary names them all)
+DEFINITIONS = {name: glossary.SPEEDUPS[name] for name in ("per_question", "total")}
 
 
 @dataclass
@@ -55,34 +55,20 @@ def _slug(settings: dict) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
 
-def question_totals(runs: list[Run]) -> pd.DataFrame:
+def question_totals(runs: list[Run]) -> dict[int, dict]:
     """Per question, summed over turns and over the given runs (repeats pool their time and tokens)."""
-    rows = {}
-    for run in runs:
-        bench = run.settings["bench"]
-        for record in run.records:
-            row = rows.setdefault(record["question_id"], {"new_tokens": 0, "wall_time": 0.0, "steps": 0,
-                                                          "task": task_of(record.get("category"), bench)})
-            for turn in record["turns"]:
-                row["new_tokens"] += turn["new_tokens"]
-                row["wall_time"] += turn["wall_time"]
-                row["steps"] += turn["steps"]
-    frame = pd.DataFrame.from_dict(rows, orient="index").sort_index()
-    frame["tokens_per_s"] = frame["new_tokens"] / frame["wall_time"]
-    return frame
+    return glossary.question_totals([record for run in runs for record in run.records])
 
 
-def speedup(method: pd.DataFrame, vanilla: pd.DataFrame, definition: str) -> float:
-    """`method` and `vanilla` from question_totals; over the method's questions (vanilla covers them)."""
-    shared = method.index.intersection(vanilla.index)
-    if len(shared) == 0:
-        return math.nan
-    m, v = method.loc[shared], vanilla.loc[shared]
-    if definition == "per_question":
-        return float((m["tokens_per_s"] / v["tokens_per_s"]).mean())
-    if definition == "total":
-        return float((m["new_tokens"].sum() / m["wall_time"].sum()) / (v["new_tokens"].sum() / v["wall_time"].sum()))
-    raise HarnessError(f"unknown speedup definition '{definition}'; use one of {', '.join(DEFINITIONS)}")
+def question_tasks(run: Run) -> dict[int, str]:
+    bench = run.settings["bench"]
+    return {record["question_id"]: task_of(record.get("category"), bench) for record in run.records}
+
+
+def interval(method: dict[int, dict], vanilla: dict[int, dict], definition: str) -> tuple[float, float]:
+    """The speedup's 95 % paired bootstrap interval as two floats; (NaN, NaN) below 2 paired questions."""
+    bounds = glossary.speedup_interval(method, vanilla, definition)
+    return bounds if bounds is not None else (math.nan, math.nan)
 
 
 def group_runs(runs: list[Run], baseline: str = "vanilla") -> list[Group]:
@@ -143,18 +129,6 @@ def lossless(run: Run, base: list[Run], baseline: str = "vanilla") -> dict:
     return {**count(statuses), "source": "vanilla"}
 
 
-def position_counts(run: Run) -> tuple[list[int], list[int]]:
-    depth = max((len(t.get("pos_attempted") or []) for r in run.records for t in r["turns"]), default=0)
-    attempted, accepted = [0] * depth, [0] * depth
-    for record in run.records:
-        for turn in record["turns"]:
-            for k, n in enumerate(turn.get("pos_attempted") or []):
-                attempted[k] += n
-            for k, n in enumerate(turn.get("pos_accepted") or []):
-                accepted[k] += n
-    return attempted, accepted
-
-
 def weight_mb(run: Run) -> float:
     """The target's weight memory as the run measured it after loading (MiB); NaN for runs that predate it."""
     measured = run.info.get("weight_memory_bytes")
@@ -162,32 +136,35 @@ def weight_mb(run: Run) -> float:
 
 
 def run_metrics(group: Group, tasks: list[str], baseline: str = "vanilla") -> pd.DataFrame:
-    """One row per run: tokens/s, τ, draft size, both speedups overall and per task, lossless."""
+    """One row per run: tokens/s, τ, draft size, both speedups overall (with their 95 % intervals) and per
+    task, lossless."""
     rows = []
     for run in group.runs:
         base = group.baselines[run.run_id]
         mine, theirs = question_totals([run]), question_totals(base)
-        turns = [t for r in run.records for t in r["turns"]]
-        tokens, wall, steps = (sum(t[k] for t in turns) for k in ("new_tokens", "wall_time", "steps"))
-        sizes = [t.get("draft_sizes") for t in turns]
-        stage = {k: (sum(t[k] for t in turns) / wall if wall and all(t.get(k) is not None for t in turns)
-                     else math.nan) for k in ("draft_time", "verify_time")}
+        tasks_of = question_tasks(run)
+        turns = glossary.turns_of(run.records)
+        summed = glossary.totals(turns)
+        wall = summed["wall_time"]
         checked = lossless(run, base, baseline)
         row = {"run_id": run.run_id, "label": run.label, "method": run.method, "seed": run.seed,
-               "questions": len(run.records), "turns": len(turns), "new_tokens": tokens, "wall_time": wall,
-               "tokens_per_s": tokens / wall if wall else math.nan,
-               "tokens_per_s_mean": float(mine["tokens_per_s"].mean()),
-               "tau": tokens / steps if steps else math.nan,
-               "draft_tokens_per_step": (sum(sum(s) for s in sizes) / steps
-                                         if steps and all(s is not None for s in sizes) else math.nan),
-               "draft_share": stage["draft_time"], "verify_share": stage["verify_time"],
+               "questions": len(run.records), "turns": len(turns), "new_tokens": summed["new_tokens"],
+               "wall_time": wall, "tokens_per_s": glossary.tokens_per_s(summed["new_tokens"], wall),
+               "tokens_per_s_mean": glossary.tokens_per_s_mean(mine),
+               "tau": glossary.tau(summed["new_tokens"], summed["steps"]),
+               "draft_tokens_per_step": glossary.draft_tokens_per_step(summed["draft_tokens"], summed["steps"]),
+               "draft_share": glossary.stage_share(turns, "draft_time"),
+               "verify_share": glossary.stage_share(turns, "verify_time"),
                **{f"lossless_{key}": value for key, value in checked.items()},
                "lossy": run.lossy, "quantization": run.settings.get("quantization", "none"),
                "weight_mb": weight_mb(run)}
         for definition in DEFINITIONS:
-            row[f"speedup_{definition}"] = speedup(mine, theirs, definition)
+            row[f"speedup_{definition}"] = glossary.speedup(mine, theirs, definition)
+            low, high = interval(mine, theirs, definition)
+            row[f"speedup_{definition}_ci_low"], row[f"speedup_{definition}_ci_high"] = low, high
             for task in tasks:
-                row[f"{definition}:{task}"] = speedup(mine[mine["task"] == task], theirs, definition)
+                in_task = {qid: q for qid, q in mine.items() if tasks_of[qid] == task}
+                row[f"{definition}:{task}"] = glossary.speedup(in_task, theirs, definition)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -216,16 +193,16 @@ def label_order(labels, metrics: pd.DataFrame, baseline: str = "vanilla") -> lis
 
 def check_baseline(baseline_dir: str, run_dir) -> Run:
     """`specdec-bench baseline_run=<folder>`: that run, after checking its settings match this run's."""
-    import json
     from pathlib import Path
 
+    from harness.infra.store import RUN_INFO, read_json
     from reports.results import load_runs, settings_of
 
     found = load_runs([baseline_dir])
     if len(found) != 1:
         raise HarnessError(f"baseline_run={baseline_dir} holds {len(found)} runs; point it at one finished run folder")
     base = found[0]
-    mine = settings_of(json.loads((Path(run_dir) / "run.json").read_text()))
+    mine = settings_of(read_json(Path(run_dir) / RUN_INFO) or {})
     if differences(mine, base.settings):
         raise HarnessError(f"baseline_run={baseline_dir} cannot be this run's baseline: it differs in "
                            f"{', '.join(differences(mine, base.settings))}; point it at a run with the same settings")
@@ -233,9 +210,12 @@ def check_baseline(baseline_dir: str, run_dir) -> Run:
 
 
 def speedups_against(base: Run, records: list[dict]) -> dict:
-    """Summary keys for a bench run with a known baseline (both definitions, over shared questions)."""
-    mine = question_totals([Run(base.path, {}, records, None, settings=base.settings)])
-    theirs = question_totals([base])
-    return {"speedup": speedup(mine, theirs, "per_question"), "speedup_total": speedup(mine, theirs, "total"),
-            "speedup_questions": len(mine.index.intersection(theirs.index)), "baseline_run": str(base.path),
+    """Summary keys for a bench run with a known baseline (both definitions over shared questions; the
+    interval is `speedup`'s, the mean of per-question ratios; None below 2 paired questions)."""
+    mine, theirs = glossary.question_totals(records), question_totals([base])
+    bounds = glossary.speedup_interval(mine, theirs, "per_question")
+    return {"speedup": glossary.speedup(mine, theirs, "per_question"),
+            "speedup_total": glossary.speedup(mine, theirs, "total"),
+            "speedup_ci_low": bounds[0] if bounds else None, "speedup_ci_high": bounds[1] if bounds else None,
+            "speedup_questions": len(mine.keys() & theirs.keys()), "baseline_run": str(base.path),
             "baseline_method": base.method}

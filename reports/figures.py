@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from harness.engine import metrics as glossary  # noqa: E402
 from reports.compare import DEFINITIONS, Group, mean_std  # noqa: E402
 from reports.tables import topk_columns  # noqa: E402
 
@@ -77,7 +78,7 @@ def accepted_length_histogram(group: Group, labels: list[str], title: str, path:
                    for turn in record["turns"] for n in turn["accepted_lengths"]]
         if lengths:
             counts[label] = Counter(min(n, MAX_ACCEPTED) for n in lengths)
-            taus[label] = sum(lengths) / len(lengths)
+            taus[label] = glossary.tau(sum(lengths), len(lengths))   # one length per verify step
     if not counts:
         return None
     longest = max(max(c) for c in counts.values())

@@ -24,7 +24,7 @@ from harness.infra.app import hydra_app
 from harness.infra.errors import HarnessError
 from reports import figures, tables
 from reports.compare import DEFINITIONS, Group, group_runs, label_order, run_metrics
-from reports.results import load_runs, run_frame, task_of, task_order, turns_frame
+from reports.results import failed_jobs, load_runs, run_frame, task_of, task_order, turns_frame
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,11 @@ def build_report(sources, out_dir: str | Path, definition: str = "per_question",
         report.files.append(out / f"{name}.csv")
     sections = ["# specdec-harness report", f"{len(runs)} runs from {', '.join(map(str, _as_list(sources)))}", ""]
     sections += ["\n".join(w.markdown) for w in writers.values() if w.markdown]
+    failed = failed_jobs(sources)
+    if failed:
+        sections += [f"## Failed jobs ({len(failed)}: stopped on bad input, no results)",
+                     tables.to_markdown(pd.DataFrame(failed))]
+        log.warning("%d sweep job(s) failed: %s", len(failed), "; ".join(f["folder"] for f in failed))
     sections += ["## Figures", *figure_md]
     (out / "report.md").write_text("\n\n".join(sections) + "\n")
     report.files.insert(0, out / "report.md")

@@ -2,7 +2,9 @@
 
 A source is a run folder (holds run.json), a folder holding run folders anywhere below it (a multirun
 sweep), or a glob of either. Every run reads `run.json` (resolved config, hardware),
-`answers.jsonl` (one record per question) and, when the run finished, `summary.json`.
+`answers.jsonl` (one record per question) and, when the run finished, `summary.json`, through
+harness/infra/store.py (the file names and the torn-last-line rule live there, shared with the writer).
+Every number is computed by the glossary, harness/engine/metrics.py.
 
 Frames:
 - `turns_frame(runs)`: one row per run x question x turn (tokens, time, steps, draft tokens, ...);
@@ -22,18 +24,20 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from harness.infra.errors import HarnessError
+from harness.engine import metrics as glossary
 from harness.engine.lossless import question_status
+from harness.infra.errors import HarnessError
+from harness.infra.store import ANSWERS, RUN_INFO, SUMMARY, read_json, read_records
 
 log = logging.getLogger(__name__)
 
-RUN_INFO, ANSWERS, SUMMARY = "run.json", "answers.jsonl", "summary.json"
 SETTINGS = ("model", "bench", "max_turns", "max_new_tokens", "temperature", "top_p", "quantization", "dtype",
             "device", "hardware", "threads")
 TOPK_KEY = re.compile(r"^pos(\d+)_top(\d+)$")
@@ -118,27 +122,6 @@ def differences(a: dict, b: dict) -> list[str]:
     return [f"{key} ({a.get(key)} vs {b.get(key)})" for key in SETTINGS if a.get(key) != b.get(key)]
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _records(path: Path) -> list[dict]:
-    """Finished records only: a kill can leave a torn last line, which is not an answer."""
-    records = []
-    if not path.is_file():
-        return records
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
 def _natural(path: Path):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
@@ -162,6 +145,29 @@ def find_run_dirs(sources) -> list[Path]:
         raise HarnessError(f"no run folders (with {RUN_INFO}) in {', '.join(map(str, sources or []))}; "
                            "point runs= at a specdec-bench run or sweep folder")
     return unique
+
+
+def failed_jobs(sources) -> list[dict]:
+    """The sweep jobs that stopped on bad input under `sources`: their `failed.json` markers (harness/infra/app.py),
+    each with its folder."""
+    found = []
+    for source in _source_list(sources):
+        for match in map(Path, sorted(glob.glob(source)) if glob.has_magic(source) else [source]):
+            markers = [match / "failed.json"] if (match / "failed.json").is_file() else sorted(match.rglob("failed.json"))
+            for marker in markers:
+                try:
+                    info = json.loads(marker.read_text())
+                except (OSError, ValueError):
+                    info = {"error": "unreadable failed.json"}
+                found.append({"folder": str(marker.parent), "error": info.get("error"),
+                              "overrides": " ".join(info.get("overrides") or [])})
+    return found
+
+
+def _source_list(sources) -> list[str]:
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    return [str(Path(str(source)).expanduser()) for source in sources or []]
 
 
 def _flat(value, prefix="") -> dict:
@@ -192,14 +198,14 @@ def _label_runs(runs: list[Run]) -> None:
 def load_runs(sources) -> list[Run]:
     runs = []
     for path in find_run_dirs(sources):
-        info = _read_json(path / RUN_INFO)
+        info = read_json(path / RUN_INFO)
         if info is None:
             raise HarnessError(f"{path / RUN_INFO} is not valid JSON; remove that folder from runs=")
-        records = _records(path / ANSWERS)
+        records = read_records(path / ANSWERS)
         if not records:
             log.warning("skipping %s: no answers yet", path)
             continue
-        run = Run(path, info, records, _read_json(path / SUMMARY))
+        run = Run(path, info, records, read_json(path / SUMMARY))
         if run.summary is None:
             log.warning("%s has no summary.json (unfinished): using its %d finished questions", path, len(records))
         run.settings = settings_of(info)
@@ -221,15 +227,15 @@ def turns_frame(runs: list[Run]) -> pd.DataFrame:
         for record in run.records:
             lossless = record.get("lossless")     # per question; its status repeats on every turn row
             for turn in record["turns"]:
-                sizes = turn.get("draft_sizes")
+                draft_tokens = glossary.totals([turn])["draft_tokens"]
                 rows.append({
                     "run_id": run.run_id, "label": run.label, "method": run.method, "seed": run.seed,
                     "question_id": record["question_id"], "category": record.get("category"),
                     "task": task_of(record.get("category"), bench), "turn": turn["turn"],
                     "new_tokens": turn["new_tokens"], "wall_time": turn["wall_time"], "steps": turn["steps"],
-                    "tokens_per_s": turn["new_tokens"] / turn["wall_time"] if turn["wall_time"] else float("nan"),
-                    "tau": turn["new_tokens"] / turn["steps"] if turn["steps"] else float("nan"),
-                    "draft_tokens": sum(sizes) if sizes is not None else float("nan"),
+                    "tokens_per_s": glossary.tokens_per_s(turn["new_tokens"], turn["wall_time"]),
+                    "tau": glossary.tau(turn["new_tokens"], turn["steps"]),
+                    "draft_tokens": math.nan if draft_tokens is None else draft_tokens,
                     "prefill_time": turn.get("prefill_time"), "draft_time": turn.get("draft_time"),
                     "verify_time": turn.get("verify_time"), "bookkeeping_time": turn.get("bookkeeping_time"),
                     "stop_reason": turn.get("stop_reason"),
@@ -242,17 +248,14 @@ def turns_frame(runs: list[Run]) -> pd.DataFrame:
 def run_frame(runs: list[Run]) -> pd.DataFrame:
     rows = []
     for run in runs:
-        turns = [t for r in run.records for t in r["turns"]]
-        tokens = sum(t["new_tokens"] for t in turns)
-        wall = sum(t["wall_time"] for t in turns)
-        steps = sum(t["steps"] for t in turns)
-        sizes = [t.get("draft_sizes") for t in turns]
+        turns = glossary.turns_of(run.records)
+        summed = glossary.totals(turns)
         rows.append({"run_id": run.run_id, "label": run.label, "method": run.method, "seed": run.seed,
-                     **run.settings, "questions": len(run.records), "turns": len(turns), "new_tokens": tokens,
-                     "wall_time": wall, "steps": steps, "tokens_per_s": tokens / wall if wall else float("nan"),
-                     "tau": tokens / steps if steps else float("nan"),
-                     "draft_tokens_per_step": (sum(sum(s) for s in sizes) / steps
-                                               if steps and all(s is not None for s in sizes) else float("nan")),
+                     **run.settings, "questions": len(run.records), "turns": len(turns),
+                     "new_tokens": summed["new_tokens"], "wall_time": summed["wall_time"], "steps": summed["steps"],
+                     "tokens_per_s": glossary.tokens_per_s(summed["new_tokens"], summed["wall_time"]),
+                     "tau": glossary.tau(summed["new_tokens"], summed["steps"]),
+                     "draft_tokens_per_step": glossary.draft_tokens_per_step(summed["draft_tokens"], summed["steps"]),
                      "finished": run.summary is not None, "path": str(run.path),
                      **run.topk_accuracy})
     return pd.DataFrame(rows)

@@ -1,5 +1,8 @@
 """Report tables: each builder returns (display, numbers): display = strings for Markdown/LaTeX
-(mean ± std over repeats), numbers = the same as floats for CSV (`<column>` and `<column>_std`)."""
+(mean ± std over repeats), numbers = the same as floats for CSV (`<column>` and `<column>_std`).
+A speedup of a single run also shows its 95 % paired bootstrap interval (`1.23x [1.10, 1.35]`; numbers
+`<column>_ci_low` / `_ci_high`); over repeats the ± std is the spread and the interval columns are NaN,
+since one run's interval is not an interval for the mean of several."""
 
 from __future__ import annotations
 
@@ -7,8 +10,9 @@ import math
 
 import pandas as pd
 
+from harness.engine import metrics as glossary
 from harness.engine.lossless import format_counts
-from reports.compare import DEFINITIONS, Group, mean_std, position_counts
+from reports.compare import DEFINITIONS, Group, mean_std
 from reports.results import TOPK_KEY
 
 TAU = "#Mean Accepted Tokens"
@@ -26,6 +30,20 @@ def _stat(metrics: pd.DataFrame, label: str, column: str) -> tuple[float, float,
     return mean_std(metrics.loc[metrics["label"] == label, column].tolist())
 
 
+def interval_of(rows: pd.DataFrame, column: str) -> tuple[float, float]:
+    """The 95 % interval of a speedup column (compare.run_metrics' `<column>_ci_low/high`) when `rows`
+    is one run; NaN for repeats or when the run has fewer than 2 paired questions."""
+    if len(rows) != 1 or f"{column}_ci_low" not in rows:
+        return math.nan, math.nan
+    return float(rows[f"{column}_ci_low"].iloc[0]), float(rows[f"{column}_ci_high"].iloc[0])
+
+
+def with_interval(text: str, low: float, high: float, digits: int = 2) -> str:
+    if text == "—" or math.isnan(low) or math.isnan(high):
+        return text
+    return f"{text} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def leaderboard(metrics: pd.DataFrame, labels: list[str], tasks: list[str], definition: str
                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Spec-Bench's leaderboard: rows = methods, columns = categories, τ, Overall (speedup: `definition`)."""
@@ -37,9 +55,12 @@ def leaderboard(metrics: pd.DataFrame, labels: list[str], tasks: list[str], defi
             mean, std, runs = _stat(metrics, label, column)
             shown[name] = cell(mean, std, suffix=suffix)
             values[name], values[f"{name}_std"] = mean, std
+        rows = metrics[metrics["label"] == label]
+        low, high = interval_of(rows, f"speedup_{definition}")
+        shown[OVERALL] = with_interval(shown[OVERALL], low, high)
+        values[f"{OVERALL}_ci_low"], values[f"{OVERALL}_ci_high"] = low, high
         values["runs"] = runs
         # a leaderboard row never hides a mismatch: the lossless column rides along
-        rows = metrics[metrics["label"] == label]
         shown["Lossless"] = lossless_cell(rows)
         values.update(_lossless_numbers(rows))
         display.append(shown)
@@ -97,6 +118,10 @@ def summary(metrics: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame, pd.
             mean, std, _ = mean_std((rows[column] * scale).tolist())
             shown[name] = cell(mean, std, digits, suffix)
             values[column], values[f"{column}_std"] = mean, std
+            if column.startswith("speedup_"):
+                low, high = interval_of(rows, column)
+                shown[name] = with_interval(shown[name], low, high, digits)
+                values[f"{column}_ci_low"], values[f"{column}_ci_high"] = low, high
         shown["Lossless"] = lossless_cell(rows)
         values.update(_lossless_numbers(rows))
         display.append(shown)
@@ -108,17 +133,11 @@ def acceptance(group: Group, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFr
     """P(draft token k accepted | tokens 1..k-1 accepted), pooled over a method's repeats."""
     rates = {}
     for label in labels:
-        attempted, accepted = [], []
-        for run in (r for r in group.runs if r.label == label):
-            tried, took = position_counts(run)
-            for k in range(len(tried)):
-                if k >= len(attempted):
-                    attempted.append(0)
-                    accepted.append(0)
-                attempted[k] += tried[k]
-                accepted[k] += took[k]
+        turns = glossary.turns_of([record for run in group.runs if run.label == label for record in run.records])
+        attempted, accepted = glossary.position_counts(turns)
         if any(attempted):
-            rates[label] = ([a / n if n else math.nan for a, n in zip(accepted, attempted)], attempted)
+            rate = glossary.acceptance_per_position(attempted, accepted)
+            rates[label] = ([math.nan if r is None else r for r in rate], attempted)
     depth = max((len(v) for v, _ in rates.values()), default=0)
     rows = []
     for label, (rate, tried) in rates.items():
@@ -210,4 +229,4 @@ def to_latex(display: pd.DataFrame, caption: str) -> str:
 
 
 def definition_note(definition: str) -> str:
-    return f"speedup = {DEFINITIONS[definition]}"
+    return f"speedup = {DEFINITIONS[definition]}; [low, high] = 95 % paired bootstrap interval over questions"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from harness import CONF_DIR, REPO_ROOT
 
@@ -49,11 +49,28 @@ def tiny_llama():
     return make_tiny_llama()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module single-threaded (helpers.single_thread): `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    head_fitting.one_thread is the same fixture as autouse, for modules that import it."""
+    from helpers import single_thread
+
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory) -> Path:
+    """tests/tiny_chat.py's model folder (a tiny random Llama + word-level ChatML tokenizer), written once per
+    session; tests only read it (`model.path=<it>`, tiny_chat.model_overrides)."""
+    from tiny_chat import make_tiny_chat_model
+
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
 def compose_config(*overrides: str, config_name: str = "config") -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=list(overrides))
-    with open_dict(cfg):
-        pass
     return cfg
 
 

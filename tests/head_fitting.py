@@ -5,21 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import as_loaded, greedy, single_thread  # noqa: F401 - as_loaded, greedy: imported from here too
 
-from harness.engine.acceptance import Sampling
-from harness.engine.loop import Proposer, StopCriteria, decode_turn
 from harness.heads.base import BaseHandles, DraftHead
-from harness.model.loading import LoadedModel
-from harness.engine.target import Target
-
-
-def as_loaded(model, name: str = "tiny") -> LoadedModel:
-    return LoadedModel(name, model, None, None, torch.device("cpu"), torch.float32, "test")
-
-
-def greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    return decode_turn(Target(model), Proposer(), prompt, Sampling(),
-                       StopCriteria(frozenset(), max_new_tokens=max_new_tokens)).token_ids
 
 
 def head_loss(head: DraftHead, base: BaseHandles, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -54,9 +42,7 @@ def fit_head(head: DraftHead, model, sequences: list[list[int]], steps: int = 20
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny models run fastest on one thread, and a busy shared machine makes two threads spin: import
-    this fixture into a test module to run it single-threaded (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """Import this fixture into a test module to run the whole module single-threaded (helpers.single_thread;
+    conftest's `one_thread` is the same, for modules that opt in by name instead)."""
+    with single_thread():
+        yield

@@ -17,32 +17,7 @@ from harness.infra.errors import HarnessError
 from harness.model.loading import load_model
 from harness.data.sharegpt import JsonlLog, read_sharegpt, write_sharegpt
 from harness.engine.target import Target
-from tiny_chat import make_tiny_chat_model, model_overrides
-
-MT_BENCH_81 = ("Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural "
-               "experiences and must-see attractions.")
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
-
-
-def sharegpt_input(path, count=6):
-    records = []
-    for index in range(count):
-        turns = [{"from": "human", "value": f"what is the colour of the sky ? tell me {index}"},
-                 {"from": "gpt", "value": "an old answer that distillation replaces"}]
-        if index % 3 == 0:   # some multi-turn conversations
-            turns += [{"from": "human", "value": "why ?"}, {"from": "gpt", "value": "old"}]
-        records.append({"id": f"c{index}", "conversations": turns})
-    return write_sharegpt(records, path)
-
-
-def distill_cfg(chat_model, questions_path, tmp_path, *overrides):
-    return compose_config(*model_overrides(chat_model), f"bench.path={questions_path}", "logger=none",
-                          f"out_dir={tmp_path / 'out'}", "max_length=72", "progress=false", *overrides,
-                          config_name="distill")
+from helpers import MT_BENCH_81, distill_cfg, sharegpt_input
 
 
 def test_each_turn_is_answered_with_the_models_own_previous_answers(chat_model, questions_path, tmp_path):

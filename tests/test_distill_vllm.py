@@ -20,7 +20,7 @@ from harness.data.self_prompts import EvalOverlap, NearDuplicates, open_user_tur
 from harness.data.sharegpt import JsonlLog
 from harness.data.token_data import TokenDataset, read_parquet, sha256_of
 from harness.data.examples import ConversationDataset
-from test_distill import MT_BENCH_81, chat_model, distill_cfg, sharegpt_input  # noqa: F401 - fixtures
+from helpers import MT_BENCH_81, distill_cfg, sharegpt_input
 
 STUB = Path(__file__).with_name("stub_vllm")
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from baselines.eagle import (EAGLE_TREE_25, EagleHead, EagleProposer, HeadCache, build_eagle_head, sample_children,
-                             static_tree)
+from baselines.eagle import EAGLE_TREE_25, EagleHead, EagleProposer, HeadCache, build_eagle_head, sample_children
 from harness.engine.acceptance import Sampling, target_probs
 from harness.bench import run_bench
 from harness.engine.loop import DecodeContext, Proposer, StopCriteria, decode_turn
@@ -21,6 +20,7 @@ from harness.heads.base import BaseHandles
 from harness.heads.checkpoint import base_identity, load_head, save_head
 from harness.model.loading import LoadedModel
 from harness.engine.target import Target
+from harness.engine.tree import index_tree
 from tests.conftest import compose_config, make_tiny_llama, real_bench_overrides
 
 PROMPTS = [[3, 14, 15, 92, 65, 35, 89, 79], [2, 71, 82, 81, 82, 84, 59], [1, 41, 42, 13, 56, 23, 73, 9, 30]]
@@ -98,7 +98,7 @@ def fitted_folder(tiny, sequences, tmp_path_factory):
 
 
 def test_published_tree_and_head_layout(tiny):
-    parents, depths, ranks = static_tree(EAGLE_TREE_25)
+    parents, depths, ranks = index_tree(EAGLE_TREE_25)
     assert len(parents) == 25 and max(depths) == 5 and depths.count(1) == 4
     assert all(parent < node for node, parent in enumerate(parents))
     head = build_eagle_head(tiny.config)

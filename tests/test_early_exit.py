@@ -102,3 +102,33 @@ def test_bad_exit_layers_fail_with_one_line(four_layers):
         EarlyExitProposer(0, 2)
     proposer = build_method(compose_config("method=early_exit", "method.exit_layer=2").method)
     assert isinstance(proposer, EarlyExitProposer) and proposer.exit_layer == 2 and proposer.name == "early_exit"
+
+
+def test_target_prefix_step_is_the_truncated_model_and_rollback_restores_the_cache(four_layers):
+    target = Target(four_layers)
+    assert target.num_layers == 4 and target.vocab_size == four_layers.lm_head.weight.shape[0] == 256
+    layers = 2
+    with torch.inference_mode():
+        _, logits = target.prefill(PROMPT)
+        past = target.past
+        before = [(layer.keys.clone(), layer.values.clone()) for layer in target.cache.layers]
+        tokens = [int(logits.argmax()), 7, 9]
+        steps = [target.prefix_step(token, past + i, layers) for i, token in enumerate(tokens)]
+        reference = truncated(four_layers, layers)(torch.tensor([PROMPT + tokens])).logits[0, -len(tokens):]
+        torch.testing.assert_close(torch.stack(steps), reference, atol=1e-5, rtol=1e-4)
+        # only the first `layers` layers grew, by one entry per step
+        assert [layer.keys.shape[-2] for layer in target.cache.layers] == [past + 3] * 2 + [past] * 2
+        target.rollback_prefix(past, layers)
+        for layer, (keys, values) in zip(target.cache.layers, before):
+            assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+        assert target.past == past
+
+
+def test_a_prefix_forward_needs_a_llama_style_decoder():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16)).eval()
+    with pytest.raises(HarnessError, match="not a Llama-style decoder.*method=sps or method=pld") as error:
+        EarlyExitProposer(1, 2).setup(SimpleNamespace(model=gpt2))
+    assert "\n" not in str(error.value)
+    assert Target(gpt2).vocab_size == 32

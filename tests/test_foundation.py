@@ -53,7 +53,8 @@ def test_fschat_templates_build_the_published_prompts():
     assert vicuna.prompt_text([("Hi", "Hello!"), ("Bye", None)]).endswith(
         "USER: Hi ASSISTANT: Hello!</s>USER: Bye ASSISTANT:")
     llama = make_template(compose_config("model=llama2-7b-chat").model, FakeTokenizer())
-    assert llama.prompt_text([("Hi", None)]) == "[INST] Hi [/INST]"
+    assert llama.prompt_text([("Hi", None)]).startswith("[INST] <<SYS>>\nYou are a helpful, respectful")
+    assert llama.prompt_text([("Hi", None)]).endswith("<</SYS>>\n\nHi [/INST] ")   # EAGLE's, tests/test_templates.py
     assert 2 in vicuna.stop_token_ids and 2 in llama.stop_token_ids
 
 
@@ -75,7 +76,7 @@ def test_question_file_from_env_and_clear_errors(tmp_path, monkeypatch, question
     assert len(load_questions(compose_config().bench)) == 80
     bad = tmp_path / "q.jsonl"
     bad.write_text('{"question_id": 1, "category": "x", "turns": ["a"]}\n{"question_id": 2, "turns": ["b"]}\n')
-    with pytest.raises(HarnessError, match=r"q\.jsonl:2: malformed question"):
+    with pytest.raises(HarnessError, match=r"q\.jsonl:2: the question lacks category"):
         parse_questions(bad)
     with pytest.raises(HarnessError, match="does not exist; fix bench.path"):
         load_questions(compose_config(f"bench.path={tmp_path / 'missing.jsonl'}").bench)

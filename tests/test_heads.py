@@ -10,7 +10,9 @@ from harness.infra.errors import HarnessError
 from harness.heads.base import BaseHandles, build_head, topk_accuracy
 from harness.heads.checkpoint import base_identity, check_base, load_head, save_head
 from conftest import make_tiny_llama
-from head_fitting import as_loaded, one_thread  # noqa: F401 (autouse fixture)
+from helpers import as_loaded
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_topk_accuracy_matches_a_hand_checked_example():

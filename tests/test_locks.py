@@ -14,11 +14,12 @@ import textwrap
 
 import pytest
 
-from conftest import compose_config, tiny_bench_overrides
+from conftest import compose_config
 from harness import REPO_ROOT
 from harness.infra import locks
 from harness.infra.errors import HarnessError
 from harness.infra.locks import hold
+from helpers import tiny_bench, tiny_bench_config
 
 HOST = socket.gethostname()
 CHILD_HOLDS = textwrap.dedent("""
@@ -162,8 +163,8 @@ def test_bench_refuses_a_second_writer_into_its_run_dir_before_loading_the_model
 
     monkeypatch.setattr(bench, "load_model", no_model)
     run_dir = tmp_path / "run"
-    cfg = compose_config(*tiny_bench_overrides(tmp_path / "no-model", run_dir, questions_path, "bench.limit=3",
-                                               f"resume={str(resume).lower()}"))
+    cfg = tiny_bench_config(tmp_path / "no-model", run_dir, questions_path, "bench.limit=3",
+                            f"resume={str(resume).lower()}")
     with hold(run_dir, "run_dir"):
         with pytest.raises(HarnessError, match=f"is being written by pid {os.getpid()} .*choose another run_dir"):
             bench.run_bench(cfg, run_dir)
@@ -214,26 +215,22 @@ def test_train_refuses_a_second_writer_into_its_output_dir_before_loading_the_mo
 
 
 def test_a_finished_bench_releases_its_run_dir_for_a_resume(tiny_model_dir, tmp_path, questions_path):
-    from harness.bench import run_bench
     from harness.infra.store import RunStore
 
     run_dir = tmp_path / "run"
     common = ("max_new_tokens=4", "bench.max_turns=1")
-    assert run_bench(compose_config(*tiny_bench_overrides(tiny_model_dir, run_dir, questions_path, "bench.limit=1",
-                                                          *common)), run_dir)["questions"] == 1
+    assert tiny_bench(tiny_model_dir, run_dir, questions_path, "bench.limit=1", *common)["questions"] == 1
     assert lock_text(run_dir) == ""
-    summary = run_bench(compose_config(*tiny_bench_overrides(tiny_model_dir, run_dir, questions_path, "bench.limit=2",
-                                                             "resume=true", *common)), run_dir)
+    summary = tiny_bench(tiny_model_dir, run_dir, questions_path, "bench.limit=2", "resume=true", *common)
     assert summary["questions"] == 2 and len(RunStore(run_dir).records()) == 2
     assert lock_text(run_dir) == ""
 
 
-def test_a_finished_distill_shard_releases_its_lock_for_a_resume(tmp_path, questions_path):
+def test_a_finished_distill_shard_releases_its_lock_for_a_resume(chat_model, tmp_path, questions_path):
     from harness.distill import run_distill, shard_stem
     from harness.data.sharegpt import write_sharegpt
-    from tiny_chat import make_tiny_chat_model, model_overrides
+    from tiny_chat import model_overrides
 
-    chat_model = make_tiny_chat_model(tmp_path / "chat")
     data = write_sharegpt([{"id": f"c{i}", "conversations": [{"from": "human", "value": f"tell me {i}"}]}
                            for i in range(2)], tmp_path / "in.json")
     cfg = compose_config(*model_overrides(chat_model), f"bench.path={questions_path}", "logger=none",

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-import harness.engine.loop
+import harness.engine.acceptance
 from harness.engine.acceptance import Acceptance
 from harness.bench import format_summary, run_bench
 from harness.data.questions import load_questions
@@ -21,7 +21,8 @@ from harness.infra.store import RunStore
 from harness.engine.target import Target
 from harness.infra.tracking import flat_metrics, question_row
 from reports.report import build_report
-from tests.conftest import compose_config, tiny_bench_overrides
+from tests.conftest import compose_config
+from helpers import tiny_bench, tiny_bench_config
 
 BASE = ("bench.limit=2", "max_new_tokens=10")
 
@@ -116,8 +117,7 @@ def test_counts_and_strings():
 # through the bench, on the tiny SmolLM2-shaped model
 
 def bench(tiny_model_dir, questions_path, folder, *extra):
-    return run_bench(compose_config(*tiny_bench_overrides(tiny_model_dir, folder, questions_path, *BASE, *extra)),
-                     folder)
+    return tiny_bench(tiny_model_dir, folder, questions_path, *BASE, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +128,12 @@ def vanilla_run(tiny_model_dir, questions_path, tmp_path_factory):
 
 
 def plant_wrong_token(monkeypatch, at_call: int = 3) -> dict:
-    """A bug in the acceptance: on one verify step the emitted token is the target's WORST one."""
-    real, calls = harness.engine.loop.accept, {"n": 0, "token": None}
+    """A bug in the greedy acceptance: on one verify step the emitted token is the target's WORST one.
+    Planted in the one greedy implementation itself, so it holds however the loop picks its rule."""
+    real, calls = harness.engine.acceptance.greedy_accept, {"n": 0, "token": None}
 
-    def buggy(parents, tokens, logits, q_draft, sampling, generator):
-        acceptance = real(parents, tokens, logits, q_draft, sampling, generator)
+    def buggy(parents, tokens, logits):
+        acceptance = real(parents, tokens, logits)
         calls["n"] += 1
         if calls["n"] != at_call:
             return acceptance
@@ -140,7 +141,7 @@ def plant_wrong_token(monkeypatch, at_call: int = 3) -> dict:
         calls["token"] = wrong
         return Acceptance(acceptance.path, acceptance.tokens[:-1] + [wrong], acceptance.accepted_draft)
 
-    monkeypatch.setattr(harness.engine.loop, "accept", buggy)
+    monkeypatch.setattr(harness.engine.acceptance, "greedy_accept", buggy)
     return calls
 
 
@@ -194,7 +195,7 @@ def reference_with_a_tie(vanilla_run, tiny_model_dir, questions_path, folder):
     """A copy of the vanilla run whose first question's turn 0 takes, at its closest call (the smallest
     gap between the target's best and runner-up logits), the runner-up: a drift at a near-tie."""
     shutil.copytree(vanilla_run, folder, ignore=shutil.ignore_patterns("*.lock", "wandb"))
-    cfg = compose_config(*tiny_bench_overrides(tiny_model_dir, folder, questions_path, *BASE))
+    cfg = tiny_bench_config(tiny_model_dir, folder, questions_path, *BASE)
     loaded = load_model(cfg.model, "cpu")
     records = RunStore(folder).records()
     question = next(q for q in load_questions(cfg.bench) if q.question_id == records[0]["question_id"])

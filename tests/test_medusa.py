@@ -8,7 +8,7 @@ import torch
 from conftest import compose_config, make_tiny_llama, real_bench_overrides, tiny_bench_overrides
 from head_fitting import as_loaded, fit_head, greedy, one_thread  # noqa: F401 (autouse fixture)
 
-from baselines.medusa import MC_SIM_7B_63, MedusaProposer, choice_tree
+from baselines.medusa import MC_SIM_7B_63, MedusaProposer
 from harness.engine.acceptance import Sampling
 from harness.bench import run_bench
 from harness.engine.loop import StopCriteria, decode_turn
@@ -17,7 +17,7 @@ from harness.heads.base import BaseHandles, build_head
 from harness.heads.checkpoint import base_identity, save_head
 from harness.infra.store import RunStore
 from harness.engine.target import Target
-from harness.engine.tree import depths_of
+from harness.engine.tree import depths_of, index_tree
 
 pytestmark = pytest.mark.filterwarnings("ignore:method.head_path is null")   # fitted heads replace it
 
@@ -51,13 +51,15 @@ def fitted():
 
 
 def test_choice_tree_orders_parents_first_and_drops_what_the_head_cannot_draft():
-    parents, heads, ranks = choice_tree([[0, 1], [1], [0], [0, 1, 0], [0, 0]], max_depth=2)
-    # sorted by depth then path: [0] [1] [0,0] [0,1]; [0,1,0] needs a third head
-    assert parents == (-1, -1, 0, 0) and heads == [0, 0, 1, 1] and ranks == [0, 1, 0, 1]
-    full = choice_tree(MC_SIM_7B_63, max_depth=4)[0]
-    assert len(full) == 63 and max(choice_tree(MC_SIM_7B_63, 4)[1]) == 3
+    parents, depths, ranks = index_tree([[0, 1], [1], [0], [0, 1, 0], [0, 0]], max_depth=2)
+    # sorted by depth then path: [0] [1] [0,0] [0,1]; [0,1,0] needs a third head (depth d = head d-1)
+    assert parents == (-1, -1, 0, 0) and depths == [1, 1, 2, 2] and ranks == [0, 1, 0, 1]
+    full = index_tree(MC_SIM_7B_63, max_depth=4)
+    assert len(full[0]) == 63 and max(full[1]) == 4
+    with pytest.raises(HarnessError, match="medusa_choices has .* without its parent"):
+        index_tree([[0], [1, 0]], max_depth=2, option="medusa_choices")
     with pytest.raises(HarnessError, match="without its parent"):
-        choice_tree([[0], [1, 0]], max_depth=2)
+        MedusaProposer(medusa_choices=[[0], [1, 0]]).setup(as_loaded(make_tiny_llama()))
 
 
 @pytest.mark.parametrize("options", [dict(medusa_choices="mc_sim_7b_63", medusa_num_heads=4, own_lm_head=True),
@@ -99,9 +101,12 @@ def test_typical_acceptance_is_lossy_and_must_be_declared(fitted):
     assert compose_config("method=medusa_typical").method.lossy is True
     assert compose_config("method=medusa").method.lossy is False
     typical = medusa(model, head, acceptance="typical", lossy=True)
-    ctx_free = typical.propose(_context(model))
-    assert ctx_free.acceptance_override is not None and ctx_free.q_draft is None
-    assert medusa(model, head).propose(_context(model)).acceptance_override is None   # default: shared accept
+    assert typical.propose(_context(model)).q_draft is None
+    # the method declares its rule and the loop applies it; the default is the shared lossless one
+    assert (typical.acceptance, typical.lossy) == ("typical", True)
+    assert typical.acceptance_options == {"posterior_threshold": 0.09, "posterior_alpha": 0.3}
+    lossless = medusa(model, head)
+    assert (lossless.acceptance, lossless.lossy, lossless.acceptance_options) == ("lossless", False, {})
     # Medusa falls back to greedy at temperature 0, and so does this
     assert run(model, typical).token_ids == reference
     result = run(model, typical, Sampling(temperature=0.7), torch.Generator().manual_seed(3))

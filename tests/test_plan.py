@@ -13,7 +13,8 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 
 from harness.infra.errors import HarnessError
-from harness.plan import (Architecture, estimate, head_parameters, method_verify_tokens, parse_memory,
+from harness.engine.loop import Proposer
+from harness.plan import (Architecture, estimate, head_parameters, method_class, method_verify_tokens, parse_memory,
                           plan_from_config, read_architecture, run_plan, weight_bytes)
 from harness.model.quantization import quant_load_kwargs, quantize_after_load, weight_memory_bytes
 
@@ -76,6 +77,65 @@ def test_known_architectures_and_method_sizes():
         parse_memory("lots")
 
 
+# verify tokens per shipped method config, as the planner computed them when it dispatched on class names
+# (ours_auto crashed there; it now plans its auto_max_tokens)
+VERIFY_TOKENS = {"vanilla": 1, "hf_generate": 1, "hf_prompt_lookup": 11, "pld": 11, "pld_cpu": 11, "pld_specbench": 11,
+                 "sps": 6, "early_exit": 13, "lookahead": 121, "lookahead_cpu": 9, "lookahead_specbench": 57,
+                 "medusa": 64, "medusa_typical": 64, "medusa_cpu": 6, "medusa1_cpu": 6, "medusa_cpu_auto": 64,
+                 "eagle": 26, "eagle2": 60, "eagle2_cpu": 16, "ours": 5, "ours_no_trigram": 5, "ours_auto": 16}
+HEAD_TYPES = {"medusa": "medusa", "medusa_typical": "medusa", "medusa_cpu": "medusa", "medusa1_cpu": "medusa",
+              "medusa_cpu_auto": "medusa", "eagle": "eagle", "eagle2": "eagle", "eagle2_cpu": "eagle", "ours": "ours",
+              "ours_no_trigram": "ours", "ours_auto": "ours"}
+
+
+def test_every_method_states_its_verify_size_and_head_type():
+    from harness import CONF_DIR
+
+    assert sorted(VERIFY_TOKENS) == sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml"))
+    for name, tokens in VERIFY_TOKENS.items():
+        method = compose_config(f"method={name}").method
+        assert method_verify_tokens(method) == tokens, name
+        assert method_class(method).head_type == HEAD_TYPES.get(name), name
+    overrides = {("sps", "method.adaptive_k=true"): 17, ("early_exit", "method.adaptive_k=false"): 7,
+                 ("pld", "method.max_matches=3"): 31, ("hf_generate", "method.assistant_model=x"): 21,
+                 ("hf_generate", "method.num_assistant_tokens=7 method.assistant_model=x"): 8,
+                 ("lookahead", "method.level=3"): 61, ("eagle", "method.tree_choices=eagle_cpu_5"): 6,
+                 ("ours", "method.draft=beam"): 17, ("ours", "method.draft=tree method.depth=3"): 13,
+                 ("ours", "method.depth=3"): 4, ("ours", "method.max_nodes=5"): 6, ("medusa", "+method.tree_size=9"): 9}
+    for (name, override), tokens in overrides.items():
+        assert method_verify_tokens(compose_config(f"method={name}", *override.split()).method) == tokens, override
+
+
+class SelfSized(Proposer):
+    """A method the planner has never heard of: it must answer from the class itself."""
+
+    head_type = "medusa"
+
+    @classmethod
+    def verify_tokens(cls, cfg) -> int:
+        return 2 + int(cls.config_value(cfg, "width"))
+
+    def __init__(self, width: int = 3):
+        self.width = width
+
+
+class Unsized:
+    pass
+
+
+def test_the_planner_asks_the_method_class():
+    method = OmegaConf.create({"name": "self_sized", "_target_": f"{__name__}.SelfSized"})
+    assert method_verify_tokens(method) == 5                                   # the constructor's default width
+    method.width = 7
+    assert method_verify_tokens(method) == 9 and method_class(method) is SelfSized
+    assert method_verify_tokens(OmegaConf.create({"name": "bare"})) == 1       # no _target_: vanilla
+    for target, words in [(f"{__name__}.Unsized", "does not say its verify size"),
+                          ("baselines.nowhere.Proposer", "names no importable class")]:
+        with pytest.raises(HarnessError, match=words) as error:
+            method_verify_tokens(OmegaConf.create({"name": "broken", "_target_": target}))
+        assert "\n" not in str(error.value)
+
+
 def test_weight_estimate_equals_measured_on_the_tiny_model(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -105,6 +165,10 @@ def test_planner_refuses_before_any_weights_load(monkeypatch, questions_path, tm
 
     bench_cfg = compose_config("model=vicuna-13b-v1.3", "logger=none", "plan.gpu_memory=16GB", "device=cuda",
                                f"bench.path={questions_path}", "bench.limit=1")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # as on the GPU machine the plan is for
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(HarnessError, match="DOES NOT FIT.*model.quantization=int8 or int4") as info:
         run_bench(bench_cfg, tmp_path / "run")
     assert "\n" not in str(info.value)

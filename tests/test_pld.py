@@ -8,12 +8,13 @@ import torch
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
 from baselines.hf_generate import HFGenerate
-from baselines.pld import NgramIndex, PromptLookupProposer, trie_draft
+from baselines.pld import NgramIndex, PromptLookupProposer
 from harness.engine.acceptance import Sampling
 from harness.bench import build_method
 from harness.engine.loop import Proposer, StopCriteria, decode_turn
 from harness.infra.errors import HarnessError
 from harness.engine.target import Target
+from harness.engine.tree import trie
 from tests.conftest import compose_config, make_tiny_llama
 
 # the tiny random model falls into a loop after this prompt, and the loop's text repeats: drafts get accepted
@@ -58,9 +59,10 @@ def test_a_draft_ends_at_a_stop_token():
     assert proposer.candidates(10) == [[3, 4]]
 
 
-def test_trie_draft_shares_prefixes():
-    draft = trie_draft([[1, 2, 3], [1, 2, 4], [1, 5], [6]])
-    assert draft.tokens == [1, 2, 3, 4, 5, 6] and draft.parents == (-1, 0, 1, 1, 0, -1)
+def test_trie_shares_prefixes():
+    tokens, parents = trie([[1, 2, 3], [1, 2, 4], [1, 5], [6]])
+    assert tokens == [1, 2, 3, 4, 5, 6] and parents == (-1, 0, 1, 1, 0, -1)
+    assert trie([]) == ([], ())
 
 
 def test_drafts_equal_transformers_prompt_lookup_on_random_texts():

@@ -12,6 +12,7 @@ from harness.infra.errors import HarnessError
 from harness.model.quantization import (WeightOnlyInt8Linear, check_head_quantization, check_quantization, quant_load_kwargs,
                            quantization_signature, quantize_after_load, weight_memory_bytes)
 from harness.engine.target import Target
+from helpers import decode, greedy, tiny_bench
 
 CPU = torch.device("cpu")
 
@@ -47,10 +48,8 @@ def _int4_tiny(tiny_llama, tmp_path):
 
 
 def _vanilla_and_speculative(model, prompt, new_tokens=40):
-    stop = StopCriteria(frozenset(), max_new_tokens=new_tokens)
-    vanilla = decode_turn(Target(model), Proposer(), prompt, Sampling(), stop)
-    speculative = decode_turn(Target(model), ReferenceWithErrors(len(prompt), vanilla.token_ids), prompt,
-                              Sampling(), stop)
+    vanilla = decode(model, Proposer(), prompt, new_tokens)
+    speculative = decode(model, ReferenceWithErrors(len(prompt), vanilla.token_ids), prompt, new_tokens)
     return vanilla, speculative
 
 
@@ -95,10 +94,7 @@ def test_int8_cpu_prompt_lookup_is_token_identical(tiny_llama):
 
     model = _int8_tiny(tiny_llama)
     prompt = [5, 6, 7, 8] * 6 + list(range(60, 70))
-    stop = StopCriteria(frozenset(), max_new_tokens=40)
-    vanilla = decode_turn(Target(model), Proposer(), prompt, Sampling(), stop)
-    pld = decode_turn(Target(model), PromptLookupProposer(), prompt, Sampling(), stop)
-    assert pld.token_ids == vanilla.token_ids
+    assert decode(model, PromptLookupProposer(), prompt, 40).token_ids == greedy(model, prompt, 40)
 
 
 def test_int4_cpu_nf4_via_bitsandbytes_is_lossless_against_itself(tiny_llama, tmp_path):
@@ -175,24 +171,18 @@ def test_bench_records_quantization_and_the_lossless_check_uses_the_same_quantiz
         tiny_model_dir, questions_path, tmp_path):
     import json
 
-    from harness.bench import run_bench
-
     runs = {}
     for quantization in ("none", "int8"):
         run_dir = tmp_path / f"vanilla-{quantization}"
-        run_bench(compose_config_for(tiny_model_dir, run_dir, questions_path, f"model.quantization={quantization}"),
-                  run_dir)
+        tiny_run(tiny_model_dir, run_dir, questions_path, f"model.quantization={quantization}")
         runs[quantization] = json.loads((run_dir / "run.json").read_text())
     assert runs["int8"]["quantization"] == "int8" and runs["none"]["quantization"] == "none"
     assert 0 < runs["int8"]["weight_memory_bytes"] < runs["none"]["weight_memory_bytes"]
     pld_dir = tmp_path / "pld-int8"
-    summary = run_bench(compose_config_for(tiny_model_dir, pld_dir, questions_path, "model.quantization=int8",
-                                           "method=pld", f"reference={tmp_path / 'vanilla-int8'}"), pld_dir)
+    summary = tiny_run(tiny_model_dir, pld_dir, questions_path, "model.quantization=int8", "method=pld",
+                       f"reference={tmp_path / 'vanilla-int8'}")
     assert summary["lossless_rate"] == 1.0
 
 
-def compose_config_for(model_dir, run_dir, questions, *extra):
-    from conftest import compose_config, tiny_bench_overrides
-
-    return compose_config(*tiny_bench_overrides(model_dir, run_dir, questions, "bench.limit=2", "max_new_tokens=12",
-                                                *extra))
+def tiny_run(model_dir, run_dir, questions, *extra):
+    return tiny_bench(model_dir, run_dir, questions, "bench.limit=2", "max_new_tokens=12", *extra)

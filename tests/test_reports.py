@@ -87,6 +87,13 @@ def test_leaderboard_speedups_tau_and_lossless_by_hand(tmp_path):
     assert per_question.loc["pld", "Overall"] == pytest.approx(3.0)
     assert total.loc["pld", "Overall"] == pytest.approx((40 / 1.5) / (40 / 4))
     assert per_question.loc["vanilla", "Overall"] == pytest.approx(1.0)
+    # 95 % paired bootstrap over the 2 questions: resampled means are 2x, 3x or 4x -> [2, 4], both definitions
+    for board_of in (per_question, total):
+        assert (board_of.loc["pld", "Overall_ci_low"], board_of.loc["pld", "Overall_ci_high"]) == pytest.approx((2, 4))
+    assert (per_question.loc["vanilla", "Overall_ci_low"], per_question.loc["vanilla", "Overall_ci_high"]) == (1, 1)
+    run_metrics = report.metrics.set_index("label")
+    assert run_metrics.loc["pld", "speedup_per_question_ci_low"] == pytest.approx(2.0)
+    assert run_metrics.loc["pld", "speedup_total_ci_high"] == pytest.approx(4.0)
     # τ = 40 tokens / 16 steps; vanilla 1.00
     assert per_question.loc["pld", "#Mean Accepted Tokens"] == pytest.approx(2.5)
     assert per_question.loc["vanilla", "#Mean Accepted Tokens"] == pytest.approx(1.0)
@@ -100,7 +107,8 @@ def test_leaderboard_speedups_tau_and_lossless_by_hand(tmp_path):
     accept = report.tables["acceptance"].set_index("method")
     assert list(accept.index) == ["pld"] and accept.loc["pld", "pos1"] == 1.0
     md = (tmp_path / "out" / "leaderboard.md").read_text()
-    assert "mean of per-question speedups" in md and "3.00x" in md and "2.67x" in md
+    assert "mean of per-question speedups" in md and "3.00x [2.00, 4.00]" in md and "2.67x [2.00, 4.00]" in md
+    assert "3.00x [2.00, 4.00]" in (tmp_path / "out" / "summary.md").read_text()
     assert md.index("mean of per-question") < md.index("total tokens / total time")   # chosen definition first
     for name in ("leaderboard", "summary", "acceptance"):
         for ext in ("md", "csv", "tex"):
@@ -124,6 +132,9 @@ def test_total_definition_can_lead_and_repeats_are_mean_and_std(tmp_path):
     row = board[(board["definition"] == "per_question") & (board["method"] == "pld")].iloc[0]
     assert row["Overall"] == pytest.approx(2.5) and row["Overall_std"] == pytest.approx(math.sqrt(0.5))
     assert row["runs"] == 2
+    # repeats show their spread as ± std; one run's interval is not an interval of their mean
+    assert math.isnan(row["Overall_ci_low"]) and math.isnan(row["Overall_ci_high"])
+    assert not report.metrics["speedup_per_question_ci_low"].isna().any()     # each run still has its own
     assert board["definition"].iloc[0] == "total"
     assert "2.50x ± 0.71" in (tmp_path / "out" / "leaderboard.md").read_text()
     assert report.leaderboard.count("total tokens / total time") == 1
@@ -165,7 +176,8 @@ def test_spec_bench_task_groups_topk_and_trigram_ablation(tmp_path):
     board = report.tables["leaderboard"]
     board = board[board["definition"] == "per_question"]
     assert [c for c in board.columns if not c.endswith("_std")][3:] == [
-        "Multi-turn Conversation", "Translation", "Summarization", "#Mean Accepted Tokens", "Overall", "runs",
+        "Multi-turn Conversation", "Translation", "Summarization", "#Mean Accepted Tokens", "Overall",
+        "Overall_ci_low", "Overall_ci_high", "runs",
         "lossless_rate", "lossless_exact", "lossless_near_tie", "lossless_mismatch", "lossless_compared"]
     assert list(board["method"]) == ["ours", "ours_no_trigram", "medusa", "vanilla"]   # ablation side by side
     assert board.set_index("method").loc["ours", "Translation"] == pytest.approx(2.0)

@@ -20,7 +20,6 @@ import torch
 from scipy.stats import chisquare
 
 import harness.engine.acceptance as acceptance_module
-import harness.engine.loop as decoding_module
 from baselines.sps import SpSProposer
 from harness.engine.acceptance import Acceptance, Sampling, target_probs
 from harness.engine.loop import Draft, Proposer, StopCriteria, decode_turn
@@ -137,7 +136,7 @@ def test_the_test_has_power_against_wrong_acceptance_rules(small_target, small_d
     resampling from p_target instead of the residual max(p_target - q_draft, 0) after a rejection."""
     exact = exact_pair_distribution(small_target, Sampling(temperature=1.0))
     with monkeypatch.context() as patch:
-        patch.setattr(decoding_module, "accept", accept_everything)
+        patch.setitem(acceptance_module.RULES, "lossless", (accept_everything, False))   # the rule the loop picks
         counts = draw_pairs(small_target, FixedTree(), Sampling(temperature=1.0), samples=200)
     assert goodness_of_fit(counts, exact) < ALPHA
     with monkeypatch.context() as patch:

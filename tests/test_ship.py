@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_config, make_tiny_llama
-from head_fitting import as_loaded
+from helpers import as_loaded
 from safetensors import safe_open
 
 from harness import REPO_ROOT

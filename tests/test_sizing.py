@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from harness.infra.errors import HarnessError
-from harness.model.loading import LoadedModel
 from harness.engine.sizing import (OnlineSizer, expected_chain, expected_tree, interpolate, keep_most_likely, make_sizer,
-                            pick_size, read_curve, subtree, verify_curve)
+                            pick_size, read_curve, verify_curve)
+from harness.engine.tree import subtree
+from helpers import as_loaded, single_thread
 
 # a CPU-like curve: 40 ms for one token, +2 ms per extra verify token up to 16 (then flattening)
 CURVE = {1: 0.040, 2: 0.042, 4: 0.046, 8: 0.054, 16: 0.070}
@@ -111,12 +112,8 @@ def test_curves_read_from_json_and_measured_once_per_process(tmp_path, tiny_llam
         def encode(turns):
             return list(range(5, 45))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        loaded = LoadedModel("tiny", tiny_llama, None, Template(), torch.device("cpu"), torch.float32, "test")
+    with single_thread():
+        loaded = as_loaded(tiny_llama, template=Template())
         curve = verify_curve(loaded, max_tokens=8, prompt_len=32, repeats=1)
         assert sorted(curve) == [1, 2, 3, 4, 6, 8] and all(seconds > 0 for seconds in curve.values())
         assert verify_curve(loaded, max_tokens=8, prompt_len=32, repeats=1) is curve
-    finally:
-        torch.set_num_threads(threads)

@@ -181,7 +181,12 @@ def test_baseline_run_adds_speedups_and_refuses_other_settings(tiny_model_dir, q
     summary = run_bench(compose_config(*bench_overrides(tiny_model_dir, peer, questions_path, "method=hf_generate",
                                                         f"baseline_run={vanilla}")), peer)
     assert summary["speedup_questions"] == 2 and summary["speedup"] > 0 and summary["speedup_total"] > 0
-    assert json.loads((peer / "summary.json").read_text())["baseline_run"] == str(vanilla.resolve())
+    # two paired questions: a resampled mean is one ratio, the other, or their mean, so the point is inside
+    assert summary["speedup_ci_low"] <= summary["speedup"] <= summary["speedup_ci_high"]
+    written = json.loads((peer / "summary.json").read_text())
+    assert written["baseline_run"] == str(vanilla.resolve())
+    assert (written["speedup_ci_low"], written["speedup_ci_high"]) == (summary["speedup_ci_low"],
+                                                                      summary["speedup_ci_high"])
     other = tmp_path / "other"
     with pytest.raises(HarnessError, match=r"differs in max_new_tokens \(7 vs 6\)"):
         run_bench(compose_config(*bench_overrides(tiny_model_dir, other, questions_path, "max_new_tokens=7",

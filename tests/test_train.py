@@ -22,10 +22,10 @@ from harness.heads.base import DraftHead, topk_accuracy
 from harness.heads.checkpoint import base_identity, load_head
 from harness.model.loading import load_model
 from harness.data.sharegpt import write_sharegpt
-from harness.train import (HeadTrainer, HeadTrainingModel, run_train, training_arguments, training_kwargs,
-                           wandb_enabled)
+from harness.train import (HeadTrainer, HeadTrainingModel, checkpoint_problem, run_train, training_arguments,
+                           training_kwargs, wandb_enabled)
 from harness.data.examples import IGNORE_INDEX, Collator, ConversationDataset, tokenize_conversation
-from tiny_chat import make_tiny_chat_model, model_overrides
+from tiny_chat import model_overrides
 
 COUNTING = "one two three four five six seven eight nine ten"
 
@@ -46,11 +46,6 @@ class StandInHead(DraftHead):
     def training_logits(self, hidden, input_ids, base):
         state = hidden + base.embed(input_ids).to(hidden.dtype)
         return torch.stack([base.lm_head(state + torch.tanh(mix(state))) for mix in self.mix])
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
 
 
 @pytest.fixture(scope="module")
@@ -499,3 +494,37 @@ def test_training_curves_are_drawn_from_the_trainer_state(trained, tmp_path):
     assert [p.suffix for p in written] == [".png", ".pdf"] and all(p.stat().st_size > 1000 for p in written)
     table = eval_table([cfg.output_dir], ["medusa"])
     assert "pos2_top5" in table and table.count("| medusa") == 2
+
+
+def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_one_before(chat_model, toy_data, tmp_path,
+                                                                          monkeypatch):
+    """The newest checkpoint-<step> is half written (head saved, optimizer not): resume sets it aside as
+    incomplete-checkpoint-<step>-<time> and continues from the previous complete one, to the same weights."""
+    overrides = ["training.max_steps=6", "training.save_steps=3", "training.eval_steps=3"]
+    run_train(train_cfg(chat_model, toy_data, tmp_path / "straight", *overrides))
+    real, saves = HeadTrainer._save_optimizer_and_scheduler, []
+
+    def killed_in_the_second_save(self, output_dir):
+        saves.append(output_dir)
+        if len(saves) == 2:
+            raise KeyboardInterrupt      # checkpoint-6 has its head files, no optimizer, no trainer_state.json
+        return real(self, output_dir)
+
+    monkeypatch.setattr(HeadTrainer, "_save_optimizer_and_scheduler", killed_in_the_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(train_cfg(chat_model, toy_data, tmp_path / "killed", *overrides))
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    monkeypatch.setattr(HeadTrainer, "_save_optimizer_and_scheduler", real)
+    resumed = run_train(train_cfg(chat_model, toy_data, tmp_path / "killed", *overrides))
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["global_step"] == 6
+    aside = list((tmp_path / "killed").glob("incomplete-checkpoint-6-*"))
+    assert len(aside) == 1 and (aside[0] / "model.safetensors").is_file()      # kept, not deleted
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    # a torn trainer_state.json (killed inside its write) is incomplete too
+    torn = tmp_path / "killed" / "checkpoint-6" / "trainer_state.json"
+    torn.write_text(torn.read_text()[:40])
+    assert checkpoint_problem(torn.parent) == "trainer_state.json is torn"

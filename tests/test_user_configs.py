@@ -59,3 +59,7 @@ def test_a_sweep_jobs_bad_input_is_recorded_and_the_other_jobs_run(tiny_model_di
     assert "bench.limit=0 must be an integer >= 1" in failed["error"] and "bench.limit=0" in failed["overrides"]
     assert (sweep / "1" / "summary.json").is_file() and not (sweep / "1" / "failed.json").exists()
     assert "1 sweep job(s) failed on bad input" in out.stderr.splitlines()[-1]
+    from reports.report import build_report
+
+    report = (build_report(sweep, tmp_path / "report", make_figures=False).out_dir / "report.md").read_text()
+    assert "## Failed jobs (1" in report and "bench.limit=0 must be an integer >= 1" in report

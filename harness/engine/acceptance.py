@@ -9,15 +9,21 @@ distribution becomes the normalised residual max(p_target - q_draft, 0). A child
 `q_draft` (lookup methods: a deterministic proposal) uses a one-hot q. The token emitted after the
 last accepted node is drawn from the (residual) target distribution, so every emitted token follows
 the target's own distribution exactly.
+
+A method names its rule (`Proposer.acceptance`) and the loop applies it: `lossless` (the above, every
+method's default) or `typical` (Medusa's typical acceptance, LOSSY by design: a method config may choose
+it only together with `lossy: true`, so every report marks the run).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from harness.engine.tree import children_of
+from harness.infra.errors import HarnessError
 
 
 @dataclass
@@ -119,3 +125,66 @@ def accept(parents: tuple[int, ...], draft_tokens: list[int], logits: torch.Tens
     if sampling.greedy:
         return greedy_accept(parents, draft_tokens, logits)
     return sample_accept(parents, draft_tokens, logits, q_draft, sampling, generator)
+
+
+def typical_accept(parents: tuple[int, ...], draft_tokens: list[int], logits: torch.Tensor,
+                   q_draft: torch.Tensor | None, sampling: Sampling, generator: torch.Generator | None,
+                   posterior_threshold: float = 0.09, posterior_alpha: float = 0.3) -> Acceptance:
+    """Medusa's typical acceptance (LOSSY): a candidate passes where p_target(x) > min(threshold,
+    alpha * exp(-entropy(p_target))); the longest passing path wins (ties: higher likelihood), then the
+    next token is drawn from p_target truncated to the tokens above that bar. At temperature 0 Medusa
+    falls back to greedy, and so does this; an empty draft (a plain target step) takes the lossless rule,
+    drawing from the target's own distribution. q_draft is not read (Medusa's candidates are deterministic)."""
+    if sampling.greedy or not draft_tokens:
+        return accept(parents, draft_tokens, logits, q_draft, sampling, generator)
+    n_tree = len(parents) + 1
+    probs = torch.softmax(logits[:n_tree].float() / sampling.temperature, dim=-1)   # [N, V]
+    entropy = -(probs * torch.log(probs + 1e-5)).sum(dim=-1)
+    bar = torch.clamp(posterior_alpha * torch.exp(-entropy), max=posterior_threshold)   # [N]
+    parent_rows = torch.tensor([p + 1 for p in parents], device=probs.device)
+    token_ids = torch.tensor(draft_tokens, device=probs.device)
+    p_token = probs[parent_rows, token_ids]                                   # [n]
+    passes = (p_token > bar[parent_rows]).tolist()
+    log_p = torch.log(p_token).tolist()
+    best, best_key = 0, (0, 0.0)
+    depth, likelihood, alive = [0] * n_tree, [0.0] * n_tree, [True] + [False] * (n_tree - 1)
+    for i, parent in enumerate(parents):
+        node = i + 1
+        alive[node] = alive[parent + 1] and passes[i]
+        if alive[node]:
+            depth[node] = depth[parent + 1] + 1
+            likelihood[node] = likelihood[parent + 1] + log_p[i]
+            if (depth[node], likelihood[node]) > best_key:
+                best, best_key = node, (depth[node], likelihood[node])
+    path, node = [], best
+    while node > 0:
+        path.insert(0, node)
+        node = parents[node - 1] + 1
+    path = [0] + path
+    last = probs[best]
+    truncated = torch.where(last >= bar[best], last, torch.zeros_like(last))
+    bonus = int(torch.multinomial(truncated / truncated.sum(), 1, generator=generator))
+    tokens = [draft_tokens[node - 1] for node in path[1:]] + [bonus]
+    return Acceptance(path, tokens, len(path) - 1)
+
+
+AcceptanceRule = Callable[..., Acceptance]
+# name -> (rule, lossy). Every rule takes (parents, draft_tokens, logits, q_draft, sampling, generator,
+# **the method's acceptance options).
+RULES: dict[str, tuple[AcceptanceRule, bool]] = {"lossless": (accept, False), "typical": (typical_accept, True)}
+
+
+def acceptance_rule(name: str, lossy: bool, method: str = "method") -> AcceptanceRule:
+    """The rule a method declared, checked against its config's `lossy` flag (a one-line error unless
+    they agree: a lossy rule must be declared, and a lossless run must not be marked lossy)."""
+    if name not in RULES:
+        raise HarnessError(f"{method}: unknown acceptance '{name}'; use one of {', '.join(RULES)} "
+                           f"(harness/engine/acceptance.py)")
+    rule, rule_is_lossy = RULES[name]
+    if rule_is_lossy and not lossy:
+        raise HarnessError(f"{method}: method.acceptance={name} is lossy and must be declared: set method.lossy=true "
+                           f"together with method.acceptance={name}")
+    if lossy and not rule_is_lossy:
+        raise HarnessError(f"{method}: method.lossy=true marks a lossy acceptance, but method.acceptance={name} is "
+                           f"lossless; set method.lossy=false (or a lossy acceptance such as typical)")
+    return rule

@@ -12,13 +12,14 @@ only proposes (see shared DESIGN.md, "The one loop").
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from harness.engine.acceptance import Acceptance, Sampling, accept, select_token
+from harness.engine.acceptance import Acceptance, Sampling, acceptance_rule, select_token
 from harness.infra.errors import HarnessError
 from harness.engine.target import Scores, Target
 from harness.engine.tree import children_of, depths_of
@@ -32,9 +33,6 @@ class Draft:
     extra_tokens: list[int] | None = None          # [m] non-draft tokens riding in the same forward
     extra_mask: torch.Tensor | None = None         # [m, 1 + n + m] bool: what each extra row sees
     extra_offsets: torch.Tensor | None = None      # [m] position of each extra token relative to root
-    # An explicitly LOSSY acceptance (Medusa's typical acceptance) replacing the shared lossless one:
-    # (draft, scores, sampling, generator) -> Acceptance. None (the default) = harness/engine/acceptance.py.
-    acceptance_override: Callable[..., Acceptance] | None = None
 
     @staticmethod
     def empty() -> "Draft":
@@ -59,6 +57,12 @@ class DecodeContext:
     generator: torch.Generator | None = None
     scores: Scores | None = None   # the last verify forward (all positions, extras included)
 
+    def draft_budget(self, k: int) -> int:
+        """Draft tokens worth proposing along one path when the method wants k: a step emits at most the
+        accepted draft + the target's own (bonus) token, so past remaining - 1 a draft token can never be
+        emitted and only costs verify time. <= 0: propose an empty draft."""
+        return min(k, self.remaining - 1)
+
 
 @dataclass
 class Step:
@@ -68,9 +72,36 @@ class Step:
 
 
 class Proposer:
-    """Base class: the vanilla (empty) proposer. Methods override what they need."""
+    """Base class: the vanilla (empty) proposer. Methods override what they need.
+
+    A method also describes itself to the planner (harness/plan.py) before anything loads: `verify_tokens`
+    (the largest verify forward its config asks for) and `head_type` (the trained draft head it runs, if any);
+    and to the loop: `acceptance`, the rule in harness/engine/acceptance.py that accepts its drafts.
+    """
 
     name = "vanilla"
+    head_type: str | None = None   # harness.heads registry name of the head it drafts with (None: no head)
+    acceptance = "lossless"        # harness.engine.acceptance.RULES; a lossy rule needs `lossy: true`
+    lossy = False                  # the method config's `lossy:` flag (reports mark lossy runs)
+
+    @property
+    def acceptance_options(self) -> Mapping[str, object]:
+        """Keyword arguments of the acceptance rule (Medusa's typical thresholds); none by default."""
+        return {}
+
+    @classmethod
+    def config_value(cls, cfg, key: str):
+        """cfg[key] where the method config sets it, else the constructor's default for it (None if none)."""
+        if key in cfg:
+            return cfg[key]
+        parameter = inspect.signature(cls.__init__).parameters.get(key)
+        return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+    @classmethod
+    def verify_tokens(cls, cfg) -> int:
+        """Tokens in one verify forward (root + draft + extras) for method config `cfg`, at its largest
+        setting. The default: the pending token alone (an empty draft)."""
+        return 1
 
     def setup(self, loaded) -> None:
         """Once per run, after the target loads (load heads, check they fit this model)."""
@@ -197,6 +228,8 @@ def decode_turn(target: Target, proposer: Proposer, prompt_ids: list[int], sampl
     accepted_lengths, draft_sizes, attempted, accepted = [1], [0], [], []
     ctx = DecodeContext(list(prompt_ids) + generated, len(prompt_ids), target, hidden, logits,
                         stop.max_new_tokens - len(generated), sampling, generator)
+    rule = acceptance_rule(proposer.acceptance, proposer.lossy, proposer.name)
+    options = proposer.acceptance_options
     if reason is None:
         t0 = clock()
         proposer.reset(ctx)
@@ -209,10 +242,7 @@ def decode_turn(target: Target, proposer: Proposer, prompt_ids: list[int], sampl
         scores = target.verify(ctx.tokens[-1], draft.tokens, draft.parents, draft.extra_tokens,
                                draft.extra_mask, draft.extra_offsets)
         t2 = clock()
-        if draft.acceptance_override is None:
-            acceptance = accept(draft.parents, draft.tokens, scores.logits, draft.q_draft, sampling, generator)
-        else:   # a lossy method's own rule; the method config must say `lossy: true`
-            acceptance = draft.acceptance_override(draft, scores, sampling, generator)
+        acceptance = rule(draft.parents, draft.tokens, scores.logits, draft.q_draft, sampling, generator, **options)
         new, reason = stop.cut(generated, acceptance.tokens)
         target.commit(past, acceptance.path)
         generated += new

@@ -246,9 +246,3 @@ def keep_most_likely(sizer: OnlineSizer, path_probs: torch.Tensor, draft_seconds
     order = torch.sort(path_probs.detach().double(), descending=True, stable=True)
     count = min(sizer.choose(order.values, draft_seconds), len(order.indices))
     return sorted(order.indices[:count].tolist())
-
-
-def subtree(tokens: Sequence[int], parents: Sequence[int], keep: Sequence[int]) -> tuple[list[int], tuple[int, ...]]:
-    """The draft restricted to the (prefix-closed, ascending) indices `keep`, parents renumbered."""
-    index = {old: new for new, old in enumerate(keep)}
-    return [tokens[i] for i in keep], tuple(index[parents[i]] if parents[i] >= 0 else -1 for i in keep)

@@ -1,4 +1,5 @@
-"""The target model behind the loop: prefill, one verify forward over a draft tree, KV commit."""
+"""The target model behind the loop: prefill, one verify forward over a draft tree, KV commit, and a
+forward through its first layers only (early-exit drafting) with its rollback."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from harness.engine.tree import compact_cache, verify_layout
+from harness.infra.errors import HarnessError
 
 
 @dataclass
@@ -30,6 +32,16 @@ class Target:
     @property
     def past(self) -> int:
         return self.cache.get_seq_length() if self.cache is not None else 0
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the target's logits (its lm_head's rows; may exceed the tokenizer's vocabulary)."""
+        return self.lm_head.weight.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers, for a Llama-style body (a one-line error otherwise)."""
+        return len(self._decoder_parts()[1])
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -60,3 +72,36 @@ class Target:
     def commit(self, past: int, path: list[int]) -> None:
         """Keep only the accepted path (verify-input indices, root first) of the last verify."""
         compact_cache(self.cache, past, path)
+
+    # -- the target cut after its first layers (early-exit drafting)
+
+    def _decoder_parts(self) -> tuple:
+        """(embed_tokens, layers, rotary_emb, norm) of a Llama-style body, or a one-line error."""
+        parts = tuple(getattr(self.body, name, None) for name in ("embed_tokens", "layers", "rotary_emb", "norm"))
+        if any(part is None for part in parts):
+            raise HarnessError(f"{type(self.model).__name__} is not a Llama-style decoder (embed_tokens, layers, "
+                               f"rotary_emb, norm), which a layer-prefix draft needs: use method=sps or method=pld")
+        return parts
+
+    def prefix_step(self, token: int, position: int, layers: int) -> torch.Tensor:
+        """One token at `position` through the first `layers` decoder layers, the final norm and the lm_head
+        -> logits [vocab]. Appends its keys/values to those layers of the target's cache (the others are not
+        touched); `rollback_prefix` removes them.
+
+        For committed tokens those layers' cached keys/values are exactly what the cut model computes (same
+        weights, same inputs), so the prefix reads them as its own. One query may see every cached key: no mask.
+        """
+        embed_tokens, decoder_layers, rotary_emb, norm = self._decoder_parts()
+        ids = torch.tensor([[token]], device=self.device)
+        positions = torch.tensor([[position]], device=self.device)
+        hidden = embed_tokens(ids)
+        position_embeddings = rotary_emb(hidden, position_ids=positions)
+        for layer in decoder_layers[:layers]:
+            hidden = layer(hidden, attention_mask=None, position_ids=positions, cache=self.cache,
+                           use_cache=True, position_embeddings=position_embeddings)
+        return self.lm_head(norm(hidden[:, -1]))[0]
+
+    def rollback_prefix(self, past: int, layers: int) -> None:
+        """Drop what prefix_step appended: the first `layers` layers of the cache back to `past` entries
+        (a verify forward writes those positions next)."""
+        compact_cache(self.cache, past, [], layers=layers)

@@ -1,10 +1,18 @@
 """The results store: one folder per run, `run.json` + `answers.jsonl` (+ `summary.json` at the end).
+The one reader and writer of run folders: the bench writes through `RunStore`, reports read through
+`read_records` / `read_json`, so both agree on the file names and on what a record is.
 
 A run folder has one writer: `RunStore.lock()` (harness.infra.locks) is held for the whole run, so a second run or
 resume into the same run_dir is refused before it loads a model or writes a line.
 
 answers.jsonl gets one record per question, appended, flushed and fsync'd as each question finishes,
 so a killed run loses at most the question in flight, and `resume=true` continues where it stopped.
+
+The torn-line rule, for writer and reader alike: a record is a line ended by a newline. Bytes after the
+last newline are a write cut by a kill: never a record (even when they happen to parse as JSON), so that
+question counts as not answered. Readers skip them and change nothing (the run may still be writing that
+line); the writer cuts them off when it opens the folder, before it appends. A newline-ended line that is
+not JSON is damage, not a kill: a one-line HarnessError naming the line, never silently skipped.
 """
 
 from __future__ import annotations
@@ -75,6 +83,37 @@ def versions() -> dict:
     return found
 
 
+def _complete_part(data: bytes) -> bytes:
+    """The bytes up to and including the last newline: every finished record (the torn-line rule)."""
+    return data[: data.rfind(b"\n") + 1]
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The finished records of an answers.jsonl (missing file: none), by the torn-line rule; reads only."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    # split on b"\n" only: str.splitlines() would also break at characters a JSON string may hold
+    for number, line in enumerate(_complete_part(path.read_bytes()).split(b"\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:             # not JSON, or not UTF-8
+            raise HarnessError(f"{path} line {number} is not a JSON record; delete that line (resume=true re-runs "
+                               "its question) or leave the folder out") from None
+    return records
+
+
+def read_json(path: str | Path) -> dict | None:
+    """run.json / summary.json, or None when it is missing or not JSON (an unfinished or broken run)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _identity(cfg: dict) -> dict:
     identity = {key: cfg.get(key) for key in IDENTITY_KEYS}
     identity["bench"] = {key: (cfg.get("bench") or {}).get(key) for key in BENCH_IDENTITY}
@@ -108,6 +147,7 @@ class RunStore:
                                    "resume with the same settings or start a new run_dir")
         info = {"config": resolved, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "git_commit": git_commit(), "versions": versions(), **(extra or {})}
+        self._cut_torn_tail()      # only once this run may write here: a refused resume changes nothing
         if resume and info_path.is_file():
             info["resumed_from"] = json.loads(info_path.read_text()).get("created")
         tmp = info_path.with_suffix(".tmp")
@@ -115,22 +155,19 @@ class RunStore:
         os.replace(tmp, info_path)
         return done
 
-    def _repair_tail(self) -> None:
-        """A kill during a write can leave a partial last line: cut it off (it is re-run)."""
+    def _cut_torn_tail(self) -> None:
+        """The writer's half of the torn-line rule: drop what follows the last newline before appending,
+        so the next record starts on its own line (its question is re-run)."""
         if not self.answers.is_file():
             return
         data = self.answers.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
+        keep = len(_complete_part(data))
+        if keep < len(data):
             with open(self.answers, "r+b") as handle:
                 handle.truncate(keep)
 
     def records(self) -> list[dict]:
-        self._repair_tail()
-        if not self.answers.is_file():
-            return []
-        with open(self.answers, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+        return read_records(self.answers)
 
     def finished_ids(self) -> set[int]:
         return {record["question_id"] for record in self.records()}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from harness.engine import metrics as glossary
 from harness.engine.lossless import question_status
 
 log = logging.getLogger(__name__)
@@ -87,17 +88,18 @@ def flat_metrics(summary: dict) -> dict:
     return flat
 
 
+def _or_none(value: float) -> float | None:
+    return None if math.isnan(value) else value      # an empty W&B table cell, not the string "nan"
+
+
 def question_row(record: dict) -> dict:
     turns = record["turns"]
-    tokens = sum(t["new_tokens"] for t in turns)
-    wall = sum(t["wall_time"] for t in turns)
-    steps = sum(t["steps"] for t in turns)
-    drafted = [t.get("draft_sizes") for t in turns]
+    summed = glossary.totals(turns)
     return {"question_id": record["question_id"], "category": record.get("category"), "turns": len(turns),
-            "new_tokens": tokens, "wall_time": wall, "tokens_per_s": tokens / wall if wall else None,
-            "tau": tokens / steps if steps else None,
-            "draft_tokens_per_step": (sum(sum(d) for d in drafted) / steps
-                                      if steps and all(d is not None for d in drafted) else None),
+            "new_tokens": summed["new_tokens"], "wall_time": summed["wall_time"],
+            "tokens_per_s": _or_none(glossary.tokens_per_s(summed["new_tokens"], summed["wall_time"])),
+            "tau": _or_none(glossary.tau(summed["new_tokens"], summed["steps"])),
+            "draft_tokens_per_step": _or_none(glossary.draft_tokens_per_step(summed["draft_tokens"], summed["steps"])),
             "lossless": question_status(record),             # exact / near_tie / mismatch / None
             "answer": turns[0].get("text", "")[:500] if turns else ""}
 
@@ -157,14 +159,14 @@ class Tracker:
     def log_record(self, record: dict) -> None:
         """One finished question: one W&B step per turn (the per-turn curves), as it happens."""
         for turn in record["turns"]:
-            steps = turn["steps"]
-            sizes = turn.get("draft_sizes")
+            summed = glossary.totals([turn])
             metrics = {"question_id": record["question_id"], "turn": turn["turn"],
                        "turn/new_tokens": turn["new_tokens"], "turn/wall_time": turn["wall_time"],
-                       "turn/tokens_per_s": turn["new_tokens"] / max(turn["wall_time"], 1e-9),
-                       "turn/tau": turn["new_tokens"] / max(steps, 1), "turn/steps": steps}
-            if sizes is not None and steps:
-                metrics["turn/draft_tokens_per_step"] = sum(sizes) / steps
+                       "turn/tokens_per_s": glossary.tokens_per_s(turn["new_tokens"], turn["wall_time"]),
+                       "turn/tau": glossary.tau(turn["new_tokens"], turn["steps"]), "turn/steps": turn["steps"]}
+            drafted = glossary.draft_tokens_per_step(summed["draft_tokens"], turn["steps"])
+            if not math.isnan(drafted):            # methods that do not report drafts get no curve
+                metrics["turn/draft_tokens_per_step"] = drafted
             self.log(metrics)
             self.turns_logged += 1
 
