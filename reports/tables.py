@@ -11,6 +11,7 @@ import math
 import pandas as pd
 
 from harness.engine import metrics as glossary
+from harness.engine import lossless
 from harness.engine.lossless import format_counts
 from reports.compare import DEFINITIONS, Group, mean_std
 from reports.results import TOPK_KEY
@@ -92,8 +93,8 @@ def lossless_cell(rows: pd.DataFrame) -> str:
 
 def _lossless_numbers(rows: pd.DataFrame) -> dict:
     counts = lossless_counts(rows)
-    compared = counts["compared"]
-    return {"lossless_rate": (counts["exact"] + counts["near_tie"]) / compared if compared else math.nan,
+    rate = lossless.rate(counts)
+    return {"lossless_rate": math.nan if rate is None else rate,
             **{f"lossless_{key}": value for key, value in counts.items()}}
 
 

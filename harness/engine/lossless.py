@@ -147,6 +147,12 @@ def count(statuses) -> dict:
     return counts
 
 
+def rate(counts: dict) -> float | None:
+    """lossless rate = (exact + near_tie) / compared: not a mismatch (token-identical or a rounding near-tie);
+    None when nothing was compared."""
+    return (counts["exact"] + counts["near_tie"]) / counts["compared"] if counts["compared"] else None
+
+
 def summary_fields(records: list[dict]) -> dict:
     """The run summary's lossless keys (all None when no question was checked against a reference)."""
     counts = count(question_status(r) for r in records)
@@ -159,8 +165,7 @@ def summary_fields(records: list[dict]) -> dict:
     tolerances = [t for t in tolerances if t is not None]
     return {"lossless": format_counts(counts),
             "lossless_tolerance": max(tolerances) if tolerances else None,
-            # lossless = not a mismatch: token-identical or a rounding near-tie
-            "lossless_rate": (counts["exact"] + counts["near_tie"]) / compared,
+            "lossless_rate": rate(counts),
             "lossless_exact": counts["exact"], "lossless_near_tie": counts["near_tie"],
             "lossless_mismatch": counts["mismatch"], "lossless_compared": compared,
             "lossless_mismatch_questions": [r["question_id"] for r in records if question_status(r) == "mismatch"]}
