@@ -56,7 +56,7 @@ from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm, Ll
 
 from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
 from harness.engine.sizing import keep_most_likely, make_sizer
-from harness.engine.tree import best_nodes, index_tree, subtree
+from harness.engine.tree import best_nodes, index_tree, preset_paths, subtree
 from harness.heads.base import BaseHandles, DraftHead, build_head
 from harness.heads.checkpoint import (check_dims, check_state_dict, has_published_layout, load_or_init_head,
                                       published_weights, read_published_config, read_tensors)
@@ -79,13 +79,8 @@ TREES = {"eagle_25": EAGLE_TREE_25, "eagle_cpu_5": EAGLE_TREE_CPU_5}
 
 
 def named_tree(tree_choices: str | list) -> list[list[int]]:
-    """A preset name or a list of index paths -> the index paths."""
-    if isinstance(tree_choices, str):
-        if tree_choices not in TREES:
-            raise HarnessError(f"unknown tree_choices '{tree_choices}'; use one of {', '.join(TREES)} or a list "
-                               f"of index paths")
-        tree_choices = TREES[tree_choices]
-    return [list(path) for path in tree_choices]
+    """A preset name (TREES) or a list of index paths -> the index paths."""
+    return preset_paths(tree_choices, TREES, "tree_choices")
 
 # the architecture fields an EAGLE head copies from its target (EAGLE builds its layer from the target's
 # config.json with num_hidden_layers = 1)

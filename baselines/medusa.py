@@ -35,7 +35,7 @@ from torch import nn
 from harness.engine.acceptance import acceptance_rule
 from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
 from harness.engine.sizing import keep_most_likely, make_sizer
-from harness.engine.tree import index_tree, subtree
+from harness.engine.tree import index_tree, preset_paths, subtree
 from harness.heads.base import BaseHandles, DraftHead, build_head
 from harness.heads.checkpoint import (check_dims, check_state_dict, has_published_layout, load_or_init_head,
                                       published_weights, read_published_config, read_tensors)
@@ -60,13 +60,8 @@ PRESETS = {"mc_sim_7b_63": MC_SIM_7B_63, "mc_cpu_5": MC_CPU_5}
 
 
 def named_choices(medusa_choices: str | list) -> list[list[int]]:
-    """A preset name or a list of index paths -> the index paths."""
-    if isinstance(medusa_choices, str):
-        if medusa_choices not in PRESETS:
-            raise HarnessError(f"unknown medusa_choices '{medusa_choices}'; use one of "
-                               f"{', '.join(PRESETS)} or a list of index paths")
-        medusa_choices = PRESETS[medusa_choices]
-    return [list(path) for path in medusa_choices]
+    """A preset name (PRESETS) or a list of index paths -> the index paths."""
+    return preset_paths(medusa_choices, PRESETS, "medusa_choices")
 
 
 OFFICIAL_WEIGHTS = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")

@@ -171,3 +171,13 @@ def subtree(tokens: Sequence[int], parents: Sequence[int], keep: Sequence[int]) 
     """The draft restricted to the (prefix-closed, ascending) indices `keep`, parents renumbered."""
     index = {old: new for new, old in enumerate(keep)}
     return [tokens[i] for i in keep], tuple(index[parents[i]] if parents[i] >= 0 else -1 for i in keep)
+
+
+def preset_paths(choice: str | Sequence, presets: dict[str, list], setting: str) -> list[list[int]]:
+    """A tree given as a preset name (`presets`) or as index paths -> the index paths; an unknown name is one
+    line naming `setting` (method.medusa_choices, method.tree_choices)."""
+    if isinstance(choice, str):
+        if choice not in presets:
+            raise HarnessError(f"unknown {setting} '{choice}'; use one of {', '.join(presets)} or a list of index paths")
+        choice = presets[choice]
+    return [list(path) for path in choice]
