@@ -2,7 +2,8 @@
 
     specdec-train train=medusa_smollm2 data_path=D.train.json eval_data_path=D.eval.json
     specdec-train train=ours_smollm2 ... resume=true                      # continue from the last checkpoint
-    specdec-train eval_only=true head_path=runs/train/x eval_data_path=E  # top-k accuracy of a trained head
+    specdec-train eval_only=true head_path=runs/train/x eval_data_path=E  # top-k accuracy of a trained head,
+                                                   # written to <output_dir>/eval/<head folder>/ (never into it)
     torchrun --nproc_per_node=4 -m harness.train train=medusa_vicuna7b data_path=D eval_data_path=E output_dir=O
     accelerate launch -m harness.train train=medusa_vicuna7b ...          # same code: Trainer does DDP
 
@@ -504,7 +505,8 @@ def run_train(cfg: DictConfig) -> dict:
         if not cfg.head_path or not cfg.eval_data_path:
             raise HarnessError("eval_only=true needs head_path=<trained head folder> and eval_data_path=<ShareGPT>")
         cfg = cfg.copy()
-        cfg.output_dir = str(cfg.head_path)
+        # its own folder under output_dir, never the head's: a shipped head's topk_accuracy.json stays as shipped
+        cfg.output_dir = str(Path(cfg.output_dir or "runs/train") / "eval" / Path(str(cfg.head_path)).name)
     elif not cfg.data_path:
         raise HarnessError("specdec-train needs data_path=<ShareGPT .json/.jsonl> (specdec-distill writes one)")
     if not cfg.output_dir:
@@ -512,9 +514,9 @@ def run_train(cfg: DictConfig) -> dict:
     main_process = int(os.environ.get("RANK", "0")) == 0
     job_type = "eval" if cfg.eval_only else "train"
     # one writer per output folder, held by rank 0 for the whole job: a second job into it is refused here,
-    # before the model loads (eval_only writes into head_path; a missing one is reported by load_head)
-    locked = main_process and (not cfg.eval_only or Path(cfg.output_dir).is_dir())
-    with hold(cfg.output_dir, "head_path" if cfg.eval_only else "output_dir") if locked else nullcontext():
+    # before the model loads
+    locked = main_process
+    with hold(cfg.output_dir, "output_dir") if locked else nullcontext():
         tracker = Tracker(None)
         if main_process and wandb_enabled(cfg):
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -586,9 +588,9 @@ def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
         trainer.add_callback(ClipGradValue(cfg.clip_grad_value, trainer))
     if cfg.eval_only:
         metrics = trainer.evaluate()
-        write_json(Path(cfg.head_path) / TOPK_FILE, trainer.last_eval)
-        log.info("top-k accuracy of %s written to %s", cfg.head_path, Path(cfg.head_path) / TOPK_FILE)
-        return {"head_path": str(cfg.head_path), **metrics}
+        write_json(Path(cfg.output_dir) / TOPK_FILE, {"head_path": str(cfg.head_path), **trainer.last_eval})
+        log.info("top-k accuracy of %s written to %s", cfg.head_path, Path(cfg.output_dir) / TOPK_FILE)
+        return {"head_path": str(cfg.head_path), "output_dir": str(cfg.output_dir), **metrics}
 
     checkpoint = last_checkpoint(cfg.output_dir, bool(args.save_only_model)) if cfg.resume else None
     if checkpoint:

@@ -203,13 +203,16 @@ def test_train_refuses_a_second_writer_into_its_output_dir_before_loading_the_mo
 
     monkeypatch.setattr(train, "load_model", no_model)
     folder = tmp_path / "head"
-    overrides = [f"head_path={folder}", "eval_only=true", f"eval_data_path={tmp_path / 'eval.json'}"] if eval_only \
+    # eval_only writes into <output_dir>/eval/<head folder name>/: that folder is the one held
+    overrides = [f"head_path={tmp_path / 'trained' / 'head'}", "eval_only=true", f"output_dir={tmp_path}",
+                 f"eval_data_path={tmp_path / 'eval.json'}"] if eval_only \
         else [f"output_dir={folder}", f"data_path={tmp_path / 'train.json'}"]
+    if eval_only:
+        folder = tmp_path / "eval" / "head"
     cfg = compose_config("logger=none", *overrides, config_name="train")
-    folder.mkdir()
+    folder.mkdir(parents=True)
     with hold(folder, "output_dir"):
-        with pytest.raises(HarnessError, match=f"pid {os.getpid()} .*choose another "
-                                               f"{'head_path' if eval_only else 'output_dir'}"):
+        with pytest.raises(HarnessError, match=f"pid {os.getpid()} .*choose another output_dir"):
             train.run_train(cfg)
     assert sorted(p.name for p in folder.iterdir()) == [".lock"]
 

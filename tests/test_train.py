@@ -142,15 +142,18 @@ def test_eval_accuracy_is_topk_accuracy_over_the_whole_eval_set(trained, chat_mo
         assert summary["eval"][f"eval_{key}"] == pytest.approx(hits[key] / counted[key], abs=1e-9)
 
 
-def test_eval_only_writes_topk_accuracy_into_the_head_folder(trained, chat_model, toy_data, tmp_path):
+def test_eval_only_writes_topk_accuracy_beside_never_into_the_head_folder(trained, chat_model, toy_data, tmp_path):
     cfg, summary = trained
     head_copy = tmp_path / "head"
     head_copy.mkdir()
     for name in ("model.safetensors", "head_config.json"):
         (head_copy / name).write_bytes((Path(cfg.output_dir) / name).read_bytes())
     eval_cfg = train_cfg(chat_model, toy_data, tmp_path / "unused", "eval_only=true", f"head_path={head_copy}")
+    before = sorted(p.name for p in head_copy.iterdir())
     metrics = run_train(eval_cfg)
-    written = json.loads((head_copy / "topk_accuracy.json").read_text())
+    assert sorted(p.name for p in head_copy.iterdir()) == before          # the head folder is left as it was
+    written = json.loads((tmp_path / "unused" / "eval" / "head" / "topk_accuracy.json").read_text())
+    assert written["head_path"] == str(head_copy) and metrics["output_dir"] == str(tmp_path / "unused" / "eval" / "head")
     for key in ("eval_pos1_top1", "eval_pos2_top5", "eval_loss"):
         assert written[key] == pytest.approx(summary["eval"][key], rel=1e-6) == metrics[key]
     with pytest.raises(HarnessError, match="eval_only=true needs head_path"):
