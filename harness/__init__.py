@@ -8,20 +8,24 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
 
 
-def shipped_head(name: str, *, _root_) -> str | None:
-    """`${shipped_head:<name>}` in a method config: the trained head the repository ships for the composed
-    model (`model.shipped_heads.<name>`, a folder under the repo), or None (an untrained head). Only for the
-    model's own weights: a `model.path` override (another checkpoint, a test's tiny model) gets None."""
-    model = _root_.get("model")
-    if model is None or model.get("path") or not model.get("shipped_heads"):
-        return None
-    folder = model.shipped_heads.get(name)
-    if not folder:
-        return None
-    folder = Path(str(folder))
-    folder = folder if folder.is_absolute() else REPO_ROOT / folder
-    return str(folder) if (folder / "head_config.json").is_file() else None
+def model_head(*keys: str, _root_) -> str | None:
+    """`${head:<key>[,<fallback>...]}` in a method config: the draft head the composed model config names for
+    this method (`model.heads.<key>`; the first key that is set wins, so EAGLE-2 reads `eagle2`, else the EAGLE-1
+    head it was published with). A value is a folder (relative to the working directory, else to the repository,
+    made absolute here) or a Hub id (`owner/name`, fetched when the head loads: harness.heads.checkpoint.locate);
+    None when the model names no head for the method: the bench then refuses to run unless `allow_untrained=true`.
+    One sweep can give every method its own head: `model.heads.eagle=DIR model.heads.medusa=DIR2`."""
+    heads = (_root_.get("model") or {}).get("heads") or {}
+    for key in keys:
+        value = heads.get(key)
+        if value:
+            value = str(value)
+            for base in (Path.cwd(), REPO_ROOT):
+                if (base / value).exists():
+                    return str((base / value).resolve())
+            return value
+    return None
 
 
-if not OmegaConf.has_resolver("shipped_head"):
-    OmegaConf.register_new_resolver("shipped_head", shipped_head)
+if not OmegaConf.has_resolver("head"):
+    OmegaConf.register_new_resolver("head", model_head)

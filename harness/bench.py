@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -35,8 +36,38 @@ from reports.compare import check_baseline, speedups_against
 log = logging.getLogger(__name__)
 
 
-def build_method(method_cfg: DictConfig):
-    """`conf/method/<name>.yaml` -> a Proposer (or a runner with `generate_turn`), by `_target_`."""
+HEAD_KEYS = re.compile(r"\$\{head:([^}]*)\}")
+
+
+def head_info(method_cfg: DictConfig) -> dict | None:
+    """The draft head a method runs, for run.json, the summary, W&B and the reports: {type, path, untrained};
+    None for a method without one (vanilla, pld, lookahead, sps, ...)."""
+    head_type = getattr(get_class(method_cfg._target_), "head_type", None)
+    if not head_type:
+        return None
+    path = method_cfg.get("head_path")
+    return {"type": head_type, "path": str(path) if path else None, "untrained": not path}
+
+
+def check_head(method_cfg: DictConfig, model_name: str, allow_untrained: bool) -> None:
+    """A head method with no head is refused before anything loads: its drafts would be near-random and its row
+    a meaningless speed number. `allow_untrained=true` runs it anyway (plumbing, tests); the row is marked."""
+    info = head_info(method_cfg)
+    if not info or not info["untrained"] or allow_untrained:
+        return
+    unresolved = str(OmegaConf.to_container(method_cfg, resolve=False).get("head_path"))
+    found = HEAD_KEYS.search(unresolved)
+    key = found.group(1).split(",")[0].strip() if found else method_cfg.name
+    raise HarnessError(f"method {method_cfg.name} has no trained {info['type']} head for model {model_name} "
+                       f"(model.heads.{key} is empty): set model.heads.{key}=<head folder or Hub id> (or "
+                       f"method.head_path=), or allow_untrained=true to time a random head (its rows are marked "
+                       f"UNTRAINED)")
+
+
+def build_method(method_cfg: DictConfig, model_name: str = "", allow_untrained: bool = False):
+    """`conf/method/<name>.yaml` -> a Proposer (or a runner with `generate_turn`), by `_target_`; a head method
+    without a head is refused unless allow_untrained (check_head)."""
+    check_head(method_cfg, model_name, allow_untrained)
     params = OmegaConf.to_container(method_cfg, resolve=True)
     name = params.pop("name")
     try:
@@ -117,6 +148,7 @@ def load_reference(path: str | None) -> dict[int, dict]:
 def run_bench(cfg: DictConfig, run_dir: str | Path) -> dict:
     """The whole benchmark run; returns the summary. Raises HarnessError on bad input."""
     check_settings(cfg, BENCH)
+    check_head(cfg.method, cfg.model.name, bool(cfg.get("allow_untrained")))   # before questions, model, folder
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
@@ -129,7 +161,7 @@ def run_bench(cfg: DictConfig, run_dir: str | Path) -> dict:
                     "distribution); compare greedy runs", cfg.reference)
         reference = {}
     check_fits(cfg)   # plan.gpu_memory set: refuse a run the memory planner says cannot fit, before loading
-    method = build_method(cfg.method)
+    method = build_method(cfg.method, cfg.model.name, bool(cfg.get("allow_untrained")))
     store = RunStore(run_dir)
     with store.lock():   # one writer per run folder: a second run/resume is refused here, before the model loads
         return _bench(cfg, store, method, questions, reference)
@@ -139,11 +171,13 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
     loaded = load_model(cfg.model, cfg.device)
     info = {"hardware": hardware(loaded.device), "model_source": loaded.source,
             "quantization": loaded.quantization, "weight_memory_bytes": weight_memory_bytes(loaded.model),
-            "method": cfg.method.name}
+            "method": cfg.method.name, "head": head_info(cfg.method)}
     done = store.open(cfg, bool(cfg.resume), info)
     baseline = check_baseline(cfg.baseline_run, store.dir) if cfg.get("baseline_run") else None
     todo = [q for q in questions if q.question_id not in done]
-    tracker = Tracker.start(cfg, store.dir, "bench", [cfg.model.name, cfg.method.name, cfg.bench.name])
+    untrained = bool(info["head"] and info["head"]["untrained"])
+    tracker = Tracker.start(cfg, store.dir, "bench", [cfg.model.name, cfg.method.name, cfg.bench.name,
+                                                      "UNTRAINED-head" if untrained else None])
     failed = True
     try:
         runner = Runner(method, loaded, cfg)
@@ -168,8 +202,10 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
             tracker.log_record(record)
         records = store.records()
         summary = glossary.summarize(records)
+        head = head_info(cfg.method)
         summary.update(model=cfg.model.name, method=cfg.method.name, bench=cfg.bench.name,
-                       run_dir=str(store.dir))
+                       run_dir=str(store.dir), head_path=head and head["path"],
+                       untrained_head=bool(head and head["untrained"]))
         if baseline is not None:
             summary.update(speedups_against(baseline, records))
         store.write_summary(summary)
@@ -189,6 +225,8 @@ def format_summary(summary: dict) -> str:
     lines = [f"{summary['method']} on {summary['model']} / {summary['bench']}: {summary['questions']} questions, "
              f"{summary['new_tokens']} tokens in {summary['wall_time']:.1f} s = {summary['tokens_per_s']:.2f} tokens/s, "
              f"τ = {tau:.2f}"]
+    if summary.get("untrained_head"):
+        lines.append("UNTRAINED head (allow_untrained=true): random drafts, not a speed number for this method")
     if summary.get("lossless"):
         lines.append(f"lossless vs reference: {summary['lossless']} questions "
                      f"(near-tie: first divergence within {summary.get('lossless_tolerance')} logits of a tie)")

@@ -46,8 +46,9 @@ def run(methods: list[str], overrides: list[str], passes: int) -> dict:
     if base.threads:
         torch.set_num_threads(int(base.threads))
     questions = load_questions(base.bench)
+    built = {m: build_method(c, base.model.name, bool(base.get("allow_untrained"))) for m, c in method_cfgs.items()}
     loaded = load_model(base.model, base.device)
-    runners = {m: Runner(build_method(c), loaded, base) for m, c in method_cfgs.items()}
+    runners = {m: Runner(built[m], loaded, base) for m in methods}
     for runner in runners.values():
         warm_up(runner, questions[0], int(base.warmup), int(base.warmup_tokens))
     times = {m: [] for m in methods}

@@ -156,7 +156,7 @@ def run_metrics(group: Group, tasks: list[str], baseline: str = "vanilla") -> pd
                "draft_share": glossary.stage_share(turns, "draft_time"),
                "verify_share": glossary.stage_share(turns, "verify_time"),
                **{f"lossless_{key}": value for key, value in checked.items()},
-               "lossy": run.lossy, "quantization": run.settings.get("quantization", "none"),
+               "lossy": run.lossy, "untrained_head": run.untrained, "quantization": run.settings.get("quantization", "none"),
                "weight_mb": weight_mb(run)}
         for definition in DEFINITIONS:
             row[f"speedup_{definition}"] = glossary.speedup(mine, theirs, definition)

@@ -90,6 +90,16 @@ class Run:
         return bool(self.config.get("method", {}).get("lossy", False))
 
     @property
+    def untrained(self) -> bool:
+        """The run drafted with a random head (allow_untrained=true): run.json's `head`, else (runs from before it
+        was recorded) a head method's config with head_path null."""
+        head = self.info.get("head")
+        if head is not None:
+            return bool(head.get("untrained"))
+        method = self.config.get("method", {})
+        return "head_path" in method and not method.get("head_path")
+
+    @property
     def greedy(self) -> bool:
         return float(self.settings.get("temperature") or 0.0) == 0.0
 
@@ -182,7 +192,8 @@ def _flat(value, prefix="") -> dict:
 def _label_runs(runs: list[Run]) -> None:
     """A label is the method's name, plus the method parameters that differ between runs of that name
     (`pld[max_draft=5]`), so a sweep over a method's parameters gives one row per setting, plus
-    ` (lossy)` when the method config declares `lossy: true`."""
+    ` (lossy)` when the method config declares `lossy: true` and ` (UNTRAINED head)` when it drafted with a random
+    head (allow_untrained=true), so no table shows such a row as the method's number."""
     by_name: dict[str, list[Run]] = {}
     for run in runs:
         by_name.setdefault(run.method, []).append(run)
@@ -193,6 +204,7 @@ def _label_runs(runs: list[Run]) -> None:
         for run, p in zip(group, params):
             run.label = name + (f"[{','.join(f'{k}={p.get(k)}' for k in varying)}]" if varying else "")
             run.label += " (lossy)" if run.lossy else ""
+            run.label += " (UNTRAINED head)" if run.untrained else ""
 
 
 def load_runs(sources) -> list[Run]:

@@ -269,13 +269,14 @@ def test_auto_size_follows_the_latency_curve(tiny, fitted_folder):
 @pytest.mark.integration
 def test_untrained_and_shipped_eagle2_on_the_default_model_are_lossless(questions_path, vanilla_reference, tmp_path):
     cases = [("untrained", 81, ["method=eagle2", "method.total_token=16", "method.depth=2", "method.top_k=4",
-                                "method.head_path=null"]),
+                                "method.head_path=null", "allow_untrained=true"]),
              ("shipped", 82, ["method=eagle2_cpu"])]                   # heads/smollm2-135m/eagle, auto-sized tree
     for name, question, options in cases:
         run_dir = tmp_path / name
         summary = run_bench(compose_config(*real_bench_overrides(questions_path, run_dir, f"bench.question_ids=[{question}]",
                                                                  *options, f"reference={vanilla_reference}")), run_dir)
         assert summary["questions"] == 1 and summary["turns"] == 2 and summary["lossless_rate"] == 1.0, name
+        assert summary["untrained_head"] == (name == "untrained")     # marked, never passed off as the method's number
         head_path = json.loads((run_dir / "run.json").read_text())["config"]["method"]["head_path"]
         assert (head_path is None) == (name == "untrained"), head_path   # the shipped head, not a silent fallback
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from hydra.utils import get_class
 import torch
 from omegaconf import DictConfig, open_dict
 
@@ -64,7 +65,7 @@ def bench_config(bench_inputs, run_dir: Path, method: str, *extra: str) -> DictC
     model_dir, questions, _ = bench_inputs
     cfg = compose_config(f"method={method}", *model_overrides(model_dir), f"bench.path={questions}",
                          f"run_dir={run_dir}", f"max_new_tokens={NEW_TOKENS}", "warmup=0", "progress=false",
-                         "logger.wandb.mode=disabled", *extra)
+                         "logger.wandb.mode=disabled", "allow_untrained=true", *extra)
     tiny = json.loads((model_dir / "config.json").read_text())
     with open_dict(cfg):
         for key, shrink in SHRINK.items():
@@ -107,7 +108,10 @@ def check_lossless(method: str, bench_inputs, vanilla_run: Path, run_dir: Path) 
     [record], [reference] = run.records, RunStore(vanilla_run).records()
     assert [t["token_ids"] for t in record["turns"]] == [t["token_ids"] for t in reference["turns"]]
     assert record["lossless"]["status"] == "exact" and summary["lossless_mismatch"] == 0
-    assert not run.lossy and run.label == method
+    # the tiny model has no trained heads: every head method ran a random one, and says so everywhere
+    has_head = bool(getattr(get_class(run.config["method"]["_target_"]), "head_type", None))
+    assert run.untrained == has_head and summary["untrained_head"] == has_head
+    assert not run.lossy and run.label == method + (" (UNTRAINED head)" if has_head else "")
     sizes = [t["draft_sizes"] for t in record["turns"]]
     if None in sizes:       # transformers' generate does not report its drafts
         return
@@ -126,7 +130,7 @@ def check_declared_lossy(method: str, bench_inputs, run_dir: Path) -> None:
     # sampled, so the method's own (lossy) acceptance rule is the one deciding
     run_bench(bench_config(bench_inputs, declared, method, "decoding.temperature=0.7"), declared)
     [run] = load_runs([declared])
-    assert run.lossy and run.label == f"{method} (lossy)"
+    assert run.lossy and run.label == f"{method} (lossy) (UNTRAINED head)" and run.untrained
     assert all(turn["new_tokens"] > 0 for turn in run.records[0]["turns"])
 
 

@@ -205,11 +205,12 @@ def test_head_errors_through_the_bench_path(tiny_model_dir, questions_path, tmp_
 
 @pytest.mark.integration
 def test_untrained_and_shipped_medusa_on_the_default_model_are_lossless(questions_path, vanilla_reference, tmp_path):
-    for name, question, options in [("untrained", 81, ["method.head_path=null"]), ("shipped", 82, [])]:
+    for name, question, options in [("untrained", 81, ["method.head_path=null", "allow_untrained=true"]), ("shipped", 82, [])]:
         run_dir = tmp_path / name
         summary = run_bench(compose_config(*real_bench_overrides(questions_path, run_dir, f"bench.question_ids=[{question}]",
                                                                  "method=medusa_cpu", *options,
                                                                  f"reference={vanilla_reference}")), run_dir)
         assert summary["questions"] == 1 and summary["turns"] == 2 and summary["lossless_rate"] == 1.0, name
+        assert summary["untrained_head"] == (name == "untrained")     # marked, never passed off as the method's number
         head_path = json.loads((run_dir / "run.json").read_text())["config"]["method"]["head_path"]
         assert (head_path is None) == (name == "untrained"), head_path   # the shipped head, not a silent fallback

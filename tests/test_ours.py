@@ -198,7 +198,7 @@ def test_bench_path_refuses_a_head_for_another_model(tiny_model_dir, questions_p
 
 @pytest.mark.integration
 def test_untrained_and_shipped_ours_on_the_default_model_are_lossless(questions_path, vanilla_reference, tmp_path):
-    cases = [("ours", ["method.head_path=null", "method.draft=tree", "method.max_nodes=6"]),   # untrained, tree
+    cases = [("ours", ["method.head_path=null", "allow_untrained=true", "method.draft=tree", "method.max_nodes=6"]),   # untrained, tree
              ("ours", []), ("ours_no_trigram", [])]                                            # the shipped heads
     for i, (method, options) in enumerate(cases):
         run_dir = tmp_path / f"{method}-{i}"
@@ -206,6 +206,7 @@ def test_untrained_and_shipped_ours_on_the_default_model_are_lossless(questions_
                                                                  f"method={method}", *options,
                                                                  f"reference={vanilla_reference}")), run_dir)
         assert summary["questions"] == 1 and summary["turns"] == 2 and summary["lossless_rate"] == 1.0, method
+        assert summary["untrained_head"] == (i == 0)     # marked, never passed off as the method's number
         head_path = json.loads((run_dir / "run.json").read_text())["config"]["method"]["head_path"]
         assert (head_path is None) == (i == 0) and (i == 0 or head_path.endswith(f"heads/smollm2-135m/{method}"))
 

@@ -52,4 +52,4 @@ def make_tiny_chat_model(folder: Path, seed: int = 0, layers: int = 2, hidden: i
 
 def model_overrides(folder: Path) -> list[str]:
     """Hydra overrides that make the default model config load the tiny chat model."""
-    return [f"model.path={folder}", "model.name=tiny-chat", "model.dtype=fp32", "device=cpu"]
+    return [f"model.path={folder}", "model.name=tiny-chat", "model.dtype=fp32", "model.heads={}", "device=cpu"]

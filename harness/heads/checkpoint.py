@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -279,16 +280,46 @@ def check_dims(config: dict, loaded, folder: str | Path, kind: str) -> None:
 # for a decoder's setup: every method loads its head through here
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HEAD_FILES = ["*.json", "*.safetensors", "*.bin", "*.pt"]   # what a head folder holds (no tokenizer, no base model)
+
+
+def locate(head_path: str | Path) -> Path:
+    """A head location as a local folder: an existing folder as is; a Hub id (`owner/name`, e.g. a model config's
+    `heads.eagle: yuhuili/EAGLE-Vicuna-7B-v1.3`) through huggingface_hub's cache (downloaded the first time, the
+    head files only; HF_HUB_OFFLINE=1 reads the cache only). Anything else is one line naming the fix."""
+    folder = Path(str(head_path)).expanduser()
+    if folder.is_dir():
+        return folder
+    text = str(head_path)
+    if folder.exists() or not HUB_ID.match(text):
+        raise HarnessError(f"head {text} does not exist (no such folder, and not a Hub id owner/name); point the method's head at a "
+                           f"head folder: model.heads.<method>=DIR or method.head_path=DIR")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(repo_id=text, allow_patterns=HEAD_FILES)
+    except Exception as exc:  # noqa: BLE001 - offline, gated, missing: all one line with the fix
+        raise HarnessError(f"head {text}: not in the Hugging Face cache and not downloadable here "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); download it where "
+                           f"the Hub is reachable (huggingface-cli download {text} --local-dir DIR) and set "
+                           f"model.heads.<method>=DIR") from None
+    log.info("head %s from the Hugging Face cache: %s", text, local)
+    return Path(local)
+
+
 def load_or_init_head(head_path, loaded, head_type: str, official: bool = False, official_options: dict | None = None,
                       **kwargs) -> DraftHead:
     """The head a decoder drafts with, on loaded's device and dtype, eval, frozen:
     - a published checkpoint (`official: true`, or a folder in the head class's published layout): the class's
       `from_official(folder, loaded, **official_options)`;
     - a specdec-train folder: `load_head`, refused if it holds another type of head;
+    - a Hub id: fetched into the Hugging Face cache first (`locate`), then as above;
     - null: a fresh UNTRAINED head built from `kwargs`, for plumbing and tests only (its drafts are near-random),
-      said loudly."""
+      said loudly; the bench refuses this unless allow_untrained=true (harness.bench.check_head)."""
     cls = head_class(head_type)
     if head_path:
+        head_path = locate(head_path)
         if official or cls.is_published(head_path):
             return cls.from_official(head_path, loaded, **(official_options or {}))
         head = load_head(head_path, loaded)
@@ -296,8 +327,8 @@ def load_or_init_head(head_path, loaded, head_type: str, official: bool = False,
             raise HarnessError(f"head {head_path} is a {head.head_type} head, this method needs a {head_type} "
                                f"head; point method.head_path at a {head_type} checkpoint")
         return head
-    message = (f"method.head_path is null: using an UNTRAINED, randomly initialised {head_type} head; its "
-               f"drafts are near-random (for tests and plumbing only, not for speed numbers)")
+    message = (f"no head for this method (method.head_path is null; allow_untrained=true): an UNTRAINED, randomly "
+               f"initialised {head_type} head; its drafts are near-random (plumbing and tests, not speed numbers)")
     warnings.warn(message, stacklevel=2)
     log.warning(message)
     head = build_head(head_type, loaded.model.config, base=BaseHandles.of(loaded.model), **kwargs)
