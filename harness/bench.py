@@ -64,10 +64,9 @@ def check_head(method_cfg: DictConfig, model_name: str, allow_untrained: bool) -
                        f"UNTRAINED)")
 
 
-def build_method(method_cfg: DictConfig, model_name: str = "", allow_untrained: bool = False):
-    """`conf/method/<name>.yaml` -> a Proposer (or a runner with `generate_turn`), by `_target_`; a head method
-    without a head is refused unless allow_untrained (check_head)."""
-    check_head(method_cfg, model_name, allow_untrained)
+def build_method(method_cfg: DictConfig):
+    """`conf/method/<name>.yaml` -> a Proposer (or a runner with `generate_turn`), by `_target_`. Callers that run
+    it on a benchmark call check_head first (a head method without a head is refused unless allow_untrained)."""
     params = OmegaConf.to_container(method_cfg, resolve=True)
     name = params.pop("name")
     try:
@@ -161,7 +160,7 @@ def run_bench(cfg: DictConfig, run_dir: str | Path) -> dict:
                     "distribution); compare greedy runs", cfg.reference)
         reference = {}
     check_fits(cfg)   # plan.gpu_memory set: refuse a run the memory planner says cannot fit, before loading
-    method = build_method(cfg.method, cfg.model.name, bool(cfg.get("allow_untrained")))
+    method = build_method(cfg.method)
     store = RunStore(run_dir)
     with store.lock():   # one writer per run folder: a second run/resume is refused here, before the model loads
         return _bench(cfg, store, method, questions, reference)
@@ -202,10 +201,9 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
             tracker.log_record(record)
         records = store.records()
         summary = glossary.summarize(records)
-        head = head_info(cfg.method)
         summary.update(model=cfg.model.name, method=cfg.method.name, bench=cfg.bench.name,
-                       run_dir=str(store.dir), head_path=head and head["path"],
-                       untrained_head=bool(head and head["untrained"]))
+                       run_dir=str(store.dir), head_path=info["head"] and info["head"]["path"],
+                       untrained_head=untrained)
         if baseline is not None:
             summary.update(speedups_against(baseline, records))
         store.write_summary(summary)

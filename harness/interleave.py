@@ -36,7 +36,7 @@ def answer_totals(times: list[float], tokens: list[int]) -> dict[int, dict]:
 
 
 def run(methods: list[str], overrides: list[str], passes: int) -> dict:
-    from harness.bench import Runner, answer_question, build_method, warm_up
+    from harness.bench import Runner, answer_question, build_method, check_head, warm_up
     from harness.data.questions import load_questions
     from harness.model.loading import load_model
 
@@ -46,9 +46,10 @@ def run(methods: list[str], overrides: list[str], passes: int) -> dict:
     if base.threads:
         torch.set_num_threads(int(base.threads))
     questions = load_questions(base.bench)
-    built = {m: build_method(c, base.model.name, bool(base.get("allow_untrained"))) for m, c in method_cfgs.items()}
+    for method_cfg in method_cfgs.values():     # a head method without a head: refused before the model loads
+        check_head(method_cfg, base.model.name, bool(base.get("allow_untrained")))
     loaded = load_model(base.model, base.device)
-    runners = {m: Runner(built[m], loaded, base) for m in methods}
+    runners = {m: Runner(build_method(c), loaded, base) for m, c in method_cfgs.items()}
     for runner in runners.values():
         warm_up(runner, questions[0], int(base.warmup), int(base.warmup_tokens))
     times = {m: [] for m in methods}

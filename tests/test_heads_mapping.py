@@ -11,7 +11,7 @@ import pytest
 from hydra.utils import get_class
 
 from harness import CONF_DIR, REPO_ROOT
-from harness.bench import build_method, run_bench
+from harness.bench import build_method, check_head, run_bench
 from harness.heads.checkpoint import locate
 from harness.infra.errors import HarnessError
 from tests.conftest import compose_config, make_tiny_llama
@@ -90,11 +90,12 @@ def test_every_head_method_on_every_model_has_a_head_or_is_refused_before_loadin
 def test_the_refusal_names_the_key_the_method_reads(tmp_path):
     cfg = compose_config("model=llama2-7b-chat", "method=medusa", "logger=none")
     with pytest.raises(HarnessError, match=r"model\.heads\.medusa is empty.*allow_untrained=true"):
-        build_method(cfg.method, cfg.model.name)
+        check_head(cfg.method, cfg.model.name, allow_untrained=False)
     cfg = compose_config("model=vicuna-7b-v1.5", "method=eagle2_cpu", "logger=none")
     with pytest.raises(HarnessError, match=r"model\.heads\.eagle2 is empty"):
-        build_method(cfg.method, cfg.model.name)
-    assert build_method(cfg.method, cfg.model.name, allow_untrained=True).head_path is None
+        check_head(cfg.method, cfg.model.name, allow_untrained=False)
+    check_head(cfg.method, cfg.model.name, allow_untrained=True)
+    assert build_method(cfg.method).head_path is None
 
 
 def test_a_hub_id_is_fetched_through_the_hub_cache_and_loads_as_published(tmp_path, monkeypatch):
@@ -110,7 +111,8 @@ def test_a_hub_id_is_fetched_through_the_hub_cache_and_loads_as_published(tmp_pa
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     cfg = compose_config("experiment=gpu_vicuna7b", "method=medusa")
-    proposer = build_method(cfg.method, cfg.model.name)
+    check_head(cfg.method, cfg.model.name, allow_untrained=False)      # the Hub id counts as a head
+    proposer = build_method(cfg.method)
     with single_thread():
         proposer.setup(as_loaded(tiny))
         assert asked == [("FasterDecoding/medusa-vicuna-7b-v1.3", ["*.json", "*.safetensors", "*.bin", "*.pt"])]

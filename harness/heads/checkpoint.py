@@ -293,8 +293,8 @@ def locate(head_path: str | Path) -> Path:
         return folder
     text = str(head_path)
     if folder.exists() or not HUB_ID.match(text):
-        raise HarnessError(f"head {text} does not exist (no such folder, and not a Hub id owner/name); point the method's head at a "
-                           f"head folder: model.heads.<method>=DIR or method.head_path=DIR")
+        raise HarnessError(f"head {text} does not exist (no such folder, and not a Hub id owner/name); point "
+                           f"the method's head at a head folder: model.heads.<method>=DIR or method.head_path=DIR")
     from huggingface_hub import snapshot_download
 
     try:
