@@ -55,6 +55,7 @@ from transformers.models.llama.modeling_llama import (LlamaMLP, LlamaRMSNorm, Ll
                                                       apply_rotary_pos_emb)
 
 from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
+from harness.engine.rng import categorical
 from harness.engine.sizing import keep_most_likely, make_sizer
 from harness.engine.tree import best_nodes, index_tree, preset_paths, subtree
 from harness.heads.base import BaseHandles, DraftHead, build_head
@@ -490,7 +491,7 @@ def sample_children(logits: torch.Tensor, count: int, temperature: float, genera
     tokens, rows = [], []
     for _ in range(count):
         if q.sum() > 0:
-            token = int(torch.multinomial(q, 1, generator=generator))
+            token = categorical(q, generator)
             rows.append(q)
         else:   # the support is exhausted: propose the best undrawn token as a point mass (still exact)
             token = int(logits.float().index_fill(0, torch.tensor(tokens, device=logits.device), -math.inf).argmax())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from harness.engine.acceptance import target_probs
+from harness.engine.rng import categorical
 from harness.engine.loop import DecodeContext, Draft, DraftLength, Proposer, Step
 from harness.engine.target import Target
 from harness.infra.errors import HarnessError
@@ -74,7 +75,7 @@ class EarlyExitProposer(Proposer):
                 if q_draft is None:
                     token = int(logits.argmax())
                 else:
-                    token = int(torch.multinomial(q_draft, 1, generator=ctx.generator))
+                    token = categorical(q_draft, ctx.generator)
                     q_rows.append(q_draft)
                 tokens.append(token)
         finally:

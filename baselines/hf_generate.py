@@ -11,6 +11,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from harness.engine.acceptance import Sampling
+from harness.engine.rng import seed_from
 from harness.engine.loop import Clock, StopCriteria, TurnResult
 from harness.engine.target import Target
 
@@ -77,7 +78,7 @@ class HFGenerate:
     def generate_turn(self, target: Target, prompt_ids: list[int], sampling: Sampling, stop: StopCriteria,
                       generator: torch.Generator | None) -> TurnResult:
         if generator is not None and not sampling.greedy:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            torch.manual_seed(seed_from(generator))
         clock = Clock(target.device)
         ids = torch.tensor([prompt_ids], device=target.device)
         counter = _StepCounter(len(prompt_ids))

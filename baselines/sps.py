@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from harness.engine.acceptance import target_probs
+from harness.engine.rng import categorical
 from harness.engine.loop import DecodeContext, Draft, DraftLength, Proposer, Step
 from harness.infra.errors import HarnessError
 from harness.engine.tree import compact_cache
@@ -117,7 +118,7 @@ class SpSProposer(Proposer):
                 token = int(logits.argmax())
             else:
                 q_draft = target_probs(logits, ctx.sampling)
-                token = int(torch.multinomial(q_draft, 1, generator=ctx.generator))
+                token = categorical(q_draft, ctx.generator)
                 q_rows.append(q_draft)
             tokens.append(token)
             feed = [token]

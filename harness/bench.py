@@ -222,7 +222,8 @@ def format_summary(summary: dict) -> str:
     tau = summary["tau"]
     lines = [f"{summary['method']} on {summary['model']} / {summary['bench']}: {summary['questions']} questions, "
              f"{summary['new_tokens']} tokens in {summary['wall_time']:.1f} s = {summary['tokens_per_s']:.2f} tokens/s, "
-             f"τ = {tau:.2f}"]
+             f"τ = {tau:.2f} (prefill = 1 step; Spec-Bench's decode-steps-only τ "
+             f"{summary.get('tau_spec_bench', float('nan')):.2f})"]
     if summary.get("untrained_head"):
         lines.append("UNTRAINED head (allow_untrained=true): random drafts, not a speed number for this method")
     if summary.get("lossless"):
@@ -236,7 +237,9 @@ def format_summary(summary: dict) -> str:
         shown = (f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None
                  else f"[no interval: {summary.get('speedup_questions')} paired question(s)]")
         lines.append(f"speedup vs {summary['baseline_run']}: {summary['speedup']:.2f}x {shown} (mean of per-question "
-                     f"ratios, 95 % paired bootstrap), {summary['speedup_total']:.2f}x (total tokens / total time)")
+                     f"ratios, 95 % paired bootstrap), {summary['speedup_total']:.2f}x (total tokens / total time)"
+                     + (f", {summary['speedup_spec_bench']:.2f}x (Spec-Bench: mean tokens/s over mean tokens/s)"
+                        if summary.get("speedup_spec_bench") is not None else ""))
     lines.append(f"run folder: {summary['run_dir']}")
     return "\n".join(lines)
 

@@ -1,12 +1,12 @@
 """Speedup, τ and lossless against the matching vanilla run (../shared/DESIGN.md, "Metrics").
 
 Every number comes from the glossary, harness/engine/metrics.py (its docstring defines each one); this
-module only decides which runs are compared. The report shows two speedup definitions, `per_question`
-(the mean of per-question ratios, Spec-Bench's unit) and `total` (total tokens / total time), each with
-its 95 % paired bootstrap interval (`speedup_<definition>_ci_low` / `_ci_high`: NaN below 2 questions).
-(Spec-Bench's own evaluation/speed.py divides the mean per-question tokens/s of the method by that of
-vanilla: a third definition, between the two; we do not report it. harness/interleave.py's geometric
-mean of per-question ratios is in the glossary too.)
+module only decides which runs are compared. The report shows three speedup definitions, `per_question`
+(the mean of per-question ratios), `total` (total tokens / total time) and `spec_bench` (Spec-Bench's
+evaluation/speed.py: the mean per-question tokens/s of the method over that of vanilla, a ratio of means),
+each with its 95 % paired bootstrap interval (`speedup_<definition>_ci_low` / `_ci_high`: NaN below 2
+questions). τ comes in two conventions: `tau` (prefill = 1 step, the harness's) and `tau_spec_bench` (decode
+steps only, Spec-Bench's). harness/interleave.py's geometric mean of per-question ratios is in the glossary too.
 
 Repeats (same method and settings, another `seed`) each get their own speedup against the vanilla run
 with the same seed (else against all vanilla repeats pooled), then are shown as mean ± std.
@@ -27,7 +27,7 @@ from harness.infra.errors import HarnessError
 from reports.results import SETTINGS, Run, differences, task_of
 
 # the definitions the report's tables show (the glossary names them all)
-DEFINITIONS = {name: glossary.SPEEDUPS[name] for name in ("per_question", "total")}
+DEFINITIONS = {name: glossary.SPEEDUPS[name] for name in ("per_question", "total", "spec_bench")}
 
 
 @dataclass
@@ -152,6 +152,7 @@ def run_metrics(group: Group, tasks: list[str], baseline: str = "vanilla") -> pd
                "wall_time": wall, "tokens_per_s": glossary.tokens_per_s(summed["new_tokens"], wall),
                "tokens_per_s_mean": glossary.tokens_per_s_mean(mine),
                "tau": glossary.tau(summed["new_tokens"], summed["steps"]),
+               "tau_spec_bench": glossary.tau_spec_bench(turns),
                "draft_tokens_per_step": glossary.draft_tokens_per_step(summed["draft_tokens"], summed["steps"]),
                "draft_share": glossary.stage_share(turns, "draft_time"),
                "verify_share": glossary.stage_share(turns, "verify_time"),
@@ -216,6 +217,7 @@ def speedups_against(base: Run, records: list[dict]) -> dict:
     bounds = glossary.speedup_interval(mine, theirs, "per_question")
     return {"speedup": glossary.speedup(mine, theirs, "per_question"),
             "speedup_total": glossary.speedup(mine, theirs, "total"),
+            "speedup_spec_bench": glossary.speedup(mine, theirs, "spec_bench"),
             "speedup_ci_low": bounds[0] if bounds else None, "speedup_ci_high": bounds[1] if bounds else None,
             "speedup_questions": len(mine.keys() & theirs.keys()), "baseline_run": str(base.path),
             "baseline_method": base.method}

@@ -171,7 +171,7 @@ def tokens_per_s_vs_draft(metrics: pd.DataFrame, labels: list[str], title: str, 
                             fontsize=7, xytext=(4, 3), textcoords="offset points")
     unknown = sorted(set(metrics.loc[metrics["draft_tokens_per_step"].isna(), "label"]))
     note = f"\n(not plotted, draft size not observable: {', '.join(unknown)})" if unknown else ""
-    ax.set_xlabel("mean draft tokens per verify step")
+    ax.set_xlabel("mean draft tokens per verify step (τ: prefill = 1 step)")
     ax.set_ylabel("tokens/s (total tokens / total time)")
     ax.set_ylim(0, max(float(metrics["tokens_per_s"].max()), 1e-9) * 1.15)
     ax.set_xlim(-0.1, max(1.0, float(known["draft_tokens_per_step"].max()) * 1.15))

@@ -3,10 +3,10 @@
     specdec-report runs=multirun/2026-01-01_12-00-00           # a sweep folder
     specdec-report "runs='runs/*_smollm2-135m_*'"              # a glob
     specdec-report "runs=[runs/a,runs/b]" out_dir=report/ab    # a list
-    specdec-report runs=... speedup=total                      # leaderboard with the other speedup definition
+    specdec-report runs=... speedup=spec_bench                 # leaderboard with Spec-Bench's definition and τ
 
-Writes into out_dir: report.md (everything, with the figures), leaderboard.{md,csv,tex} (both speedup
-definitions, the chosen one first), summary / acceptance / topk_accuracy / ablation .{md,csv,tex},
+Writes into out_dir: report.md (everything, with the figures), leaderboard.{md,csv,tex} (the three speedup
+definitions: per_question, total, spec_bench; the chosen one first), summary / acceptance / topk_accuracy / ablation .{md,csv,tex},
 turns.csv (one row per run x question x turn), runs.csv (one row per run), figures/*.png.
 """
 

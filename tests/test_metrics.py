@@ -88,9 +88,34 @@ def test_every_speedup_definition_by_hand():
     assert metrics.speedup(stalled, VANILLA, "per_question") == pytest.approx((2 + 4 + 0) / 3)
     assert metrics.speedup(stalled, VANILLA, "geometric") == pytest.approx(math.sqrt(2 * 4))
     assert math.isnan(metrics.speedup({9: {"new_tokens": 1, "wall_time": 1.0}}, VANILLA, "total"))
-    with pytest.raises(ValueError, match="per_question, total, geometric"):
+    assert metrics.speedup(METHOD, VANILLA, "spec_bench") == pytest.approx(((20 + 40 + 20) / 3) / 10)
+    with pytest.raises(ValueError, match="per_question, total, spec_bench, geometric"):
         metrics.speedup(METHOD, VANILLA, "median")
-    assert set(metrics.SPEEDUPS) == {"per_question", "total", "geometric"}
+    assert set(metrics.SPEEDUPS) == {"per_question", "total", "spec_bench", "geometric"}
+
+
+def test_spec_bench_speedup_is_a_ratio_of_mean_rates():
+    """Spec-Bench's speed.py: mean(method tok/s) / mean(vanilla tok/s); differs from the mean of ratios
+    as soon as vanilla's rate varies over questions."""
+    vanilla = per_question((10, 1.0), (10, 2.0))            # 10 and 5 tok/s
+    method = per_question((20, 1.0), (40, 2.0))             # 20 and 20 tok/s
+    assert metrics.speedup(method, vanilla, "spec_bench") == pytest.approx(20 / 7.5)
+    assert metrics.speedup(method, vanilla, "per_question") == pytest.approx((2 + 4) / 2)
+    assert metrics.speedup(method, vanilla, "total") == pytest.approx((60 / 3) / (20 / 3))
+    low, high = metrics.speedup_interval(method, vanilla, "spec_bench")
+    assert 2.0 <= low <= 20 / 7.5 <= high <= 4.0
+
+
+def test_tau_in_both_conventions_by_hand():
+    turns = metrics.turns_of(two_questions())
+    # harness: 20 tokens / 11 steps (3 prefills counted); Spec-Bench: (20 - 3) / (11 - 3) decode steps only
+    assert metrics.tau(20, 11) == pytest.approx(20 / 11)
+    assert metrics.tau_spec_bench(turns) == pytest.approx(17 / 8)
+    assert metrics.summarize(two_questions())["tau_spec_bench"] == pytest.approx(17 / 8)
+    # vanilla is 1.00 in both; a turn stopped after its prefill token has no decode step
+    plain = [make_turn(5, 1.0, 5), make_turn(1, 0.1, 1)]
+    assert metrics.tau(6, 6) == 1.0 and metrics.tau_spec_bench(plain) == 1.0
+    assert math.isnan(metrics.tau_spec_bench([make_turn(1, 0.1, 1)]))
 
 
 def test_bootstrap_interval_by_hand():

@@ -177,11 +177,26 @@ def test_spec_bench_task_groups_topk_and_trigram_ablation(tmp_path):
     board = board[board["definition"] == "per_question"]
     assert [c for c in board.columns if not c.endswith("_std")][3:] == [
         "Multi-turn Conversation", "Translation", "Summarization", "#Mean Accepted Tokens", "Overall",
-        "Overall_ci_low", "Overall_ci_high", "runs",
+        "tau_convention", "Overall_ci_low", "Overall_ci_high", "runs",
         "lossless_rate", "lossless_exact", "lossless_near_tie", "lossless_mismatch", "lossless_compared"]
     assert list(board["method"]) == ["ours", "ours_no_trigram", "medusa", "vanilla"]   # ablation side by side
     assert board.set_index("method").loc["ours", "Translation"] == pytest.approx(2.0)
     assert board.set_index("method").loc["medusa", "Overall"] == pytest.approx(1.25)
+    # the τ convention is said beside τ; Spec-Bench's leaderboard uses Spec-Bench's τ (decode steps only)
+    assert set(board["tau_convention"]) == {"prefill = 1 step"}
+    spec = report.tables["leaderboard"]
+    spec = spec[spec["definition"] == "spec_bench"].set_index("method")
+    assert set(spec["tau_convention"]) == {"Spec-Bench: decode steps only"}
+    # medusa's turn: 10 tokens in 5 steps, one of them the prefill -> τ 2.0 here, 9 / 4 in Spec-Bench's count
+    assert board.set_index("method").loc["medusa", "#Mean Accepted Tokens"] == pytest.approx(10 / 5)
+    assert spec.loc["medusa", "#Mean Accepted Tokens"] == pytest.approx(9 / 4)
+    assert "#Mean Accepted Tokens (prefill = 1 step)" in report.leaderboard
+    written = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "#Mean Accepted Tokens (Spec-Bench: decode steps only)" in written
+    summary = report.tables["summary"].set_index("method")
+    assert summary.loc["medusa", "tau_spec_bench"] == pytest.approx(9 / 4)
+    assert summary.loc["medusa", "speedup_spec_bench"] == pytest.approx(1.25)   # same tok/s on every question
+    assert "τ (Spec-Bench: decode steps only)" in (tmp_path / "out" / "summary.md").read_text()
     topk = report.tables["topk_accuracy"].set_index("method")
     assert list(c for c in topk.columns if not c.endswith("_std"))[1:] == ["pos1_top1", "pos1_top5", "pos2_top1",
                                                                             "pos2_top5"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from harness.engine.tree import children_of
+from harness.engine.rng import categorical, uniform
 from harness.infra.errors import HarnessError
 
 
@@ -60,7 +61,7 @@ def select_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Gene
     """The target's own next token from logits [vocab]: argmax, or a draw from target_probs."""
     if sampling.greedy:
         return int(logits.argmax())
-    return int(torch.multinomial(target_probs(logits, sampling), 1, generator=generator))
+    return categorical(target_probs(logits, sampling), generator)
 
 
 def greedy_accept(parents: tuple[int, ...], draft_tokens: list[int], logits: torch.Tensor) -> Acceptance:
@@ -106,12 +107,12 @@ def sample_accept(parents: tuple[int, ...], draft_tokens: list[int], logits: tor
             q = None if q_draft is None else q_draft[child - 1].float()
             q_token = 1.0 if q is None else float(q[token])
             ratio = 0.0 if q_token <= 0 else min(1.0, float(p[token]) / q_token)
-            if float(torch.rand((), generator=generator)) < ratio:
+            if uniform(generator) < ratio:
                 accepted = child
                 break
             p = _residual(p, q, token)
         if accepted is None:
-            tokens.append(int(torch.multinomial(p, 1, generator=generator)))
+            tokens.append(categorical(p, generator))
             return Acceptance(path, tokens, len(path) - 1)
         path.append(accepted)
         tokens.append(draft_tokens[accepted - 1])
@@ -163,7 +164,7 @@ def typical_accept(parents: tuple[int, ...], draft_tokens: list[int], logits: to
     path = [0] + path
     last = probs[best]
     truncated = torch.where(last >= bar[best], last, torch.zeros_like(last))
-    bonus = int(torch.multinomial(truncated / truncated.sum(), 1, generator=generator))
+    bonus = categorical(truncated / truncated.sum(), generator)
     tokens = [draft_tokens[node - 1] for node in path[1:]] + [bonus]
     return Acceptance(path, tokens, len(path) - 1)
 

@@ -5,6 +5,10 @@ or plain numbers. Undefined values (a zero denominator, a method that does not r
 - tokens/s (total): generated token ids (never re-tokenised text) / wall time (prefill + decode), every turn.
 - tokens/s (mean): mean over questions of (the question's tokens over all turns / its wall time over all turns).
 - τ (mean accepted length) = generated tokens / verify steps, bonus included, prefill = one step (vanilla 1.00).
+  This convention is stated next to every τ the harness prints ("τ (prefill = 1 step)").
+- τ, Spec-Bench's convention (`tau_spec_bench`) = tokens of the decode steps / decode steps: the prefill's token
+  and step are left out of every turn (Spec-Bench's evaluation/speed.py averages the accept lengths the
+  decoding loop records after the prefill). The same for vanilla (1.00); ~1-2 % above τ for a 256-token turn.
 - draft tokens per step = draft tokens proposed / verify steps (unknown when a turn lacks `draft_sizes`).
 - acceptance at position k = P(draft token k accepted | tokens 1..k-1 accepted) = accepted at k / attempted at k.
 - stage seconds: prefill / draft / verify / bookkeeping time summed over turns (unknown when a turn lacks it);
@@ -13,6 +17,8 @@ or plain numbers. Undefined values (a zero denominator, a method that does not r
   (summary.json `speedup`, the report's default).
 - speedup `total` = (method's total tokens / total time) / (vanilla's total tokens / total time), shared questions
   (summary.json `speedup_total`).
+- speedup `spec_bench` = (mean over shared questions of method tokens/s) / (the same mean for vanilla): Spec-Bench's
+  evaluation/speed.py, a ratio of means, between `per_question` and `total` (report column "Speedup (Spec-Bench)").
 - speedup `geometric` = exp(mean over shared questions of log(per-question ratio)), zero ratios left out
   (harness/interleave.py `ratio_paired`).
 - speedup 95 % interval: paired bootstrap over questions - draw the shared questions with replacement (each
@@ -32,6 +38,7 @@ from harness.engine import lossless
 STAGES = ("prefill_time", "draft_time", "verify_time", "bookkeeping_time")
 SPEEDUPS = {"per_question": "mean of per-question speedups",
             "total": "total tokens / total time, method over vanilla",
+            "spec_bench": "mean per-question tokens/s, method over vanilla (Spec-Bench's speed.py)",
             "geometric": "geometric mean of per-question speedups"}
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -44,6 +51,14 @@ def tokens_per_s(tokens: float, seconds: float) -> float:
 
 
 def tau(tokens: float, steps: float) -> float:
+    return tokens / steps if steps else math.nan
+
+
+def tau_spec_bench(turns: list[dict]) -> float:
+    """τ with Spec-Bench's convention: the prefill step and its token left out of every turn."""
+    started = [t for t in turns if t["steps"] > 0]
+    tokens = sum(max(t["new_tokens"] - 1, 0) for t in started)
+    steps = sum(t["steps"] - 1 for t in started)
     return tokens / steps if steps else math.nan
 
 
@@ -133,13 +148,24 @@ def _total_over_total(pairs: list[tuple[dict, dict]]) -> float:
     return method / base if base and not math.isnan(base) else math.nan
 
 
+def _ratio_of_mean_rates(pairs: list[tuple[dict, dict]]) -> float:
+    rates = [(tokens_per_s(m["new_tokens"], m["wall_time"]), tokens_per_s(v["new_tokens"], v["wall_time"]))
+             for m, v in pairs]
+    rates = [(a, b) for a, b in rates if not (math.isnan(a) or math.isnan(b))]
+    if not rates:
+        return math.nan
+    base = sum(b for _, b in rates) / len(rates)
+    return (sum(a for a, _ in rates) / len(rates)) / base if base else math.nan
+
+
 def _geometric_mean_of_ratios(pairs: list[tuple[dict, dict]]) -> float:
     # a zero ratio (no tokens) has no logarithm: such questions are left out, as undefined ones are
     logs = [math.log(r) for r in (_ratio(m, v) for m, v in pairs) if r > 0]
     return math.exp(sum(logs) / len(logs)) if logs else math.nan
 
 
-_DEFINED_BY = {"per_question": _mean_of_ratios, "total": _total_over_total, "geometric": _geometric_mean_of_ratios}
+_DEFINED_BY = {"per_question": _mean_of_ratios, "total": _total_over_total, "spec_bench": _ratio_of_mean_rates,
+               "geometric": _geometric_mean_of_ratios}
 
 
 def _definition(definition: str):
@@ -199,6 +225,7 @@ def summarize(records: list[dict]) -> dict:
         "tokens_per_s": tokens_per_s(summed["new_tokens"], summed["wall_time"]),
         "tokens_per_s_mean": tokens_per_s_mean(question_totals(records)),
         "tau": tau(summed["new_tokens"], summed["steps"]),
+        "tau_spec_bench": tau_spec_bench(turns),
         "steps": summed["steps"],
         "draft_tokens": summed["draft_tokens"],
     }
