@@ -101,4 +101,4 @@ class HFGenerate:
             lengths.append(min(length, len(kept) - total))
             total += lengths[-1]
         return TurnResult(kept, len(prompt_ids), wall, None, None, None, None, lengths, None,
-                          [], [], reason or "max_new_tokens")
+                          [], [], reason or stop.cap_reason)

@@ -90,6 +90,8 @@ class Runner:
         template = loaded.template
         self.stop = StopCriteria(frozenset(template.stop_token_ids), tuple(template.stop_strings),
                                  loaded.tokenizer, int(cfg.max_new_tokens))
+        self.context_limit = context_limit(cfg, loaded.model.config)
+        self.context_reserve = int(OmegaConf.select(cfg, "context.reserve", default=0) or 0)
         method.setup(loaded)
 
     def turn(self, prompt_ids: list[int], generator: torch.Generator | None, max_new_tokens: int | None = None
@@ -97,9 +99,27 @@ class Runner:
         stop = self.stop
         if max_new_tokens is not None:
             stop = StopCriteria(stop.token_ids, stop.strings, stop.tokenizer, max_new_tokens)
+        if self.context_limit is not None:
+            # EAGLE's rule: stop before prompt + answer + one verify input would pass the model's positions
+            room = self.context_limit - self.context_reserve - len(prompt_ids)
+            if room < stop.max_new_tokens:
+                if room < 1:
+                    log.warning("a %d-token prompt leaves no room under context.limit=%d (reserve %d): one token "
+                                "is generated", len(prompt_ids), self.context_limit, self.context_reserve)
+                stop = StopCriteria(stop.token_ids, stop.strings, stop.tokenizer, max(1, room), "context")
         if isinstance(self.method, Proposer):
             return decode_turn(self.target, self.method, prompt_ids, self.sampling, stop, generator)
         return self.method.generate_turn(self.target, prompt_ids, self.sampling, stop, generator)
+
+
+def context_limit(cfg: DictConfig, model_config) -> int | None:
+    """bench `context.limit`: positions a turn may fill (prompt + answer); auto = the model's
+    max_position_embeddings (None where the config has none), null = no cap."""
+    limit = OmegaConf.select(cfg, "context.limit", default=None)
+    if limit == "auto":
+        found = getattr(model_config, "max_position_embeddings", None)
+        return int(found) if found else None
+    return None if limit is None else int(limit)
 
 
 def turn_record(index: int, result: TurnResult, text: str) -> dict:
@@ -127,11 +147,21 @@ def answer_question(runner: Runner, question: Question, seed: int) -> list[dict]
     return turns
 
 
-def warm_up(runner: Runner, question: Question, count: int, tokens: int) -> None:
-    """Untimed generations so lazy init, allocator growth and kernel selection stay off the clock."""
+def warm_up(runner: Runner, question: Question, count: int, tokens: int | None) -> None:
+    """Untimed generations so lazy init, allocator growth and kernel selection stay off the clock: `count`
+    times either the first turn for `tokens` new tokens, or (tokens=None) the whole question, every turn at
+    max_new_tokens, as Spec-Bench warms up (3 times its first question)."""
     prompt_ids = runner.loaded.template.encode([(question.turns[0], None)])
     for _ in range(count):
-        runner.turn(prompt_ids, torch.Generator(device=runner.target.device).manual_seed(0), tokens)
+        if tokens is None:
+            answer_question(runner, question, 0)
+        else:
+            runner.turn(prompt_ids, torch.Generator(device=runner.target.device).manual_seed(0), tokens)
+
+
+def warmup_tokens(cfg: DictConfig) -> int | None:
+    value = cfg.get("warmup_tokens")
+    return None if value is None else int(value)
 
 
 def load_reference(path: str | None) -> dict[int, dict]:
@@ -182,7 +212,7 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
         runner = Runner(method, loaded, cfg)
         check = LosslessCheck(loaded, cfg.get("lossless", {}).get("tolerance")) if reference else None
         if todo and cfg.warmup:
-            warm_up(runner, todo[0], int(cfg.warmup), int(cfg.warmup_tokens))
+            warm_up(runner, todo[0], int(cfg.warmup), warmup_tokens(cfg))
         bar = tqdm(todo, desc=f"{cfg.method.name} on {cfg.bench.name}", unit="q", disable=not cfg.progress,
                    initial=0, total=len(todo))
         tokens = seconds = 0.0

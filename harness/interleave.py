@@ -36,7 +36,7 @@ def answer_totals(times: list[float], tokens: list[int]) -> dict[int, dict]:
 
 
 def run(methods: list[str], overrides: list[str], passes: int) -> dict:
-    from harness.bench import Runner, answer_question, build_method, check_head, warm_up
+    from harness.bench import Runner, answer_question, build_method, check_head, warm_up, warmup_tokens
     from harness.data.questions import load_questions
     from harness.model.loading import load_model
 
@@ -51,7 +51,7 @@ def run(methods: list[str], overrides: list[str], passes: int) -> dict:
     loaded = load_model(base.model, base.device)
     runners = {m: Runner(build_method(c), loaded, base) for m, c in method_cfgs.items()}
     for runner in runners.values():
-        warm_up(runner, questions[0], int(base.warmup), int(base.warmup_tokens))
+        warm_up(runner, questions[0], int(base.warmup), warmup_tokens(base))
     times = {m: [] for m in methods}
     tokens = {m: [] for m in methods}
     answers = {m: [] for m in methods}

@@ -144,6 +144,7 @@ class StopCriteria:
     strings: tuple[str, ...] = ()
     tokenizer: object = None
     max_new_tokens: int = 256
+    cap_reason: str = "max_new_tokens"   # "context" when the cap is the model's context (bench `context.limit`)
 
     def cut(self, generated: list[int], new: list[int]) -> tuple[list[int], str | None]:
         """Append `new` to `generated` one by one; stop at a stop token (kept), a stop string or the cap."""
@@ -158,7 +159,7 @@ class StopCriteria:
                 if any(s in tail for s in self.strings):
                     return kept, "stop_string"
             if total >= self.max_new_tokens:
-                return kept, "max_new_tokens"
+                return kept, self.cap_reason
         return kept, None
 
 

@@ -64,7 +64,10 @@ COMMON: list[Rule] = [
 BENCH: list[Rule] = COMMON + DECODING + [
     ("max_new_tokens", integer_at_least(1), "an integer >= 1 (new tokens per turn)"),
     ("warmup", integer_at_least(0), "an integer >= 0 (untimed warm-up generations)"),
-    ("warmup_tokens", integer_at_least(1), "an integer >= 1"),
+    ("warmup_tokens", optional(integer_at_least(1)), "an integer >= 1, or null for whole questions (Spec-Bench)"),
+    ("context.limit", lambda v: v is None or v == "auto" or integer_at_least(2)(v),
+     "auto (the model's max_position_embeddings), an integer >= 2, or null (no cap)"),
+    ("context.reserve", integer_at_least(0), "an integer >= 0 (positions kept free for a verify input)"),
 ]
 DISTILL: list[Rule] = COMMON + DECODING + [
     ("max_length", integer_at_least(2), "an integer >= 2 (tokens of a whole conversation)"),
