@@ -5,14 +5,19 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
+# The configs and the shipped heads: conf/ and heads/ of the source tree (a checkout, an editable install), or
+# their copies inside an installed wheel (pyproject.toml maps them to harness/_resources/; Hydra also reads
+# them as pkg://harness._resources.conf).
+_IN_SOURCE_TREE = (REPO_ROOT / "conf" / "config.yaml").is_file()
+RESOURCE_ROOT = REPO_ROOT if _IN_SOURCE_TREE else Path(__file__).resolve().parent / "_resources"
+CONF_DIR = RESOURCE_ROOT / "conf"
 
 
 def model_head(*keys: str, _root_) -> str | None:
     """`${head:<key>[,<fallback>...]}` in a method config: the draft head the composed model config names for
     this method (`model.heads.<key>`; the first key that is set wins, so EAGLE-2 reads `eagle2`, else the EAGLE-1
-    head it was published with). A value is a folder (relative to the working directory, else to the repository,
-    made absolute here) or a Hub id (`owner/name`, fetched when the head loads: harness.heads.checkpoint.locate);
+    head it was published with). A value is a folder (relative to the working directory, else to the repository
+    or the installed package's shipped heads, made absolute here) or a Hub id (`owner/name`, fetched when the head loads: harness.heads.checkpoint.locate);
     None when the model names no head for the method: the bench then refuses to run unless `allow_untrained=true`.
     One sweep can give every method its own head: `model.heads.eagle=DIR model.heads.medusa=DIR2`."""
     heads = (_root_.get("model") or {}).get("heads") or {}
@@ -20,7 +25,7 @@ def model_head(*keys: str, _root_) -> str | None:
         value = heads.get(key)
         if value:
             value = str(value)
-            for base in (Path.cwd(), REPO_ROOT):
+            for base in (Path.cwd(), RESOURCE_ROOT):
                 if (base / value).exists():
                     return str((base / value).resolve())
             return value

@@ -43,6 +43,12 @@ PACKAGES = ("torch", "transformers", "accelerate", "hydra-core", "fschat", "wand
 
 
 def git_commit() -> str | None:
+    """The checkout's commit (+ "-dirty"); None for an installed wheel (its version is in `versions`), whose
+    folder may sit inside some other repository."""
+    import harness
+
+    if not harness._IN_SOURCE_TREE:
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
         if out.returncode != 0:
