@@ -295,7 +295,7 @@ class EagleHead(DraftHead):
         check_state_dict(head.state_dict(), state, str(folder), "EAGLE layout", "is it an EAGLE-1/2 head? re-download it")
         head.load_state_dict(state)
         log.info("loaded the published EAGLE head %s (%d layer(s), fc bias %s)", folder, layers, "fc.bias" in tensors)
-        return head.to(device=loaded.device, dtype=loaded.dtype).eval().requires_grad_(False)
+        return head.to(device=loaded.head_device, dtype=loaded.dtype).eval().requires_grad_(False)
 
     @classmethod
     def kwargs_from_base(cls, base_config, kwargs: dict) -> dict:
@@ -547,7 +547,7 @@ class EagleProposer(Proposer):
     def setup(self, loaded) -> None:
         self.head = load_or_init_head(self.head_path, loaded, "eagle", official=self.official, **self.head_kwargs)
         self.base = BaseHandles.for_head(loaded.model, self.head)
-        self.device, self.dtype = loaded.device, loaded.dtype
+        self.device, self.dtype = loaded.head_device, loaded.dtype
         self.clock = Clock(loaded.device)
         if self.tree == "static":
             self.parents, self.depths, self.ranks = index_tree(self.choices)

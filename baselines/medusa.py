@@ -183,7 +183,7 @@ class MedusaHead(DraftHead):
         state = {key: value for key, value in state.items() if int(key.split(".")[1]) < used}
         check_state_dict(expected, state, str(folder), "Medusa layout", "pick the head published for this model")
         head.load_state_dict(state)
-        return head.to(device=loaded.device, dtype=loaded.dtype).eval().requires_grad_(False)
+        return head.to(device=loaded.head_device, dtype=loaded.dtype).eval().requires_grad_(False)
 
     @property
     def num_positions(self) -> int:
@@ -260,7 +260,7 @@ class MedusaProposer(Proposer):
         heads = [depth - 1 for depth in depths]
         if not self.parents:
             raise HarnessError("medusa_choices leaves no node for this head; give at least one path like [0]")
-        device = loaded.device
+        device = loaded.head_device
         self.node_head = torch.tensor(heads, device=device)     # [n] which head drafts each node
         self.node_rank = torch.tensor(ranks, device=device)     # [n] its rank in that head's top-k
         self.top_k = max(ranks) + 1

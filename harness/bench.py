@@ -137,7 +137,7 @@ def answer_question(runner: Runner, question: Question, seed: int) -> list[dict]
     """Both turns; turn 2's prompt carries this method's own turn-1 answer (FastChat / Spec-Bench)."""
     template, tokenizer = runner.loaded.template, runner.loaded.tokenizer
     turns = []
-    device = runner.target.device
+    device = runner.target.output_device      # where the logits it samples from come out
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + question.question_id)
     for index in range(len(question.turns)):
         prompt_ids = template.turn_prompt(question.turns, [t["text"] for t in turns])
@@ -156,7 +156,7 @@ def warm_up(runner: Runner, question: Question, count: int, tokens: int | None) 
         if tokens is None:
             answer_question(runner, question, 0)
         else:
-            runner.turn(prompt_ids, torch.Generator(device=runner.target.device).manual_seed(0), tokens)
+            runner.turn(prompt_ids, torch.Generator(device=runner.target.output_device).manual_seed(0), tokens)
 
 
 def warmup_tokens(cfg: DictConfig) -> int | None:

@@ -34,6 +34,12 @@ Training (mode=train; the base frozen, its forward under no_grad): the head in f
   gradient; the head's hidden activations, 4 hidden-sized fp32 tensors per position and token.
 Overhead (CUDA only): `overhead.fixed_gib` for the CUDA context, cuBLAS workspaces and kernels (0.5-1 GiB on
   current GPUs) + `overhead.fraction` of everything for the caching allocator's fragmentation.
+Several GPUs (`gpus=N`, or the visible GPUs when the model config sets `device_map`): accelerate gives each GPU
+  a share of the decoder layers, so the decoder Linear weights and the KV cache are divided by N; the rest is
+  charged in full to the heaviest GPU (the embeddings and the lm_head, the draft head beside the lm_head, one
+  layer's activations and the logits), with its own CUDA context. The verdict compares that per-GPU figure with
+  gpu_memory (one card's memory); the total over all GPUs is in the title. An upper bound: auto's split is even
+  only to within a layer.
 """
 
 from __future__ import annotations
@@ -192,8 +198,10 @@ def head_parameters(method_cfg, arch: Architecture) -> tuple[str | None, int, in
     for key, value in arch_fields.items():
         if key in accepted:
             chosen.setdefault(key, value)
+    base_config = {"hidden_size": arch.hidden_size, "vocab_size": arch.vocab_size,
+                   "max_position_embeddings": arch.max_position_embeddings, **arch_fields}
     with torch.device("meta"):
-        head = build_head(head_type, {"hidden_size": arch.hidden_size, "vocab_size": arch.vocab_size}, **chosen)
+        head = build_head(head_type, base_config, **chosen)
     return head_type, sum(p.numel() for p in head.parameters()), int(head.num_positions)
 
 
@@ -322,22 +330,40 @@ def fmt_gib(value: int) -> str:
 # config -> plan
 
 
+SPLIT_ROWS = ("weights: decoder Linear layers", "KV cache")   # divided over GPUs by accelerate's layer split
+OVERHEAD_ROW = "CUDA context + allocator overhead"
+
+
+def per_gpu(rows: list[Row], gpus: int, overhead_gib: float, overhead_fraction: float) -> list[Row]:
+    """The heaviest GPU's rows when the model's layers are spread over `gpus` GPUs (see the module doc)."""
+    if gpus <= 1:
+        return rows
+    spread = [Row(r.component, -(-r.bytes // gpus), f"{r.note}; 1/{gpus} per GPU (layer split)")
+              if r.component in SPLIT_ROWS else r for r in rows if r.component != OVERHEAD_ROW]
+    subtotal = sum(r.bytes for r in spread)
+    spread.append(Row(OVERHEAD_ROW, int(overhead_gib * GIB + overhead_fraction * subtotal),
+                      f"{overhead_gib:g} GiB context/workspaces + {overhead_fraction:.0%} fragmentation, per GPU"))
+    return spread
+
+
 @dataclass
 class Plan:
     rows: list[Row]
     total: int
     budget: int | None
     title: str
+    gpus: int = 1
 
     @property
     def fits(self) -> bool:
         return self.budget is None or self.total <= self.budget
 
     def verdict(self) -> str:
+        where = f" per GPU on each of {self.gpus} GPUs" if self.gpus > 1 else ""
         if self.budget is None:
-            return f"{self.title}: needs {fmt_gib(self.total)} GiB (no gpu_memory given)"
+            return f"{self.title}: needs {fmt_gib(self.total)} GiB{where} (no gpu_memory given)"
         word = "fits" if self.fits else "DOES NOT FIT"
-        return (f"{self.title}: {word} - needs {fmt_gib(self.total)} GiB of {fmt_gib(self.budget)} GiB "
+        return (f"{self.title}: {word} - needs {fmt_gib(self.total)} GiB{where} of {fmt_gib(self.budget)} GiB "
                 f"({self.total / self.budget:.0%})")
 
     def table(self):
@@ -389,9 +415,28 @@ def plan_from_config(cfg: DictConfig, quantization: str | None = None, gpu_memor
                     overhead_fraction=float(overhead.get("fraction", 0.05)))
     budget_text = gpu_memory if gpu_memory is not None else plan_cfg.get("gpu_memory")
     budget = parse_memory(budget_text) if budget_text else None
+    gpus = plan_gpus(plan_cfg, model_cfg, device)
+    single = sum(r.bytes for r in rows)
+    rows = per_gpu(rows, gpus, float(overhead.get("fixed_gib", 1.0)), float(overhead.get("fraction", 0.05)))
+    spread = (f", {gpus} GPUs (device_map {model_cfg.get('device_map') or 'auto'}; {fmt_gib(single)} GiB on one)"
+              if gpus > 1 else "")
     title = (f"{model_cfg.name} {quantization} {dtype} on {device}, {method_cfg.name} (tree {tree_size}), "
-             f"seq {max_seq_len}, batch {int(plan_cfg.get('batch_size') or 1)}, {plan_cfg.get('mode') or 'infer'}")
-    return Plan(rows, sum(r.bytes for r in rows), budget, title)
+             f"seq {max_seq_len}, batch {int(plan_cfg.get('batch_size') or 1)}, {plan_cfg.get('mode') or 'infer'}"
+             f"{spread}")
+    return Plan(rows, sum(r.bytes for r in rows), budget, title, gpus)
+
+
+def plan_gpus(plan_cfg, model_cfg, device: str) -> int:
+    """GPUs the model is spread over: `gpus=N` (specdec-plan), else the visible GPUs when the model config sets
+    device_map (what specdec-bench will use), else 1."""
+    asked = plan_cfg.get("gpus")
+    if asked is not None:
+        if not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
+            raise HarnessError(f"gpus={asked!r} must be an integer >= 1; fix gpus=")
+        return asked
+    if device == "cuda" and model_cfg.get("device_map") is not None:
+        return max(1, torch.cuda.device_count())
+    return 1
 
 
 def check_fits(cfg: DictConfig) -> Plan | None:

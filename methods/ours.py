@@ -148,7 +148,7 @@ class OursProposer(Proposer):
                                f"says trigram={self.head_kwargs['trigram']}; use "
                                f"method={'ours' if self.head.trigram else 'ours_no_trigram'}")
         self.base = BaseHandles.for_head(loaded.model, self.head)
-        self.device = loaded.device
+        self.device = loaded.head_device
         self.depth_limit = 1 << 30              # auto, while drafting pays: one level past the deepest node kept
         if self.auto:
             self.clock = Clock(loaded.device)

@@ -188,14 +188,16 @@ class TurnResult:
 
 
 class Clock:
-    """perf_counter, synchronised on CUDA so a timer never reads queued work as done."""
+    """perf_counter, synchronised on CUDA so a timer never reads queued work as done: every visible GPU, since
+    a model spread over several (model.device_map) queues work on each of them."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.gpus = torch.cuda.device_count() if self.cuda else 0
 
     def __call__(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
+        for index in range(self.gpus):
+            torch.cuda.synchronize(index)
         return time.perf_counter()
 
 

@@ -25,7 +25,10 @@ class Target:
         self.model = model
         self.body = getattr(model, model.base_model_prefix)
         self.lm_head = model.get_output_embeddings()
-        self.device = next(model.parameters()).device
+        # a model spread over GPUs (model.device_map): ids enter at the embedding's device, logits (and the
+        # draft heads, which read the final hidden states) live on the lm_head's
+        self.device = model.get_input_embeddings().weight.device
+        self.output_device = self.lm_head.weight.device if hasattr(self.lm_head, "weight") else self.device
         self.dtype = self.lm_head.weight.dtype if hasattr(self.lm_head, "weight") else torch.float32
         self.cache: DynamicCache | None = None
 

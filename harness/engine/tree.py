@@ -100,10 +100,14 @@ def compact_cache(cache, past: int, keep: list[int], layers: int | None = None) 
                 layer.values = layer.values[..., :target_len, :]
         return
     index = torch.tensor([past + i for i in keep], device=cache_layers[0].keys.device)
+    on_device = {index.device: index}      # layers spread over GPUs (model.device_map): one copy per device
     target_len = past + len(keep)
     for layer in cache_layers:
-        layer.keys[..., past:target_len, :] = layer.keys.index_select(-2, index)
-        layer.values[..., past:target_len, :] = layer.values.index_select(-2, index)
+        here = on_device.get(layer.keys.device)
+        if here is None:
+            here = on_device[layer.keys.device] = index.to(layer.keys.device)
+        layer.keys[..., past:target_len, :] = layer.keys.index_select(-2, here)
+        layer.values[..., past:target_len, :] = layer.values.index_select(-2, here)
         layer.keys = layer.keys[..., :target_len, :]
         layer.values = layer.values[..., :target_len, :]
 

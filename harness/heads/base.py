@@ -41,7 +41,10 @@ class BaseHandles:
 
     @staticmethod
     def of(model: torch.nn.Module) -> "BaseHandles":
-        return BaseHandles(model.get_input_embeddings(), model.get_output_embeddings())
+        embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+        if embed.weight.device != lm_head.weight.device:     # a model spread over GPUs (model.device_map)
+            embed = DeviceBridge(embed, lm_head.weight.device)
+        return BaseHandles(embed, lm_head)
 
     @staticmethod
     def for_head(model: torch.nn.Module, head: "DraftHead", scatter: bool = True) -> "BaseHandles":
@@ -52,6 +55,18 @@ class BaseHandles:
         if head.draft_vocab is not None:
             handles.lm_head = DraftVocabProjection(handles.lm_head, head, scatter)
         return handles
+
+
+class DeviceBridge:
+    """The target's input embedding as a head on another device sees it: ids go to the embedding's device, the
+    vectors come back to the head's (the lm_head's device, where the final hidden states come out)."""
+
+    def __init__(self, embed: torch.nn.Module, device: torch.device):
+        self.embed, self.device = embed, device
+        self.weight = embed.weight
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids.to(self.weight.device)).to(self.device)
 
 
 class DraftVocabProjection:

@@ -230,7 +230,7 @@ def load_head(folder: str | Path, loaded) -> DraftHead:
         tensors["draft_vocab"] = tensors["draft_vocab"].to(torch.long)
     head.load_state_dict(tensors)
     check_head_quantization(info, loaded)
-    return head.to(device=loaded.device, dtype=loaded.dtype).eval().requires_grad_(False)
+    return head.to(device=loaded.head_device, dtype=loaded.dtype).eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,4 +332,4 @@ def load_or_init_head(head_path, loaded, head_type: str, official: bool = False,
     warnings.warn(message, stacklevel=2)
     log.warning(message)
     head = build_head(head_type, loaded.model.config, base=BaseHandles.of(loaded.model), **kwargs)
-    return head.to(device=loaded.device, dtype=loaded.dtype).eval().requires_grad_(False)
+    return head.to(device=loaded.head_device, dtype=loaded.dtype).eval().requires_grad_(False)

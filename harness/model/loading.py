@@ -46,6 +46,14 @@ class LoadedModel:
     source: str                     # where the weights came from (path, hub id or gguf cache)
     quantization: str = "none"
 
+    @property
+    def head_device(self) -> torch.device:
+        """Where draft heads live: beside the lm_head (the last GPU of a model spread by model.device_map),
+        which is where the final hidden states they read come out; `device` is where input ids go."""
+        lm_head = self.model.get_output_embeddings()
+        weight = getattr(lm_head, "weight", None)
+        return weight.device if weight is not None else self.device
+
 
 def _gguf_location(cfg: DictConfig) -> tuple[Path, str]:
     package, filename = cfg.gguf.package, cfg.gguf.file
@@ -140,10 +148,12 @@ def load_model(cfg: DictConfig, device: str = "auto", dtype: str | None = None) 
     check_quantization(quantization, dev)
     trust = bool(cfg.get("trust_remote_code", False))
     source = model_source(cfg)
+    spread = placement_kwargs(cfg, dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
         kwargs = dict(dtype=torch_dtype, trust_remote_code=trust)
         kwargs.update(quant_load_kwargs(quantization, dev, torch_dtype))
+        kwargs.update(spread)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except HarnessError:
         raise
@@ -152,12 +162,37 @@ def load_model(cfg: DictConfig, device: str = "auto", dtype: str | None = None) 
         raise HarnessError(
             f"cannot load model '{cfg.name}' from '{source}' ({reason}); download {cfg.hub_id} "
             f"and point at it with model.path=/path/to/{cfg.name}") from exc
-    if quantization == "none" or dev.type != "cuda":
+    if spread:
+        log.info("model %s spread over %s by accelerate (device_map=%s)", cfg.name,
+                 ", ".join(sorted({str(d) for d in model.hf_device_map.values()})), cfg.device_map)
+    elif quantization == "none" or dev.type != "cuda":
         model.to(dev)
     model = quantize_after_load(model, quantization, dev)
     model.eval().requires_grad_(False)
     template = make_template(cfg, tokenizer)
     return LoadedModel(cfg.name, model, tokenizer, template, dev, torch_dtype, source, quantization)
+
+
+def placement_kwargs(cfg: DictConfig, dev: torch.device) -> dict:
+    """`model.device_map` (auto, balanced, sequential or a {module: device} mapping) and `model.max_memory`
+    ({gpu index: "70GiB", ...}): a model too large for one GPU loaded over several by accelerate, as EAGLE runs
+    Llama-2-70B in fp16 (`device_map="auto"`). CUDA only; null = the whole model on `device`."""
+    from omegaconf import OmegaConf
+
+    device_map = cfg.get("device_map")
+    if device_map is None:
+        return {}
+    if dev.type != "cuda":
+        raise HarnessError(f"model.device_map={device_map} spreads a model over GPUs, but this run is on {dev}; "
+                           f"drop model.device_map (or set it to null) on the CPU")
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise HarnessError(f"model.device_map={device_map} must be auto, balanced, balanced_low_0, sequential, a "
+                           f"{{module: device}} mapping, or null")
+    kwargs = {"device_map": OmegaConf.to_container(device_map) if not isinstance(device_map, str) else device_map}
+    if cfg.get("max_memory"):
+        kwargs["max_memory"] = {(int(k) if str(k).isdigit() else str(k)): str(v)
+                                for k, v in OmegaConf.to_container(cfg.max_memory).items()}
+    return kwargs
 
 
 def load_template(cfg: DictConfig, source: str | None = None):
