@@ -150,7 +150,8 @@ def test_resume_refuses_other_settings_and_repairs_a_torn_line(tiny_model_dir, q
 def test_a_killed_run_resumes_to_exactly_one_record_per_question(tiny_model_dir, questions_path, tmp_path):
     run_dir = tmp_path / "killed"
     args = [sys.executable, "-m", "harness.bench",
-            *tiny_bench_overrides(tiny_model_dir, run_dir, questions_path, "bench.limit=8", "max_new_tokens=160")]
+            *tiny_bench_overrides(tiny_model_dir, run_dir, questions_path, "bench.limit=8", "max_new_tokens=160"),
+            f"hydra.run.dir={tmp_path / 'hydra'}"]          # Hydra's own folder outside the checkout
     process = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     answers = run_dir / "answers.jsonl"

@@ -66,13 +66,14 @@ def test_the_shipped_defaults_pass(name, rules):
                                 "device=cpu", "max_new_tokens=1"), rules)
 
 
-def test_the_bench_refuses_before_the_model_loads():
+def test_the_bench_refuses_before_the_model_loads(tmp_path):
     import subprocess
     import sys
 
     from harness import REPO_ROOT
 
-    out = subprocess.run([sys.executable, "-m", "harness.bench", "max_new_tokens=0", "model.path=/nowhere"],
+    out = subprocess.run([sys.executable, "-m", "harness.bench", "max_new_tokens=0", "model.path=/nowhere",
+                          f"hydra.run.dir={tmp_path / 'hydra'}"],   # no run folder left in the checkout
                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1 and "max_new_tokens=0 must be an integer >= 1" in lines[0]
