@@ -548,7 +548,7 @@ class EagleProposer(Proposer):
         self.head = load_or_init_head(self.head_path, loaded, "eagle", official=self.official, **self.head_kwargs)
         self.base = BaseHandles.for_head(loaded.model, self.head)
         self.device, self.dtype = loaded.head_device, loaded.dtype
-        self.clock = Clock(loaded.device)
+        self.clock = Clock(loaded.devices)
         if self.tree == "static":
             self.parents, self.depths, self.ranks = index_tree(self.choices)
             self.max_depth = max(self.depths)

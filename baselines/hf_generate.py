@@ -79,7 +79,7 @@ class HFGenerate:
                       generator: torch.Generator | None) -> TurnResult:
         if generator is not None and not sampling.greedy:
             torch.manual_seed(seed_from(generator))
-        clock = Clock(target.device)
+        clock = Clock(target.devices)
         ids = torch.tensor([prompt_ids], device=target.device)
         counter = _StepCounter(len(prompt_ids))
         kwargs = dict(attention_mask=torch.ones_like(ids), generation_config=self._generation_config(sampling, stop),

@@ -151,7 +151,7 @@ class OursProposer(Proposer):
         self.device = loaded.head_device
         self.depth_limit = 1 << 30              # auto, while drafting pays: one level past the deepest node kept
         if self.auto:
-            self.clock = Clock(loaded.device)
+            self.clock = Clock(loaded.devices)
             self.sizer = make_sizer(loaded, self.latency_curve, self.auto_max_tokens, self.calibrate)
 
     @property

@@ -76,13 +76,16 @@ def test_device_map_is_refused_on_the_cpu_and_when_misspelled():
     assert mapping == {"device_map": {"": 1}}
 
 
-def test_the_clock_waits_for_every_gpu(monkeypatch):
+def test_the_clock_waits_for_every_gpu_the_model_uses_and_no_other(monkeypatch):
     synced = []
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda index=None: synced.append(index))
-    Clock(torch.device("cuda", 0))()
-    assert synced == [0, 1, 2]
+    Clock([torch.device("cuda", 0), torch.device("cuda", 0), torch.device("cuda", 2)])()
+    assert synced == [0, 2]                       # a spread model: its GPUs, once each; GPU 1 is not touched
     synced.clear()
+    Clock(torch.device("cuda"))()
+    assert synced == [None]                       # one device: the current one, as before
+    synced.clear()
+    Clock([torch.device("cpu")])()
     Clock(torch.device("cpu"))()
     assert synced == []
 

@@ -124,7 +124,7 @@ def test_hf_generate_seeds_from_a_gpu_generator(strict_torch, monkeypatch):
     monkeypatch.setattr(hf_generate, "Clock", stop_here)
     method = object.__new__(hf_generate.HFGenerate)
     with pytest.raises(Stop):
-        method.generate_turn(SimpleNamespace(device=torch.device("cpu")), [1, 2], Sampling(temperature=1.0),
+        method.generate_turn(SimpleNamespace(device=torch.device("cpu"), devices=(torch.device("cpu"),)), [1, 2], Sampling(temperature=1.0),
                              None, FakeCudaGenerator(5))
     assert len(seeds) == 1 and "randint" in strict_torch
 

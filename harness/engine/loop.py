@@ -188,16 +188,17 @@ class TurnResult:
 
 
 class Clock:
-    """perf_counter, synchronised on CUDA so a timer never reads queued work as done: every visible GPU, since
-    a model spread over several (model.device_map) queues work on each of them."""
+    """perf_counter, synchronised on CUDA so a timer never reads queued work as done. `device` is one device or
+    the devices a model's weights live on (Target.devices): a model spread by model.device_map queues work on
+    each of its GPUs, and only those are waited for (never a GPU the run does not use)."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.gpus = torch.cuda.device_count() if self.cuda else 0
+    def __init__(self, device):
+        devices = [device] if isinstance(device, (torch.device, str)) else list(device)
+        self.gpus = list(dict.fromkeys(torch.device(d).index for d in devices if torch.device(d).type == "cuda"))
 
     def __call__(self) -> float:
-        for index in range(self.gpus):
-            torch.cuda.synchronize(index)
+        for index in self.gpus:
+            torch.cuda.synchronize(index)      # index None: the current device
         return time.perf_counter()
 
 
@@ -221,7 +222,7 @@ def _position_counts(draft: Draft, acceptance: Acceptance, attempted: list[int],
 @torch.inference_mode()
 def decode_turn(target: Target, proposer: Proposer, prompt_ids: list[int], sampling: Sampling,
                 stop: StopCriteria, generator: torch.Generator | None = None) -> TurnResult:
-    clock = Clock(target.device)
+    clock = Clock(target.devices)
     draft_time = verify_time = bookkeeping_time = 0.0
     start = clock()
     hidden, logits = target.prefill(prompt_ids)

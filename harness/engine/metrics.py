@@ -8,7 +8,8 @@ or plain numbers. Undefined values (a zero denominator, a method that does not r
   This convention is stated next to every τ the harness prints ("τ (prefill = 1 step)").
 - τ, Spec-Bench's convention (`tau_spec_bench`) = tokens of the decode steps / decode steps: the prefill's token
   and step are left out of every turn (Spec-Bench's evaluation/speed.py averages the accept lengths the
-  decoding loop records after the prefill). The same for vanilla (1.00); ~1-2 % above τ for a 256-token turn.
+  decoding loop records after the prefill). The same for vanilla (1.00); above τ for any method that drafts
+  (the left-out prefill step commits 1 token, below the average).
 - draft tokens per step = draft tokens proposed / verify steps (unknown when a turn lacks `draft_sizes`).
 - acceptance at position k = P(draft token k accepted | tokens 1..k-1 accepted) = accepted at k / attempted at k.
 - stage seconds: prefill / draft / verify / bookkeeping time summed over turns (unknown when a turn lacks it);

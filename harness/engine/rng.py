@@ -12,7 +12,7 @@ GPU, with no host round trip for the probabilities); the proposers and acceptanc
   inverse-CDF sampling with a uniform from the generator, so no tensor crosses devices for the draw;
 - `seed_from(generator)`: an int seed for libraries that take the global RNG (transformers' `generate`).
 
-`generator=None` draws from PyTorch's global RNG on the CPU (unseeded use, tests)."""
+`generator=None` draws from PyTorch's global RNG (unseeded use, tests)."""
 from __future__ import annotations
 
 import torch
@@ -28,7 +28,7 @@ def uniform(generator: torch.Generator | None) -> float:
 
 def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One index drawn from `probs` (a 1-D, non-negative vector; it need not sum to exactly 1)."""
-    if generator_device(generator) == probs.device or (generator is None and probs.device.type == "cpu"):
+    if generator is None or generator_device(generator) == probs.device:
         return int(torch.multinomial(probs, 1, generator=generator))
     cumulative = probs.float().cumsum(dim=-1)
     point = uniform(generator) * float(cumulative[-1])

@@ -9,6 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from harness.engine.tree import compact_cache, verify_layout
+from harness.model.device import lm_head_device, model_devices
 from harness.infra.errors import HarnessError
 
 
@@ -28,7 +29,8 @@ class Target:
         # a model spread over GPUs (model.device_map): ids enter at the embedding's device, logits (and the
         # draft heads, which read the final hidden states) live on the lm_head's
         self.device = model.get_input_embeddings().weight.device
-        self.output_device = self.lm_head.weight.device if hasattr(self.lm_head, "weight") else self.device
+        self.output_device = lm_head_device(model)
+        self.devices = model_devices(model)
         self.dtype = self.lm_head.weight.dtype if hasattr(self.lm_head, "weight") else torch.float32
         self.cache: DynamicCache | None = None
 

@@ -41,7 +41,7 @@ def measure_verify_latency(target: Target, prompt_ids: list[int] | None, sizes=D
         target.prefill(prompt_ids)
     elif target.cache is None:
         raise HarnessError("measure_verify_latency: no prompt_ids and no cache to measure over; pass prompt_ids")
-    clock = Clock(target.device)
+    clock = Clock(target.devices)
     past = target.past
     # stand-in draft tokens: real ids from the prompt, cycled (the cost of a dense forward does not
     # depend on which ids it sees)

@@ -17,6 +17,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def model_devices(model: torch.nn.Module) -> tuple[torch.device, ...]:
+    """The devices a model's weights live on: one, or several for a model spread by model.device_map."""
+    return tuple(dict.fromkeys(p.device for p in model.parameters()))
+
+
+def lm_head_device(model: torch.nn.Module) -> torch.device:
+    """Where the logits come out, and where draft heads (which read the final hidden states) belong."""
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    return weight.device if weight is not None else next(model.parameters()).device
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto` is fp32 on CPU (exact, and fp16 matmuls are slow there) and fp16 on GPU."""
     if dtype in (None, "auto"):

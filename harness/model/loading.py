@@ -50,9 +50,16 @@ class LoadedModel:
     def head_device(self) -> torch.device:
         """Where draft heads live: beside the lm_head (the last GPU of a model spread by model.device_map),
         which is where the final hidden states they read come out; `device` is where input ids go."""
-        lm_head = self.model.get_output_embeddings()
-        weight = getattr(lm_head, "weight", None)
-        return weight.device if weight is not None else self.device
+        from harness.model.device import lm_head_device
+
+        return lm_head_device(self.model)
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """Every device holding the model's weights (what a clock must wait for)."""
+        from harness.model.device import model_devices
+
+        return model_devices(self.model)
 
 
 def _gguf_location(cfg: DictConfig) -> tuple[Path, str]:
