@@ -34,3 +34,14 @@ def model_head(*keys: str, _root_) -> str | None:
 
 if not OmegaConf.has_resolver("head"):
     OmegaConf.register_new_resolver("head", model_head)
+
+
+def bench_log_dir(run_dir, stamp: str, name: str) -> str:
+    """hydra.run.dir of specdec-bench: the run folder itself (runs/<time>_<model>_<method>_<bench>), or, with
+    `run_dir=` set, a `logs/<time>` folder inside it (Hydra's .hydra/ and bench.log of that call), so a
+    run_dir call leaves nothing under runs/ and each call's log is its own."""
+    return f"runs/{stamp}_{name}" if run_dir in (None, "") else f"{run_dir}/logs/{stamp}"
+
+
+if not OmegaConf.has_resolver("bench_log_dir"):
+    OmegaConf.register_new_resolver("bench_log_dir", bench_log_dir)

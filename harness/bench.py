@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -19,19 +20,21 @@ from tqdm import tqdm
 
 from harness.engine.acceptance import Sampling
 from harness.infra.app import hydra_app
-from harness.data.questions import Question, load_questions
+from harness.data.questions import Question, load_questions, question_file
 from harness.engine.loop import Proposer, StopCriteria, TurnResult, decode_turn
 from harness.infra.errors import HarnessError
 from harness.infra.settings import BENCH, check_settings
+from harness.infra.signals import Stopped, graceful_stop, resume_command
 from harness.engine.lossless import LosslessCheck, mismatch_details, parse_tolerance
 from harness.engine import metrics as glossary
 from harness.model.loading import LoadedModel, load_model
 from harness.plan import check_fits
 from harness.model.quantization import weight_memory_bytes
-from harness.infra.store import RunStore, hardware
+from harness.infra.store import RUN_INFO, RunStore, file_sha256, hardware, read_json
+from harness.model.device import resolve_device, resolve_dtype
 from harness.engine.target import Target
 from harness.infra.tracking import Tracker
-from reports.compare import check_baseline, speedups_against
+from reports.compare import check_baseline, check_baseline_run, speedups_against, sweep_vanilla
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +167,61 @@ def warmup_tokens(cfg: DictConfig) -> int | None:
     return None if value is None else int(value)
 
 
-def load_reference(path: str | None) -> dict[int, dict]:
-    """question id -> the reference run's record (its turns' token ids and texts)."""
+# What a reference run must share with this run for a token-by-token comparison to mean anything: the target
+# (weights, tokenizer, template, dtype, quantization), the decoding, the answer length and the turns.
+MODEL_KEYS_IGNORED = ("heads", "device_map", "max_memory")    # where the weights sit, not what they compute
+
+
+def _like_for_like(cfg: dict, device: str | None = None) -> dict:
+    """`device`: where the run ran (run.json's hardware.device), else cfg.device resolved here; dtype auto
+    means fp32 on a CPU and fp16 on a GPU, so it is compared resolved."""
+    model = {k: v for k, v in (cfg.get("model") or {}).items() if k not in MODEL_KEYS_IGNORED}
+    dtype = model.get("dtype", "auto")
+    where = resolve_device(device or cfg.get("device") or "auto")
+    model["dtype"] = str(resolve_dtype(dtype, where)).removeprefix("torch.")     # fp32 and float32 alike
+    return {"model": model, "decoding": cfg.get("decoding"), "max_new_tokens": cfg.get("max_new_tokens"),
+            "bench.max_turns": (cfg.get("bench") or {}).get("max_turns"), "context": cfg.get("context")}
+
+
+def reference_differences(reference_info: dict, cfg: dict) -> list[str]:
+    """The settings in which a reference run (its run.json) differs from this run's resolved config (empty:
+    comparable token by token)."""
+    theirs = _like_for_like(reference_info.get("config") or {}, (reference_info.get("hardware") or {}).get("device"))
+    mine = _like_for_like(cfg)
+    changed = []
+    for key in mine:
+        if isinstance(mine[key], dict) and isinstance(theirs[key], dict):
+            changed += [f"{key}.{k} ({theirs[key].get(k)} vs {mine[key].get(k)})"
+                        for k in sorted(mine[key].keys() | theirs[key].keys()) if theirs[key].get(k) != mine[key].get(k)]
+        elif theirs[key] != mine[key]:
+            changed.append(f"{key} ({theirs[key]} vs {mine[key]})")
+    return changed
+
+
+def load_reference(path: str | None, cfg: DictConfig | None = None, question_ids=()) -> dict[int, dict]:
+    """question id -> the reference run's record (its turns' token ids and texts). With `cfg`, the reference is
+    refused unless it ran the same target, decoding, max_new_tokens and turns (named in the error) and shares
+    at least one of `question_ids`."""
     if not path:
         return {}
     store = RunStore(path)
     if not store.answers.is_file():
         raise HarnessError(f"reference={path} has no answers.jsonl; point it at a finished run folder")
-    return {r["question_id"]: r for r in store.records()}
+    records = {r["question_id"]: r for r in store.records()}
+    if cfg is None:
+        return records
+    info = read_json(store.dir / RUN_INFO)
+    if info is None or "config" not in info:
+        raise HarnessError(f"reference={path} has no readable run.json; point it at a run folder the bench wrote")
+    changed = reference_differences(info, OmegaConf.to_container(cfg, resolve=True))
+    if changed:
+        raise HarnessError(f"reference={path} cannot be compared token by token with this run: it differs in "
+                           f"{', '.join(changed)}; point it at a run with the same target and settings")
+    shared = records.keys() & set(question_ids)
+    if not shared:
+        raise HarnessError(f"reference={path} answered none of this run's {len(set(question_ids))} questions; point "
+                           "it at a run of the same bench selection")
+    return records
 
 
 def run_bench(cfg: DictConfig, run_dir: str | Path) -> dict:
@@ -182,27 +232,60 @@ def run_bench(cfg: DictConfig, run_dir: str | Path) -> dict:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
     questions = load_questions(cfg.bench)
-    reference = load_reference(cfg.reference)
+    source = question_file(cfg.bench)
+    reference = load_reference(cfg.reference, cfg, [q.question_id for q in questions])
     parse_tolerance(cfg.get("lossless", {}).get("tolerance"))   # a bad value fails before the model loads
     if reference and float(cfg.decoding.temperature) > 0:
         log.warning("reference=%s is not compared: sampled decoding is lossless in distribution, not token by "
                     "token, so a divergence would say nothing (tests/test_sampling_distribution.py checks the "
                     "distribution); compare greedy runs", cfg.reference)
         reference = {}
+    if cfg.get("baseline_run"):    # a vanilla run sharing questions with this one, before the model loads
+        check_baseline_run(cfg.baseline_run, [q.question_id for q in questions])
     check_fits(cfg)   # plan.gpu_memory set: refuse a run the memory planner says cannot fit, before loading
     method = build_method(cfg.method)
     store = RunStore(run_dir)
-    with store.lock():   # one writer per run folder: a second run/resume is refused here, before the model loads
-        return _bench(cfg, store, method, questions, reference)
+    provenance = {"questions": {"path": str(source), "sha256": file_sha256(source)}}
+    # one writer per run folder: a second run/resume is refused here, before the model loads
+    with store.lock(), graceful_stop("the question in flight") as stop:
+        try:
+            return _bench(cfg, store, method, questions, reference, provenance, stop)
+        except KeyboardInterrupt:        # a second signal: the question in flight is lost, the finished ones kept
+            raise Stopped(f"stopped at once by {stop.name}: {len(store.finished_ids())} finished questions are in "
+                          f"{store.answers}; the one in flight is re-run by: "
+                          f"{resume_command('bench', store.dir, 'run_dir')}", stop.signum or 2) from None
 
 
-def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], reference: dict) -> dict:
-    loaded = load_model(cfg.model, cfg.device)
-    info = {"hardware": hardware(loaded.device), "model_source": loaded.source,
-            "quantization": loaded.quantization, "weight_memory_bytes": weight_memory_bytes(loaded.model),
-            "method": cfg.method.name, "head": head_info(cfg.method)}
-    done = store.open(cfg, bool(cfg.resume), info)
+def from_sweep(cfg: DictConfig, store: RunStore, questions: list[Question], reference: dict):
+    """In a sweep: a finished vanilla job with this run's settings is the baseline of its speedups and, with
+    greedy decoding and no `reference=`, the lossless reference (when it is like for like). (None, reference)
+    when there is none (vanilla listed after this method, or another setting)."""
+    sibling = sweep_vanilla(store.dir)
+    if sibling is None:
+        return None, reference
+    log.info("baseline: the sweep's vanilla job %s (speedups in summary.json and W&B)", sibling.path)
+    if not reference and float(cfg.decoding.temperature) == 0:
+        try:
+            reference = load_reference(str(sibling.path), cfg, [q.question_id for q in questions])
+            log.info("lossless reference: the same vanilla job")
+        except HarnessError as exc:
+            log.info("the sweep's vanilla job is not a lossless reference here: %s", exc)
+    return sibling, reference
+
+
+def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], reference: dict,
+           provenance: dict, stop) -> dict:
+    # the folder is opened (a resume checked against its run: settings, hardware, threads, question file) and
+    # the baseline checked against it before the model loads; what loading finds is added to run.json after
+    info = {"hardware": hardware(resolve_device(cfg.device)), "method": cfg.method.name, "head": head_info(cfg.method),
+            "quantization": cfg.model.get("quantization") or "none", **provenance}
+    done = store.open(cfg, bool(cfg.resume), info, force=bool(cfg.get("force_resume")))
     baseline = check_baseline(cfg.baseline_run, store.dir) if cfg.get("baseline_run") else None
+    if baseline is None and cfg.method.name != "vanilla":
+        baseline, reference = from_sweep(cfg, store, questions, reference)
+    loaded = load_model(cfg.model, cfg.device)
+    store.update_info({"hardware": hardware(loaded.device), "model_source": loaded.source,
+                       "quantization": loaded.quantization, "weight_memory_bytes": weight_memory_bytes(loaded.model)})
     todo = [q for q in questions if q.question_id not in done]
     untrained = bool(info["head"] and info["head"]["untrained"])
     tracker = Tracker.start(cfg, store.dir, "bench", [cfg.model.name, cfg.method.name, cfg.bench.name,
@@ -216,7 +299,10 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
         bar = tqdm(todo, desc=f"{cfg.method.name} on {cfg.bench.name}", unit="q", disable=not cfg.progress,
                    initial=0, total=len(todo))
         tokens = seconds = 0.0
-        for question in bar:
+        started = time.perf_counter()
+        for done_now, question in enumerate(bar, 1):
+            if stop.requested:
+                break
             turns = answer_question(runner, question, int(cfg.seed))
             record = {"question_id": question.question_id, "category": question.category,
                       "model": cfg.model.name, "method": cfg.method.name, "turns": turns}
@@ -228,7 +314,14 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
             seconds += summed["wall_time"]
             bar.set_postfix(tok_s=f"{glossary.tokens_per_s(tokens, seconds):.1f}",
                             tau=f"{glossary.tau(summed['new_tokens'], summed['steps']):.2f}")
+            log_progress(done_now, len(todo), started, question.question_id, summed, tokens, seconds)
             tracker.log_record(record)
+        bar.close()
+        if stop.requested:               # summary.json is written only by a run that finished its questions
+            left = len(questions) - len(store.finished_ids() & {q.question_id for q in questions})
+            raise Stopped(f"stopped by {stop.name}: {left} of {len(questions)} questions left (every finished one is "
+                          f"in {store.answers}); resume with: {resume_command('bench', store.dir, 'run_dir')}",
+                          stop.signum)
         records = store.records()
         summary = glossary.summarize(records)
         summary.update(model=cfg.model.name, method=cfg.method.name, bench=cfg.bench.name,
@@ -248,6 +341,18 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
         tracker.finish(failed=failed)
 
 
+def log_progress(done: int, total: int, started: float, question_id: int, summed: dict, tokens: float,
+                 seconds: float) -> None:
+    """One log line per finished question (Hydra's bench.log, SLURM job logs): what tqdm's bar shows, with the
+    question's own numbers, the rate so far and the ETA."""
+    elapsed = time.perf_counter() - started
+    log.info("question %d done (%d/%d): %d tokens, %.2f tok/s, tau %.2f; run so far %.2f tok/s; %.0f s elapsed, "
+             "ETA %.0f s", question_id, done, total, summed["new_tokens"],
+             glossary.tokens_per_s(summed["new_tokens"], summed["wall_time"]),
+             glossary.tau(summed["new_tokens"], summed["steps"]), glossary.tokens_per_s(tokens, seconds), elapsed,
+             (total - done) * elapsed / done)
+
+
 def format_summary(summary: dict) -> str:
     tau = summary["tau"]
     lines = [f"{summary['method']} on {summary['model']} / {summary['bench']}: {summary['questions']} questions, "
@@ -257,8 +362,10 @@ def format_summary(summary: dict) -> str:
     if summary.get("untrained_head"):
         lines.append("UNTRAINED head (allow_untrained=true): random drafts, not a speed number for this method")
     if summary.get("lossless"):
-        lines.append(f"lossless vs reference: {summary['lossless']} questions "
-                     f"(near-tie: first divergence within {summary.get('lossless_tolerance')} logits of a tie)")
+        compared, questions = summary.get("lossless_compared"), summary["questions"]
+        lines.append(f"lossless vs reference: {summary['lossless']} questions (compared {compared} of {questions}"
+                     + ("; the others are not in the reference" if compared != questions else "")
+                     + f"; near-tie: first divergence within {summary.get('lossless_tolerance')} logits of a tie)")
         if summary.get("lossless_mismatch"):
             lines.append(f"WARNING: LOSSLESS MISMATCH in questions "
                          f"{', '.join(map(str, summary['lossless_mismatch_questions']))}")

@@ -45,6 +45,7 @@ from harness.engine.loop import StopCriteria
 from harness.infra.errors import HarnessError
 from harness.infra.settings import DISTILL, check_settings
 from harness.infra.locks import hold
+from harness.infra.signals import Stopped, graceful_stop, resume_command
 from harness.model.loading import load_model
 from harness.data.self_prompts import (EvalOverlap, NearDuplicates, PromptFilter, clean_user_turn, encode_prefix, open_user_turn,
                                   user_turn_stops)
@@ -439,11 +440,16 @@ def run_distill(cfg: DictConfig) -> dict:
     stem = shard_stem(shard, num_shards)
     # one writer per shard file (shards of one out_dir run in parallel): a second job on this shard is refused
     # here, before the input is read, the model loads or the shard's files are touched
-    with hold(out_dir, "shard or out_dir", key=stem):
-        return _distill_shard(cfg, out_dir, stem, shard, num_shards)
+    with hold(out_dir, "shard or out_dir", key=stem), graceful_stop("the conversation in flight") as stop:
+        try:
+            return _distill_shard(cfg, out_dir, stem, shard, num_shards, stop)
+        except KeyboardInterrupt:   # a second signal: the conversations in flight are lost, the written ones kept
+            raise Stopped(f"stopped at once by {stop.name}: the finished conversations are in "
+                          f"{out_dir / (stem + '.jsonl')}; continue with: {resume_command('distill', out_dir, 'out_dir')}",
+                          stop.signum or 2) from None
 
 
-def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_shards: int) -> dict:
+def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_shards: int, stop) -> dict:
     conversations, overlap = drop_eval_overlap(load_conversations(cfg), cfg)
     mine = [c for c in conversations if shard_of(c.id, num_shards) == shard]
     shard_log, done = open_shard(cfg, out_dir, shard, num_shards, {"eval_overlap": overlap})
@@ -470,10 +476,14 @@ def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_sh
         bar = tqdm(total=len(todo), desc=f"distill {stem}", unit="conv", disable=not cfg.progress, mininterval=5)
         tokens, written, started, run_id = 0, 0, time.perf_counter(), time.time()
         for first in range(0, len(todo), chunk):
+            if stop.requested:
+                break
             for item in distiller.run(todo[first: first + chunk]):
                 shard_log.append(item.record(cfg.model.name))
                 written += 1
                 tokens += sum(item.new_tokens)
+                if stop.requested:        # every conversation written so far is whole; the rest of the chunk waits
+                    break
             elapsed = time.perf_counter() - started
             bar.update(min(chunk, len(todo) - first))
             bar.set_postfix(new_tok=tokens, tok_s=f"{tokens / max(elapsed, 1e-9):.1f}")
@@ -487,6 +497,10 @@ def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_sh
                 log.info("%s: %d/%d conversations, %d new tokens, %.1f tok/s", stem, written, len(todo), tokens,
                          tokens / max(elapsed, 1e-9))
         bar.close()
+        if stop.requested:
+            raise Stopped(f"stopped by {stop.name}: {written} conversations written now, {len(todo) - written} left "
+                          f"(in {shard_log.path}); continue with: {resume_command('distill', out_dir, 'out_dir')}",
+                          stop.signum)
         records = shard_log.records()
         elapsed = time.perf_counter() - started
         summary = {"shard": shard, "num_shards": num_shards, "conversations": len(records),

@@ -69,6 +69,7 @@ from harness.infra.settings import TRAIN, check_settings
 from harness.heads.base import BaseHandles, DraftHead, build_head, head_class, topk_accuracy
 from harness.heads.checkpoint import WEIGHTS_FILE, base_identity, check_base, load_head, read_head_config, save_head
 from harness.infra.locks import hold
+from harness.infra.signals import Stopped, graceful_stop, resume_command
 from harness.model.loading import load_model
 from harness.model.quantization import quantization_signature
 from harness.infra.store import git_commit
@@ -317,13 +318,14 @@ class HeadTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        lengths = getattr(dataset, "lengths", None)
-        if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
-            # lengths from the dataset's index: no pass over the data (a feature cache would read every file)
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        lengths=lengths())
+        if self.args.train_sampling_strategy == "group_by_length" and dataset is not None:
+            # lengths from the dataset's index where it has one: no pass over the data (a feature cache would
+            # read every file); else one pass, as Trainer's own sampler makes
+            lengths = dataset.lengths() if hasattr(dataset, "lengths") else \
+                [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+            return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                            lengths, self.args.data_seed if self.args.data_seed is not None
+                                            else self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -358,6 +360,27 @@ class HeadTrainer(Trainer):
     def _load_best_model(self) -> None:
         load_head_weights(self.accelerator.unwrap_model(self.model).head, self.state.best_model_checkpoint,
                           self.identity)
+
+
+def _length_grouped_sampler():
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    return LengthGroupedSampler
+
+
+class EpochSeededLengthSampler(_length_grouped_sampler()):
+    """Trainer's length-grouped order (similar lengths per batch), drawn from a generator seeded with (seed,
+    epoch): a run resumed in the middle of an epoch sees the batches the uninterrupted run saw (the stock sampler
+    draws from the global RNG, which a resume has reset, so the rest of that epoch came in another order).
+    accelerate calls set_epoch before each epoch, the resumed one included."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed = int(seed)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed * 1_000_003 + int(epoch))
 
 
 class ClipGradValue(TrainerCallback):
@@ -516,7 +539,7 @@ def run_train(cfg: DictConfig) -> dict:
     # one writer per output folder, held by rank 0 for the whole job: a second job into it is refused here,
     # before the model loads
     locked = main_process
-    with hold(cfg.output_dir, "output_dir") if locked else nullcontext():
+    with hold(cfg.output_dir, "output_dir") if locked else nullcontext(), graceful_stop("this step") as stop:
         tracker = Tracker(None)
         if main_process and wandb_enabled(cfg):
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -525,7 +548,12 @@ def run_train(cfg: DictConfig) -> dict:
         args = training_arguments(cfg, report_to_wandb=tracker.run is not None)
         failed = True
         try:
-            summary = _run(cfg, args)
+            try:
+                summary = _run(cfg, args, stop)
+            except KeyboardInterrupt:   # a second signal: back to the last complete checkpoint
+                raise Stopped(f"stopped at once by {stop.name}; the last complete checkpoint in {cfg.output_dir} is kept: "
+                              f"continue with: {resume_command('train', cfg.output_dir, 'output_dir')}",
+                              stop.signum or 2) from None
             tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             failed = False
             return summary
@@ -533,7 +561,20 @@ def run_train(cfg: DictConfig) -> dict:
             tracker.finish(failed=failed)
 
 
-def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
+class StopOnSignal(TrainerCallback):
+    """SIGTERM / SIGINT (harness.infra.signals): finish the step in flight, save a checkpoint, stop training."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def _run(cfg: DictConfig, args: TrainingArguments, stop=None) -> dict:
     from transformers import set_seed
 
     set_seed(args.seed)
@@ -595,7 +636,13 @@ def _run(cfg: DictConfig, args: TrainingArguments) -> dict:
     checkpoint = last_checkpoint(cfg.output_dir, bool(args.save_only_model)) if cfg.resume else None
     if checkpoint:
         log.info("resuming from %s", checkpoint)
+    if stop is not None:
+        trainer.add_callback(StopOnSignal(stop))
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stop is not None and stop.requested:      # no final head: the folder holds checkpoints to resume from
+        raise Stopped(f"stopped by {stop.name} at step {trainer.state.global_step} of {trainer.state.max_steps}: "
+                      f"checkpoint-{trainer.state.global_step} saved in {cfg.output_dir}; continue with: "
+                      f"{resume_command('train', cfg.output_dir, 'output_dir')}", stop.signum)
     if eval_data is not None and (trainer.last_eval is None or trainer.last_eval["step"] != trainer.state.global_step):
         trainer.evaluate()       # the final head's own numbers
     trainer.save_model(cfg.output_dir)

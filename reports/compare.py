@@ -16,6 +16,7 @@ A run is never compared with a vanilla run of other settings: that is a one-line
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -167,7 +168,20 @@ def run_metrics(group: Group, tasks: list[str], baseline: str = "vanilla") -> pd
                 in_task = {qid: q for qid, q in mine.items() if tasks_of[qid] == task}
                 row[f"{definition}:{task}"] = glossary.speedup(in_task, theirs, definition)
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    # over repeats (seeds): every question's tokens and time pooled across the label's runs (and across their
+    # vanilla runs), then the same paired bootstrap over questions: the interval of the pooled speedup
+    for label in dict.fromkeys(run.label for run in group.runs):
+        runs = [run for run in group.runs if run.label == label]
+        if len(runs) < 2:
+            continue
+        bases = list({id(b): b for run in runs for b in group.baselines[run.run_id]}.values())
+        mine, theirs = question_totals(runs), question_totals(bases)
+        for definition in DEFINITIONS:
+            low, high = interval(mine, theirs, definition)
+            frame.loc[frame["label"] == label, f"speedup_{definition}_pooled_ci_low"] = low
+            frame.loc[frame["label"] == label, f"speedup_{definition}_pooled_ci_high"] = high
+    return frame
 
 
 def mean_std(values) -> tuple[float, float, int]:
@@ -192,10 +206,31 @@ def label_order(labels, metrics: pd.DataFrame, baseline: str = "vanilla") -> lis
     return ordered + [l for l in labels if l == baseline]
 
 
+def check_baseline_run(baseline_dir: str, question_ids) -> Run:
+    """`specdec-bench baseline_run=<folder>`, checked before the model loads: one finished vanilla run that
+    answered some of this run's questions (speedups divide by vanilla, paired by question)."""
+    from reports.results import load_runs
+
+    found = load_runs([baseline_dir], include_unfinished=True)
+    if len(found) != 1:
+        raise HarnessError(f"baseline_run={baseline_dir} holds {len(found)} runs; point it at one finished run folder")
+    base = found[0]
+    if base.method != "vanilla":
+        raise HarnessError(f"baseline_run={baseline_dir} is a {base.method} run; speedups divide by vanilla: point "
+                           "it at a vanilla run with the same settings")
+    if base.summary is None:
+        raise HarnessError(f"baseline_run={baseline_dir} is unfinished (no summary.json); finish it (resume=true) or "
+                           "point at a finished vanilla run")
+    shared = base.questions() & set(question_ids)
+    if not shared:
+        raise HarnessError(f"baseline_run={baseline_dir} answered none of this run's {len(set(question_ids))} "
+                           f"questions (it has {len(base.questions())}); point it at a vanilla run of the same "
+                           "bench selection")
+    return base
+
+
 def check_baseline(baseline_dir: str, run_dir) -> Run:
     """`specdec-bench baseline_run=<folder>`: that run, after checking its settings match this run's."""
-    from pathlib import Path
-
     from harness.infra.store import RUN_INFO, read_json
     from reports.results import load_runs, settings_of
 
@@ -210,10 +245,57 @@ def check_baseline(baseline_dir: str, run_dir) -> Run:
     return base
 
 
+def _sweep_dir() -> Path | None:
+    """The multirun's sweep folder when this process is one of its jobs, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    except Exception:  # noqa: BLE001 - outside a Hydra app
+        return None
+    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(str(hydra_cfg.sweep.dir))
+
+
+def sweep_vanilla(run_dir, sweep_dir=None) -> Run | None:
+    """A finished vanilla job of the same sweep with this run's settings (model, bench, decoding, hardware,
+    threads, ...), so a sweep's jobs get speedups and a lossless reference without `baseline_run=`: the jobs run
+    in the order given, so list vanilla first (`method=vanilla,pld,...`). The same seed is preferred."""
+    from harness.infra.store import RUN_INFO, SUMMARY, read_json
+    from reports.results import find_run_dirs, load_runs, settings_of
+
+    sweep_dir = sweep_dir or _sweep_dir()
+    if sweep_dir is None or not Path(sweep_dir).is_dir():
+        return None
+    mine_info = read_json(Path(run_dir) / RUN_INFO) or {}
+    mine = settings_of(mine_info)
+    try:
+        folders = find_run_dirs([sweep_dir])
+    except HarnessError:
+        return None
+    candidates = []
+    for folder in folders:
+        info = read_json(folder / RUN_INFO) or {}
+        if folder.resolve() == Path(run_dir).resolve() or not (folder / SUMMARY).is_file():
+            continue
+        if (info.get("config", {}).get("method", {}).get("name")) != "vanilla" or differences(mine, settings_of(info)):
+            continue
+        candidates.extend(load_runs([folder]))
+    seed = mine_info.get("config", {}).get("seed")
+    candidates.sort(key=lambda run: run.seed != seed)
+    return candidates[0] if candidates else None
+
+
 def speedups_against(base: Run, records: list[dict]) -> dict:
     """Summary keys for a bench run with a known baseline (both definitions over shared questions; the
     interval is `speedup`'s, the mean of per-question ratios; None below 2 paired questions)."""
     mine, theirs = glossary.question_totals(records), question_totals([base])
+    if not mine.keys() & theirs.keys():      # nothing paired: no speedup, never "nanx"
+        return {"speedup": None, "speedup_total": None, "speedup_spec_bench": None, "speedup_ci_low": None,
+                "speedup_ci_high": None, "speedup_questions": 0, "baseline_run": str(base.path),
+                "baseline_method": base.method}
     bounds = glossary.speedup_interval(mine, theirs, "per_question")
     return {"speedup": glossary.speedup(mine, theirs, "per_question"),
             "speedup_total": glossary.speedup(mine, theirs, "total"),

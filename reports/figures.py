@@ -1,4 +1,6 @@
-"""Report figures (matplotlib, Agg): one PNG each, titled with the group's settings."""
+"""Report figures (matplotlib, Agg): each as PNG (200 dpi) and PDF (vector, for papers) beside it, titled with
+the group's settings. Error bars on speedups are 95 % paired bootstrap intervals over questions (pooled
+over repeats), never a zero-width cap where there is no interval."""
 
 from __future__ import annotations
 
@@ -34,10 +36,19 @@ def _title(ax, head: str, settings: str) -> None:
 
 
 def _save(fig, path: Path) -> Path:
+    """`path` (.png) and the same figure as .pdf beside it; returns the PNG's path."""
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=200)
+    fig.savefig(path.with_suffix(".pdf"))
     plt.close(fig)
     return path
+
+
+def speedup_interval(rows: pd.DataFrame, column: str) -> tuple[float, float]:
+    """(low, high) of a speedup column for one label's runs (tables.interval_of); NaN when there is none."""
+    from reports.tables import interval_of
+
+    return interval_of(rows, column)
 
 
 def speedup_per_category(metrics: pd.DataFrame, labels: list[str], tasks: list[str], definition: str,
@@ -52,18 +63,26 @@ def speedup_per_category(metrics: pd.DataFrame, labels: list[str], tasks: list[s
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(columns) + 0.4 * len(methods)), 4.2))
     top = 1.0
     for i, label in enumerate(methods):
-        stats = [mean_std(metrics.loc[metrics["label"] == label,
-                                      f"{definition}:{c}" if c != "Overall" else f"speedup_{definition}"])
-                 for c in columns]
+        rows = metrics[metrics["label"] == label]
+        stats = [mean_std(rows[f"{definition}:{c}" if c != "Overall" else f"speedup_{definition}"]) for c in columns]
         means = [s[0] for s in stats]
-        errors = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=errors, capsize=2, label=label,
-                      color=colors[label], error_kw={"elinewidth": 0.8, "ecolor": "0.3"})
+        # Overall: the 95 % interval; a category: the spread over repeats (± std) where there are repeats
+        low, high = speedup_interval(rows, f"speedup_{definition}")
+        below = [s[1] for s in stats[:-1]] + [means[-1] - low]
+        above = [s[1] for s in stats[:-1]] + [high - means[-1]]
+        positions = x - 0.4 + width * (i + 0.5)
+        bars = ax.bar(positions, means, width, label=label, color=colors[label])
+        for position, mean, down, up in zip(positions, means, below, above):
+            if not (math.isnan(mean) or math.isnan(down) or math.isnan(up)):
+                ax.errorbar(position, mean, yerr=[[down], [up]], capsize=2, elinewidth=0.8, ecolor="0.3")
+                top = max(top, mean + up)
         ax.bar_label(bars, labels=[f"{m:.2f}" if not math.isnan(m) else "" for m in means], fontsize=7, padding=1)
-        top = max([top, *[m + e for m, e in zip(means, errors) if not math.isnan(m)]])
+        top = max([top, *[m for m in means if not math.isnan(m)]])
     ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8, label=f"{baseline} = 1")
     ax.set_xticks(x, columns, rotation=20 if len(columns) > 4 else 0, ha="right" if len(columns) > 4 else "center")
     ax.set_ylabel(f"speedup over {baseline} (×)")
+    ax.text(1.0, -0.22 if len(columns) > 4 else -0.12, "bars: Overall 95 % interval over questions; categories "
+            "± std over repeats", transform=ax.transAxes, ha="right", fontsize=6.5, color="0.35")
     ax.set_ylim(0, top * 1.3)   # room for the legend above the tallest bar
     _title(ax, f"Speedup per category — {DEFINITIONS[definition]}", title)
     ax.legend(fontsize=8, ncol=min(len(methods) + 1, 4), loc="upper left")
@@ -181,4 +200,88 @@ def tokens_per_s_vs_draft(metrics: pd.DataFrame, labels: list[str], title: str, 
         ax.text(ax.get_xlim()[1], float(base.mean()), f"{baseline} ", va="bottom", ha="right", fontsize=7)
     _title(ax, f"Throughput against draft size{note}", title)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def speedup_vs_tau(metrics: pd.DataFrame, labels: list[str], definition: str, title: str, path: Path,
+                   baseline: str = "vanilla") -> Path | None:
+    """Each run a point: x = τ (prefill = 1 step), y = its speedup with the 95 % interval. At equal τ, a lower
+    point pays more for drafting or verifying; vanilla sits at (1, 1)."""
+    rows = metrics[(metrics["label"] != baseline) & ~metrics[f"speedup_{definition}"].isna()]
+    if not len(rows):
+        return None
+    colors = _colors(labels)
+    fig, ax = plt.subplots(figsize=(6.0, 4.4))
+    for i, label in enumerate(l for l in labels if l != baseline):
+        mine = rows[rows["label"] == label]
+        if not len(mine):
+            continue
+        for _, row in mine.iterrows():
+            value = row[f"speedup_{definition}"]
+            low, high = row.get(f"speedup_{definition}_ci_low", math.nan), row.get(f"speedup_{definition}_ci_high",
+                                                                                    math.nan)
+            error = None if math.isnan(low) or math.isnan(high) else [[value - low], [high - value]]
+            ax.errorbar(row["tau"], value, yerr=error, fmt=MARKERS[i % len(MARKERS)], color=colors[label],
+                        capsize=2, elinewidth=0.8, markersize=6)
+        ax.scatter([], [], marker=MARKERS[i % len(MARKERS)], color=colors[label], label=label)
+    ax.set_xlim(0.9, max(1.1, float(rows["tau"].max()) * 1.1 + 0.1))
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+    ax.text(ax.get_xlim()[1], 1.0, f"{baseline} = 1 ", va="bottom", ha="right", fontsize=7)
+    ax.set_xlabel("τ, mean accepted tokens per verify step (prefill = 1 step)")
+    ax.set_ylabel(f"speedup over {baseline} (×)")
+    _title(ax, f"Speedup against τ — {DEFINITIONS[definition]}; bars: 95 % interval", title)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
+
+
+STAGES = (("prefill_time", "prefill"), ("draft_time", "draft"), ("verify_time", "verify"),
+          ("bookkeeping_time", "bookkeeping"))
+
+
+def stage_breakdown(turns: pd.DataFrame, labels: list[str], title: str, path: Path) -> Path | None:
+    """Where each method's time per generated token goes: prefill, drafting, verifying and bookkeeping, in
+    milliseconds per token (every run of the label pooled); the bar's length is 1000 / tokens/s."""
+    if not len(turns) or "draft_time" not in turns:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 0.55 * len(labels) + 1.6))
+    cmap = plt.get_cmap("Set2")
+    y = np.arange(len(labels))
+    left = np.zeros(len(labels))
+    tokens = np.array([max(float(turns.loc[turns["label"] == l, "new_tokens"].sum()), 1.0) for l in labels])
+    for k, (column, name) in enumerate(STAGES):
+        ms = np.array([float(turns.loc[turns["label"] == l, column].fillna(0).sum()) for l in labels]) * 1e3 / tokens
+        ax.barh(y, ms, left=left, color=cmap(k), label=name, height=0.6)
+        left += ms
+    for i, total in enumerate(left):
+        ax.text(total, i, f" {total:.1f} ms", va="center", fontsize=7)
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("milliseconds per generated token")
+    ax.set_xlim(0, max(float(left.max()), 1e-9) * 1.2)
+    _title(ax, "Time per token by stage", title)
+    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    return _save(fig, path)
+
+
+def tokens_per_s_by_turn(turns: pd.DataFrame, labels: list[str], title: str, path: Path) -> Path | None:
+    """Turn 1 against turn 2 (MT-Bench's second turn carries the first answer: longer prompts, other
+    acceptance): tokens/s per turn index, every run of the label pooled."""
+    if not len(turns) or turns["turn"].nunique() < 2:
+        return None
+    indices = sorted(turns["turn"].unique())
+    colors = _colors(labels)
+    width = 0.8 / len(labels)
+    x = np.arange(len(indices))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(indices) + 0.5 * len(labels)), 3.8))
+    for i, label in enumerate(labels):
+        mine = turns[turns["label"] == label]
+        rates = [glossary.tokens_per_s(float(mine.loc[mine["turn"] == t, "new_tokens"].sum()),
+                                       float(mine.loc[mine["turn"] == t, "wall_time"].sum())) for t in indices]
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), rates, width, color=colors[label], label=label)
+        ax.bar_label(bars, labels=[f"{r:.1f}" for r in rates], fontsize=6.5, padding=1)
+    ax.set_xticks(x, [f"turn {t + 1}" for t in indices])
+    ax.set_ylabel("tokens/s (total tokens / total time)")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
+    _title(ax, "Throughput per turn", title)
+    ax.legend(fontsize=7, ncol=min(len(labels), 4), loc="upper left")
     return _save(fig, path)

@@ -69,11 +69,16 @@ class _Writer:
         return paths
 
 
+def group_turns(turns: pd.DataFrame, group) -> pd.DataFrame:
+    """The turn rows of one comparable group's runs."""
+    return turns[turns["run_id"].isin([run.run_id for run in group.runs])]
+
+
 def build_report(sources, out_dir: str | Path, definition: str = "per_question", baseline: str = "vanilla",
-                 make_figures: bool = True) -> Report:
+                 make_figures: bool = True, include_unfinished: bool = False) -> Report:
     if definition not in DEFINITIONS:
         raise HarnessError(f"speedup={definition} is not a definition; use one of {', '.join(DEFINITIONS)}")
-    runs = load_runs(sources)
+    runs = load_runs(sources, include_unfinished)
     groups = group_runs(runs, baseline)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +127,12 @@ def build_report(sources, out_dir: str | Path, definition: str = "per_question",
                     accept[1], accuracy[1], labels, group.title, folder / "acceptance_per_position.png"),
                 "tokens_per_s_vs_draft_size": figures.tokens_per_s_vs_draft(
                     metrics, labels, group.title, folder / "tokens_per_s_vs_draft_size.png", baseline),
+                "speedup_vs_tau": figures.speedup_vs_tau(
+                    metrics, labels, definition, group.title, folder / "speedup_vs_tau.png", baseline),
+                "stage_breakdown": figures.stage_breakdown(
+                    group_turns(report.turns, group), labels, group.title, folder / "stage_breakdown.png"),
+                "tokens_per_s_by_turn": figures.tokens_per_s_by_turn(
+                    group_turns(report.turns, group), labels, group.title, folder / "tokens_per_s_by_turn.png"),
             }
             for name, path in made.items():
                 if path is not None:
@@ -191,7 +202,8 @@ def run_report(cfg: DictConfig) -> Report:
         raise HarnessError("runs= is empty; pass a sweep folder, a run folder, a glob or a list: "
                            "specdec-report runs=multirun/<time>")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(sources)
-    report = build_report(sources, out_dir, cfg.speedup, cfg.baseline, bool(cfg.figures))
+    report = build_report(sources, out_dir, cfg.speedup, cfg.baseline, bool(cfg.figures),
+                          bool(cfg.get("include_unfinished")))
     folder = log_to_wandb(cfg, report, sources)
     if cfg.print:
         print(report.leaderboard)

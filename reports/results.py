@@ -119,6 +119,8 @@ def settings_of(info: dict) -> dict:
     name = hardware.get("gpu") if device == "cuda" else hardware.get("cpu")
     if device == "cpu" and hardware.get("cpu_count"):
         name = f"{name} ({hardware['cpu_count']} cores)"
+    if info.get("mixed_provenance"):          # a forced resume: its timings come from more than one setting
+        name = f"mixed: {name} + earlier ({'; '.join(d for m in info['mixed_provenance'] for d in m['differences'])})"
     decoding = cfg.get("decoding", {})
     return {"model": cfg.get("model", {}).get("name"), "bench": cfg.get("bench", {}).get("name"),
             "max_turns": cfg.get("bench", {}).get("max_turns"), "max_new_tokens": cfg.get("max_new_tokens"),
@@ -207,7 +209,10 @@ def _label_runs(runs: list[Run]) -> None:
             run.label += " (UNTRAINED head)" if run.untrained else ""
 
 
-def load_runs(sources) -> list[Run]:
+def load_runs(sources, include_unfinished: bool = False) -> list[Run]:
+    """The run folders under `sources` with answers. A run without summary.json (still running, killed, or
+    extended and not finished) is left out with one warning unless `include_unfinished` (then its finished
+    questions count): a half run averaged in as a repeat would skew a method's mean."""
     runs = []
     for path in find_run_dirs(sources):
         info = read_json(path / RUN_INFO)
@@ -219,11 +224,16 @@ def load_runs(sources) -> list[Run]:
             continue
         run = Run(path, info, records, read_json(path / SUMMARY))
         if run.summary is None:
+            if not include_unfinished:
+                log.warning("leaving out %s: unfinished (no summary.json; %d questions answered); resume it or pass "
+                            "include_unfinished=true", path, len(records))
+                continue
             log.warning("%s has no summary.json (unfinished): using its %d finished questions", path, len(records))
         run.settings = settings_of(info)
         runs.append(run)
     if not runs:
-        raise HarnessError(f"none of the run folders in {sources} has answers yet; finish a run first")
+        raise HarnessError(f"none of the run folders in {sources} is finished with answers; finish a run first "
+                           "(or include_unfinished=true)")
     _label_runs(runs)
     names = [r.path.name for r in runs]
     for run in runs:

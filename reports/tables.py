@@ -1,8 +1,8 @@
 """Report tables: each builder returns (display, numbers): display = strings for Markdown/LaTeX
 (mean ± std over repeats), numbers = the same as floats for CSV (`<column>` and `<column>_std`).
-A speedup of a single run also shows its 95 % paired bootstrap interval (`1.23x [1.10, 1.35]`; numbers
-`<column>_ci_low` / `_ci_high`); over repeats the ± std is the spread and the interval columns are NaN,
-since one run's interval is not an interval for the mean of several."""
+A speedup also shows its 95 % paired bootstrap interval over questions (`1.23x [1.10, 1.35]`; numbers
+`<column>_ci_low` / `_ci_high`): for one run over its questions, for repeats (seeds) over the questions with
+each question's tokens and time pooled across the runs; over repeats the ± std is the spread between runs."""
 
 from __future__ import annotations
 
@@ -37,11 +37,13 @@ def _stat(metrics: pd.DataFrame, label: str, column: str) -> tuple[float, float,
 
 
 def interval_of(rows: pd.DataFrame, column: str) -> tuple[float, float]:
-    """The 95 % interval of a speedup column (compare.run_metrics' `<column>_ci_low/high`) when `rows`
-    is one run; NaN for repeats or when the run has fewer than 2 paired questions."""
-    if len(rows) != 1 or f"{column}_ci_low" not in rows:
+    """The 95 % interval of a speedup column: for one run compare.run_metrics' `<column>_ci_low/high` (paired
+    bootstrap over its questions); for repeats `<column>_pooled_ci_low/high` (each question pooled over the
+    runs, then the same bootstrap); NaN below 2 paired questions or for a column without one."""
+    key = f"{column}_ci" if len(rows) == 1 else f"{column}_pooled_ci"
+    if not len(rows) or f"{key}_low" not in rows:
         return math.nan, math.nan
-    return float(rows[f"{column}_ci_low"].iloc[0]), float(rows[f"{column}_ci_high"].iloc[0])
+    return float(rows[f"{key}_low"].iloc[0]), float(rows[f"{key}_high"].iloc[0])
 
 
 def with_interval(text: str, low: float, high: float, digits: int = 2) -> str:

@@ -77,10 +77,45 @@ def sharegpt_input(path: Path, count: int = 6) -> Path:
     return write_sharegpt(records, path)
 
 
-def distill_cfg(chat_model: Path, questions_path: Path, tmp_path: Path, *overrides: str) -> DictConfig:
-    """The distill config for the tiny chat model (conftest.chat_model), writing under `tmp_path`/out."""
+def distill_overrides(chat_model: Path, questions_path: Path, tmp_path: Path, *overrides: str) -> list[str]:
+    """specdec-distill's overrides for the tiny chat model (conftest.chat_model), writing under `tmp_path`/out."""
     from tiny_chat import model_overrides
 
-    return compose_config(*model_overrides(chat_model), f"bench.path={questions_path}", "logger=none",
-                          f"out_dir={tmp_path / 'out'}", "max_length=72", "progress=false", *overrides,
-                          config_name="distill")
+    return [*model_overrides(chat_model), f"bench.path={questions_path}", "logger=none", f"out_dir={tmp_path / 'out'}",
+            "max_length=72", "progress=false", *overrides]
+
+
+def distill_cfg(chat_model: Path, questions_path: Path, tmp_path: Path, *overrides: str) -> DictConfig:
+    """The distill config for the tiny chat model (conftest.chat_model), writing under `tmp_path`/out."""
+    return compose_config(*distill_overrides(chat_model, questions_path, tmp_path, *overrides), config_name="distill")
+
+
+COUNTING = "one two three four five six seven eight nine ten"
+
+
+def toy_sharegpt(folder: Path) -> tuple[Path, Path]:
+    """A memorisable training set for the tiny chat model: short questions answered by counting (t + 2 follows
+    from t); 6 training conversations, 2 held out."""
+    from harness.data.sharegpt import write_sharegpt
+
+    words = COUNTING.split()
+    records = []
+    for index in range(8):
+        answer = " ".join(words[index % 3:] + words[:index % 3])
+        records.append({"id": f"t{index}", "conversations": [
+            {"from": "human", "value": f"tell me {words[index]} words"}, {"from": "gpt", "value": answer}]})
+    return write_sharegpt(records[:6], folder / "train.json"), write_sharegpt(records[6:], folder / "eval.jsonl")
+
+
+def train_overrides(chat_model: Path, train: Path, held: Path, output_dir: Path, *overrides: str) -> list[str]:
+    """specdec-train's overrides: a 2-head Medusa on the tiny chat model, fp32, 24 steps of batch 2."""
+    from tiny_chat import model_overrides
+
+    return [*model_overrides(chat_model)[:-1], "logger=none", f"data_path={train}", f"eval_data_path={held}",
+            f"output_dir={output_dir}", "model_max_length=64", "head.medusa_num_heads=2",
+            "training.num_train_epochs=1", "+training.max_steps=24", "training.per_device_train_batch_size=2",
+            "training.per_device_eval_batch_size=2", "training.learning_rate=3e-2", "training.warmup_ratio=0.0",
+            "training.logging_steps=1", "training.eval_steps=12", "training.save_steps=12",
+            "+training.disable_tqdm=true",
+            # the tiny vocabulary is smaller than the presets' draft vocabulary; fp32 unless a test asks
+            "+training.use_cpu=true", "head.draft_vocab_size=null", "training.bf16=false", *overrides]

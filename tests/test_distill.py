@@ -14,6 +14,7 @@ from harness.engine.acceptance import Sampling
 from harness.engine.loop import Proposer, StopCriteria, decode_turn
 from harness.distill import Distiller, run_distill, shard_of
 from harness.infra.errors import HarnessError
+from harness.infra.signals import Stopped
 from harness.model.loading import load_model
 from harness.data.sharegpt import JsonlLog, read_sharegpt, write_sharegpt
 from harness.engine.target import Target
@@ -74,7 +75,7 @@ def test_resume_after_a_kill_skips_finished_ids_and_duplicates_nothing(chat_mode
         return real(self, conversations)
 
     monkeypatch.setattr(Distiller, "run", dies_on_the_third)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Stopped, match="stopped at once"):
         run_distill(cfg)
     shard_file = tmp_path / "out" / "shard-00000-of-00001.jsonl"
     before = JsonlLog(shard_file).records()

@@ -117,8 +117,10 @@ def test_leaderboard_speedups_tau_and_lossless_by_hand(tmp_path):
     turns = pd.read_csv(tmp_path / "out" / "turns.csv")
     assert len(turns) == 8 and set(turns["label"]) == {"vanilla", "pld"}
     assert set(report.figures) == {"speedup_per_category", "accepted_length_histogram",
-                                   "acceptance_per_position", "tokens_per_s_vs_draft_size"}
-    assert all(Path(p).stat().st_size > 10_000 for p in report.figures.values())
+                                   "acceptance_per_position", "tokens_per_s_vs_draft_size", "speedup_vs_tau",
+                                   "stage_breakdown", "tokens_per_s_by_turn"}
+    for path in map(Path, report.figures.values()):           # PNG for the page, PDF beside it for a paper
+        assert path.stat().st_size > 10_000 and path.with_suffix(".pdf").stat().st_size > 1_000
 
 
 def test_total_definition_can_lead_and_repeats_are_mean_and_std(tmp_path):
@@ -132,11 +134,13 @@ def test_total_definition_can_lead_and_repeats_are_mean_and_std(tmp_path):
     row = board[(board["definition"] == "per_question") & (board["method"] == "pld")].iloc[0]
     assert row["Overall"] == pytest.approx(2.5) and row["Overall_std"] == pytest.approx(math.sqrt(0.5))
     assert row["runs"] == 2
-    # repeats show their spread as ± std; one run's interval is not an interval of their mean
-    assert math.isnan(row["Overall_ci_low"]) and math.isnan(row["Overall_ci_high"])
+    # repeats show their spread as ± std, and the interval of the pooled speedup: each question's tokens and
+    # time pooled over both seeds (q81 40 tok / 2 s vs 40 / 4 s = 2x; q82 40 / 1.5 s vs 40 / 4 s = 2.67x), then
+    # the paired bootstrap over the two questions, whose 2.5th / 97.5th percentiles are the extremes
+    assert (row["Overall_ci_low"], row["Overall_ci_high"]) == pytest.approx((2.0, 40 / 1.5 / 10))
     assert not report.metrics["speedup_per_question_ci_low"].isna().any()     # each run still has its own
     assert board["definition"].iloc[0] == "total"
-    assert "2.50x ± 0.71" in (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "2.50x ± 0.71 [2.00, 2.67]" in (tmp_path / "out" / "leaderboard.md").read_text()
     assert report.leaderboard.count("total tokens / total time") == 1
 
 
@@ -234,7 +238,7 @@ def test_report_run_logs_tables_and_figures_to_offline_wandb(tmp_path):
     report = run_report(cfg)
     [offline] = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
     images = list((offline / "files" / "media" / "images").rglob("*.png"))
-    assert len(images) == len(report.figures) == 4
+    assert len(images) == len(report.figures) == 7
     tables = {p.name.split("_")[0] for p in (offline / "files" / "media" / "table").rglob("*.table.json")}
     assert {"leaderboard", "summary", "acceptance", "runs"} <= tables
     assert b"report" in next(offline.glob("run-*.wandb")).read_bytes()     # job_type

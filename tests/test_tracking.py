@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
+from harness import REPO_ROOT
 from harness.bench import run_bench
 from harness.infra.errors import HarnessError
 from harness.infra.store import RunStore
@@ -81,7 +84,8 @@ def test_offline_run_files_exist_after_a_bench_run(tiny_model_dir, questions_pat
     assert log_file.stat().st_size > 1000
     run, summary_keys = wandb_run_info(log_file)
     assert run == {"name": "run", "group": "", "job_type": "bench", "tags": {"smollm2-135m", "vanilla", "mt_bench"}}
-    assert {"tokens_per_s", "tau", "questions", "turn/tau", "turn/tokens_per_s"} <= summary_keys
+    assert {"tokens_per_s", "tau", "questions"} <= summary_keys
+    assert not {"turn/tau", "turn/tokens_per_s"} & summary_keys      # per-turn curves stay out of the summary
     [table] = list((offline / "files" / "media" / "table").glob("questions_*.table.json"))
     rows = json.loads(table.read_text())
     assert len(rows["data"]) == 2 and "tokens_per_s" in rows["columns"]
@@ -191,3 +195,34 @@ def test_baseline_run_adds_speedups_and_refuses_other_settings(tiny_model_dir, q
     with pytest.raises(HarnessError, match=r"differs in max_new_tokens \(7 vs 6\)"):
         run_bench(compose_config(*bench_overrides(tiny_model_dir, other, questions_path, "max_new_tokens=7",
                                                   f"baseline_run={vanilla}")), other)
+
+
+def test_a_sweeps_jobs_rank_themselves_against_its_vanilla_job(tiny_model_dir, questions_path, tmp_path):
+    """No baseline_run=: each job of `-m method=vanilla,pld` finds the sweep's finished vanilla job with its
+    settings; pld's summary.json and W&B summary get the speedups and the lossless classification; the W&B run
+    has the acceptance table and keeps the per-turn curves out of its summary."""
+    sweep = tmp_path / "sweep"
+    base = [o for o in tiny_bench_overrides(tiny_model_dir, tmp_path / "unused", questions_path, "bench.limit=3",
+                                            "max_new_tokens=12") if not o.startswith(("run_dir=", "logger.wandb.mode="))]
+    command = [sys.executable, "-m", "harness.bench", "-m", "method=vanilla,pld", *base, "logger.wandb.mode=offline",
+               f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    vanilla_dir, pld_dir = sweep / "0_vanilla_smollm2-135m", sweep / "1_pld_smollm2-135m"
+    summary = json.loads((pld_dir / "summary.json").read_text())
+    assert summary["baseline_run"] == str(vanilla_dir) and summary["speedup_questions"] == 3
+    for key in ("speedup", "speedup_total", "speedup_spec_bench"):
+        assert summary[key] > 0
+    assert summary["lossless_compared"] == 3 and summary["lossless_mismatch"] == 0
+    assert json.loads((vanilla_dir / "summary.json").read_text()).get("speedup") is None
+    [offline] = list((pld_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    _, keys = wandb_run_info(offline)
+    assert {"speedup", "speedup_ci_low", "lossless_rate", "tau", "tau_spec_bench"} <= keys
+    assert not any(key.startswith("turn/") for key in keys)          # define_metric: no last-turn τ in the summary
+    records = wandb_records(offline)
+    logged = {item.key or "/".join(item.nested_key) for r in records if r.WhichOneof("record_type") == "history"
+              for item in r.history.item}
+    assert {"acceptance/_type", "questions/_type", "turn/tau", "turn_index"} <= logged
+    [table] = list(pld_dir.glob("wandb/offline-run-*/files/media/table/acceptance_*.table.json"))
+    acceptance = json.loads(table.read_text())
+    assert acceptance["columns"] == ["position", "attempts", "accepted", "rate"] and acceptance["data"]

@@ -18,17 +18,15 @@ from conftest import compose_config
 from harness import REPO_ROOT
 from harness.heads import base as heads
 from harness.infra.errors import HarnessError
+from harness.infra.signals import Stopped
 from harness.heads.base import DraftHead, topk_accuracy
 from harness.heads.checkpoint import base_identity, load_head
 from harness.model.loading import load_model
-from harness.data.sharegpt import write_sharegpt
 from harness.train import (HeadTrainer, HeadTrainingModel, checkpoint_problem, run_train, training_arguments,
                            training_kwargs, wandb_enabled)
 from harness.data.examples import IGNORE_INDEX, Collator, ConversationDataset, tokenize_conversation
+from helpers import COUNTING, toy_sharegpt, train_overrides
 from tiny_chat import model_overrides
-
-COUNTING = "one two three four five six seven eight nine ten"
-
 
 class StandInHead(DraftHead):
     """A trigram-like stand-in (token inputs, teacher-forced): hidden[t] + embed(x[t]) -> K positions."""
@@ -51,28 +49,11 @@ class StandInHead(DraftHead):
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
     """A memorisable set: short questions answered by counting (t + 2 follows from t)."""
-    folder = tmp_path_factory.mktemp("toy")
-    words = COUNTING.split()
-    records = []
-    for index in range(8):
-        answer = " ".join(words[index % 3:] + words[:index % 3])
-        records.append({"id": f"t{index}", "conversations": [
-            {"from": "human", "value": f"tell me {words[index]} words"}, {"from": "gpt", "value": answer}]})
-    return write_sharegpt(records[:6], folder / "train.json"), write_sharegpt(records[6:], folder / "eval.jsonl")
+    return toy_sharegpt(tmp_path_factory.mktemp("toy"))
 
 
 def train_cfg(chat_model, toy_data, output_dir, *overrides):
-    train, held = toy_data
-    cfg = compose_config(*model_overrides(chat_model)[:-1], "logger=none", f"data_path={train}",
-                         f"eval_data_path={held}", f"output_dir={output_dir}", "model_max_length=64",
-                         "head.medusa_num_heads=2", "training.num_train_epochs=1", "+training.max_steps=24",
-                         "training.per_device_train_batch_size=2", "training.per_device_eval_batch_size=2",
-                         "training.learning_rate=3e-2", "training.warmup_ratio=0.0", "training.logging_steps=1",
-                         "training.eval_steps=12", "training.save_steps=12", "+training.disable_tqdm=true",
-                         # the tiny vocabulary is smaller than the presets' draft vocabulary; fp32 unless a test asks
-                         "+training.use_cpu=true", "head.draft_vocab_size=null", "training.bf16=false", *overrides,
-                         config_name="train")
-    return cfg
+    return compose_config(*train_overrides(chat_model, *toy_data, output_dir, *overrides), config_name="train")
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +153,7 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(chat_model, toy_
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(HeadTrainer, "training_step", killed_in_step_5)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Stopped, match="stopped at once"):
         run_train(train_cfg(chat_model, toy_data, tmp_path / "killed", *overrides))
     assert [p.name for p in (tmp_path / "killed").glob("checkpoint-*")] == ["checkpoint-3"]
     monkeypatch.setattr(HeadTrainer, "training_step", real)
@@ -514,7 +495,7 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_one_before(chat_m
         return real(self, output_dir)
 
     monkeypatch.setattr(HeadTrainer, "_save_optimizer_and_scheduler", killed_in_the_second_save)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Stopped, match="stopped at once"):
         run_train(train_cfg(chat_model, toy_data, tmp_path / "killed", *overrides))
     assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     monkeypatch.setattr(HeadTrainer, "_save_optimizer_and_scheduler", real)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from harness import CONF_DIR
 from harness.infra.errors import HarnessError
+from harness.infra.signals import Stopped
 
 CHECKED_GROUPS = {"model", "method", "bench", "logger", "experiment", "train"}
 
@@ -101,7 +102,8 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any],
               show: Callable[[Any], None] | None = None) -> Callable[[], None]:
     """A console entry point: `run(cfg)` under `@hydra.main(conf/<config_name>.yaml)`, then `show(result)`.
 
-    Bad input (a HarnessError) is one `error:` line and exit status 2. In a multirun (a sweep), a job's bad
+    Bad input (a HarnessError) is one `error:` line and exit status 2; a job stopped by SIGTERM / SIGINT
+    (harness.infra.signals.Stopped) is one line with its resume command and exit status 128 + the signal. In a multirun (a sweep), a job's bad
     input does not stop the sweep: the job leaves `failed.json` in its output folder, the other jobs run,
     and the sweep ends with one line counting the failed jobs and exit status 2."""
     failures: list[str] = []
@@ -112,6 +114,13 @@ def hydra_app(config_name: str, run: Callable[[DictConfig], Any],
     def _hydra_main(cfg: DictConfig) -> Any:
         try:
             result = run(cfg)
+        except Stopped as exc:       # a signal ends the sweep too (SLURM's time limit, Ctrl-C)
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:    # a Ctrl-C the app did not turn into Stopped (before it wrote anything)
+            print("error: interrupted (Ctrl-C) before this job wrote a record; run the same command again",
+                  file=sys.stderr)
+            sys.exit(130)
         except HarnessError as exc:
             print(f"error: {exc}", file=sys.stderr)
             job_dir = _sweep_job_dir()

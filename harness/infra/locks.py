@@ -33,6 +33,9 @@ from harness.infra.errors import HarnessError
 log = logging.getLogger(__name__)
 
 LOCK = ".lock"
+# Free space a folder's disk must have when a job takes it: answers, logs and W&B's offline files of one run
+# (a full disk found after the model has loaded cost a finished record before)
+MIN_FREE_BYTES = 64 * 2**20
 # flock errors that mean "this filesystem cannot flock" (not "someone holds it")
 NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.ENOSYS, errno.EINVAL}
 
@@ -96,9 +99,21 @@ def _acquire(fd: int, path: Path, subject: str, what: str) -> bool:
     return flocked
 
 
+def check_free_space(folder: Path, what: str, need: int | None = None) -> None:
+    """One line, before any work, when `folder`'s disk has less than `need` bytes (MIN_FREE_BYTES) free."""
+    import shutil
+
+    need = MIN_FREE_BYTES if need is None else need
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise HarnessError(f"{folder} has {free / 2**20:.1f} MiB free on its disk, under the {need / 2**20:.0f} MiB a "
+                           f"run needs for its records, logs and W&B files; free space or choose another {what}")
+
+
 @contextmanager
 def hold(folder: str | Path, what: str, key: str | None = None) -> Iterator[Path]:
-    """Hold `folder`'s lock (or, with `key`, the lock of `folder/key`) for the with-block; creates the folder.
+    """Hold `folder`'s lock (or, with `key`, the lock of `folder/key`) for the with-block; creates the folder and
+    checks it is writable with MIN_FREE_BYTES free (one line otherwise: read-only folders, full disks).
 
     A second holder, in this process or another, gets one HarnessError line naming the holder's pid, host
     and start time and the fix ("choose another <what>"). Released at the end, on exceptions too.
@@ -112,6 +127,7 @@ def hold(folder: str | Path, what: str, key: str | None = None) -> Iterator[Path
     except OSError as exc:
         raise HarnessError(f"cannot create the lock file {path} ({exc.strerror}); choose a writable {what}") from None
     try:
+        check_free_space(folder, what)
         flocked = _acquire(fd, path, subject, what)
     except BaseException:
         os.close(fd)
@@ -119,8 +135,12 @@ def hold(folder: str | Path, what: str, key: str | None = None) -> Iterator[Path
     try:
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "since": datetime.now().astimezone().isoformat(timespec="seconds"), "command": sys.argv}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode("utf-8"), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode("utf-8"), 0)
+        except OSError as exc:
+            raise HarnessError(f"cannot write the lock file {path} ({exc.strerror}); free space or choose a "
+                               f"writable {what}") from None
         yield path
     finally:
         try:

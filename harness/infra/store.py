@@ -35,10 +35,15 @@ from harness.infra.locks import hold
 ANSWERS = "answers.jsonl"
 RUN_INFO = "run.json"
 SUMMARY = "summary.json"
-# Config keys that must agree between a run folder and a resumed run into it (the question selection
-# may grow: resuming with a larger bench.limit extends a run)
-IDENTITY_KEYS = ("model", "method", "bench", "decoding", "max_new_tokens", "seed")
+# Config keys that must agree between a run folder and a resumed run into it: they decide the tokens (the
+# question selection may grow: resuming with a larger bench.limit extends a run). Never forced.
+IDENTITY_KEYS = ("model", "method", "bench", "decoding", "max_new_tokens", "seed", "context")
 BENCH_IDENTITY = ("name", "max_turns")
+# What the timings (and the question texts) were measured with: a resume that differs is refused unless
+# force_resume=true, and then run.json lists every difference under `mixed_provenance` (the reports keep such a
+# run apart: its hardware reads "mixed").
+PROVENANCE_KEYS = ("hardware.cpu", "hardware.cpu_count", "hardware.torch_threads", "hardware.gpu", "hardware.device",
+                   "questions.sha256")
 PACKAGES = ("torch", "transformers", "accelerate", "hydra-core", "fschat", "wandb", "specdec-harness")
 
 
@@ -71,6 +76,8 @@ def cpu_model() -> str:
 
 
 def hardware(device: torch.device | None = None) -> dict:
+    if device is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())     # as a loaded model's device reads
     info = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": None}
     if torch.cuda.is_available() and (device is None or device.type == "cuda"):
@@ -120,6 +127,32 @@ def read_json(path: str | Path) -> dict | None:
         return None
 
 
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _dotted(info: dict, key: str):
+    value = info
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def provenance_differences(old: dict, new: dict) -> list[str]:
+    """PROVENANCE_KEYS that differ between a run folder's run.json and a resume into it ("key (old vs new)");
+    a key either side did not record (an older harness, a direct API call) is not compared."""
+    changed = []
+    for key in PROVENANCE_KEYS:
+        before, now = _dotted(old, key), _dotted(new, key)
+        if before is not None and now is not None and before != now:
+            changed.append(f"{key} ({before} vs {now})")
+    return changed
+
+
 def _identity(cfg: dict) -> dict:
     identity = {key: cfg.get(key) for key in IDENTITY_KEYS}
     identity["bench"] = {key: (cfg.get("bench") or {}).get(key) for key in BENCH_IDENTITY}
@@ -135,9 +168,15 @@ class RunStore:
         """Hold the folder for this run (a context manager); a second writer gets one HarnessError line."""
         return hold(self.dir, "run_dir")
 
-    def open(self, cfg: DictConfig, resume: bool, extra: dict | None = None) -> set[int]:
-        """Create or reopen the folder; returns the question ids already finished (resume)."""
+    def open(self, cfg: DictConfig, resume: bool, extra: dict | None = None, force: bool = False) -> set[int]:
+        """Create or reopen the folder; returns the question ids already finished (resume).
+
+        A resume must match the folder's run in every IDENTITY_KEYS setting (always) and in its PROVENANCE_KEYS
+        (hardware, threads, device, question file: unless `force`, and then the differences are recorded). Once
+        this run may write, summary.json goes: it is rewritten when the run ends, so a run that is extended and
+        killed never shows the old summary against more records."""
         resolved = OmegaConf.to_container(cfg, resolve=True)
+        extra = dict(extra or {})
         self.dir.mkdir(parents=True, exist_ok=True)
         done = self.finished_ids()
         if done and not resume:
@@ -151,15 +190,39 @@ class RunStore:
                 changed = [k for k in IDENTITY_KEYS if before[k] != now[k]]
                 raise HarnessError(f"cannot resume {self.dir}: its run used different {', '.join(changed)}; "
                                    "resume with the same settings or start a new run_dir")
-        info = {"config": resolved, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "git_commit": git_commit(), "versions": versions(), **(extra or {})}
-        self._cut_torn_tail()      # only once this run may write here: a refused resume changes nothing
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        info = {"config": resolved, "created": now, "git_commit": git_commit(), "versions": versions(), **extra}
         if resume and info_path.is_file():
-            info["resumed_from"] = json.loads(info_path.read_text()).get("created")
+            old = json.loads(info_path.read_text())
+            changed = provenance_differences(old, info)
+            if changed and not force:
+                raise HarnessError(f"cannot resume {self.dir}: its timings were measured with different "
+                                   f"{', '.join(changed)}; resume on the same machine and settings, start a new "
+                                   "run_dir, or pass force_resume=true (run.json then records the mix and reports "
+                                   "keep this run apart)")
+            info["created"] = old.get("created", now)       # the run's start; each resume is listed below
+            info["resumes"] = [*old.get("resumes", []), now]
+            info["mixed_provenance"] = [*old.get("mixed_provenance", []),
+                                        *([{"resumed": now, "differences": changed}] if changed else [])]
+            if not info["mixed_provenance"]:
+                del info["mixed_provenance"]
+            for key in ("hardware", "questions"):          # what the finished records were measured with
+                if old.get(key) is not None and changed:
+                    info.setdefault("before_resume", {})[key] = old[key]
+        self._cut_torn_tail()      # only once this run may write here: a refused resume changes nothing
+        (self.dir / SUMMARY).unlink(missing_ok=True)
         tmp = info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2, default=str))
         os.replace(tmp, info_path)
         return done
+
+    def update_info(self, fields: dict) -> None:
+        """Add what the run learns after opening the folder (the loaded model's source, weight bytes) to run.json."""
+        path = self.dir / RUN_INFO
+        info = {**(read_json(path) or {}), **fields}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2, default=str))
+        os.replace(tmp, path)
 
     def _cut_torn_tail(self) -> None:
         """The writer's half of the torn-line rule: drop what follows the last newline before appending,
@@ -180,10 +243,15 @@ class RunStore:
 
     def append(self, record: dict) -> None:
         line = json.dumps(record, separators=(",", ":")) + "\n"
-        with open(self.answers, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(self.answers, "a", encoding="utf-8") as handle:
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:      # a full disk or a folder made read-only mid-run: the finished records stay
+            raise HarnessError(f"cannot write question {record.get('question_id')} to {self.answers} "
+                               f"({exc.strerror}); the questions before it are kept: free space (or fix the "
+                               "folder's permissions) and resume=true re-runs it") from None
 
     def write_summary(self, summary: dict) -> None:
         tmp = self.dir / (SUMMARY + ".tmp")

@@ -25,7 +25,7 @@ from harness.engine.lossless import question_status
 log = logging.getLogger(__name__)
 
 # Overrides that say where or how a job runs, not what it measures: left out of the W&B run name.
-NAME_EXCLUDED = ("run_dir", "resume", "progress", "logger", "hydra", "reference", "lossless", "baseline_run",
+NAME_EXCLUDED = ("run_dir", "resume", "force_resume", "progress", "logger", "hydra", "reference", "lossless", "baseline_run",
                  "bench.path", "model.path")
 
 
@@ -65,6 +65,48 @@ def sweep_group() -> str | None:
     except Exception:  # noqa: BLE001
         pass
     return None
+
+
+def wandb_host() -> tuple[str, int]:
+    """The W&B server this process would talk to (WANDB_BASE_URL, else api.wandb.ai), as (host, port)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+
+
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the W&B server, a few seconds at most: online W&B without a network otherwise
+    waits ~90 s in wandb.init and then turns itself off for the whole run without a word."""
+    import socket
+
+    try:
+        socket.create_connection(wandb_host(), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def define_metrics(run, job_type: str) -> None:
+    """So a run's W&B summary means what it says: the per-turn curves (`turn/*`, one W&B step per turn) are
+    plotted against `turn_index` and kept out of the summary (it would otherwise hold the LAST turn's τ next
+    to the run's τ); the run-level numbers are written to the summary once, at the end (log_results)."""
+    if job_type != "bench":
+        return
+    try:
+        run.define_metric("turn_index", hidden=True)
+        for name in ("turn/*", "question_id", "turn"):
+            run.define_metric(name, step_metric="turn_index", summary="none")
+    except Exception as exc:  # noqa: BLE001 - a mirror: never fail a run
+        log.warning("W&B define_metric failed: %s", exc)
+
+
+def acceptance_rows(records: list[dict]) -> list[dict]:
+    """Acceptance per draft position as a long table (position, attempts, accepted, rate): W&B plots it (a bar
+    or line chart over `position`), and the counts say how much each rate rests on."""
+    attempted, accepted = glossary.position_counts(glossary.turns_of(records))
+    return [{"position": k + 1, "attempts": tried, "accepted": took, "rate": took / tried if tried else None}
+            for k, (tried, took) in enumerate(zip(attempted, accepted))]
 
 
 def _scalar(value) -> bool:
@@ -117,6 +159,10 @@ class Tracker:
         mode = settings.get("mode", "offline")
         if mode == "disabled":
             return cls(None)
+        if mode == "online" and not wandb_reachable():
+            log.warning("W&B mode=online but %s:%d cannot be reached: logging offline into %s instead (upload "
+                        "later with `wandb sync %s/wandb/offline-run-*`)", *wandb_host(), run_dir, run_dir)
+            mode = "offline"
         try:
             import wandb
 
@@ -127,6 +173,7 @@ class Tracker:
                 dir=str(run_dir), name=name or run_name(Path(run_dir).name),
                 tags=sorted({str(t) for t in [*tags, *(settings.get("tags") or [])] if t}),
                 config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
+            define_metrics(run, job_type)
             return cls(run)
         except Exception as exc:  # noqa: BLE001 - W&B is a mirror; the run goes on without it
             log.warning("W&B disabled for this run: %s", str(exc).splitlines()[0] if str(exc) else exc)
@@ -160,7 +207,7 @@ class Tracker:
         """One finished question: one W&B step per turn (the per-turn curves), as it happens."""
         for turn in record["turns"]:
             summed = glossary.totals([turn])
-            metrics = {"question_id": record["question_id"], "turn": turn["turn"],
+            metrics = {"turn_index": self.turns_logged, "question_id": record["question_id"], "turn": turn["turn"],
                        "turn/new_tokens": turn["new_tokens"], "turn/wall_time": turn["wall_time"],
                        "turn/tokens_per_s": glossary.tokens_per_s(turn["new_tokens"], turn["wall_time"]),
                        "turn/tau": glossary.tau(turn["new_tokens"], turn["steps"]), "turn/steps": turn["steps"]}
@@ -204,6 +251,7 @@ class Tracker:
         mismatch is also a W&B alert (shown on the run page; sent to Slack/e-mail where set up)."""
         self.summary(summary)
         self.table("questions", [question_row(r) for r in records])
+        self.table("acceptance", acceptance_rows(records))
         if summary.get("lossless_mismatch"):
             self._safely(lambda: self.run.alert(
                 title="lossless MISMATCH", level="WARN",

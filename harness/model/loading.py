@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from harness.infra.errors import HarnessError
-from harness.model.device import resolve_device, resolve_dtype
+from harness.model.device import resolve_device, resolve_dtype, warn_slow_bf16
 
 if TYPE_CHECKING:
     from harness.model.templates import ChatTemplate
@@ -151,6 +151,7 @@ def load_model(cfg: DictConfig, device: str = "auto", dtype: str | None = None) 
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype or cfg.get("dtype", "auto"), dev)
+    warn_slow_bf16(torch_dtype, dev, f"model {cfg.get('name')}")
     quantization = cfg.get("quantization", "none") or "none"
     check_quantization(quantization, dev)
     trust = bool(cfg.get("trust_remote_code", False))
