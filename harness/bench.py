@@ -33,7 +33,7 @@ from harness.model.quantization import weight_memory_bytes
 from harness.infra.store import RUN_INFO, RunStore, file_sha256, hardware, read_json
 from harness.model.device import resolve_device, resolve_dtype
 from harness.engine.target import Target
-from harness.infra.tracking import Tracker
+from harness.infra.tracking import Tracker, head_artifact
 from reports.compare import check_baseline, check_baseline_run, speedups_against, sweep_vanilla
 
 log = logging.getLogger(__name__)
@@ -335,6 +335,11 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
                         "(answers.jsonl `lossless` holds each divergence)", cfg.reference, summary["lossless_mismatch"],
                         summary["lossless_compared"], mismatch_details(records))
         tracker.log_results(summary, records)
+        tracker.artifact(f"answers-{cfg.model.name}-{cfg.method.name}-{store.dir.name}", "answers",
+                         [store.answers, store.dir / RUN_INFO, store.dir / "summary.json"])
+        if info["head"] and info["head"]["path"] and Path(info["head"]["path"]).is_dir():
+            name, files = head_artifact(cfg.model.name, info["head"]["path"])
+            tracker.artifact(name, "head", files, use=True)       # lineage: train run -> head -> bench runs
         failed = False
         return summary
     finally:

@@ -73,7 +73,7 @@ from harness.infra.signals import Stopped, graceful_stop, resume_command
 from harness.model.loading import load_model
 from harness.model.quantization import quantization_signature
 from harness.infra.store import git_commit
-from harness.infra.tracking import Tracker
+from harness.infra.tracking import Tracker, head_artifact
 from harness.data.token_data import TokenDataset, is_token_dataset
 from harness.data.examples import IGNORE_INDEX, Collator, ConversationDataset
 
@@ -555,6 +555,9 @@ def run_train(cfg: DictConfig) -> dict:
                               f"continue with: {resume_command('train', cfg.output_dir, 'output_dir')}",
                               stop.signum or 2) from None
             tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            if not cfg.eval_only:          # the head as a W&B artifact: the bench runs that use it link back here
+                name, files = head_artifact(cfg.model.name, cfg.output_dir)
+                tracker.artifact(name, "head", files, metadata={"global_step": summary.get("global_step")})
             failed = False
             return summary
         finally:

@@ -182,8 +182,12 @@ def log_to_wandb(cfg: DictConfig, report: Report, sources) -> str | None:
     listed = _as_list(sources)
     group = Path(str(listed[0])).name if len(listed) == 1 else None
     models = sorted(set(report.runs["model"])) if report.runs is not None else []
+    # one report run per report folder (per sweep): a second specdec-report call updates it in place
+    import hashlib
+
+    run_id = "report-" + hashlib.sha1(str(Path(report.out_dir).resolve()).encode()).hexdigest()[:16]
     tracker = Tracker.start(cfg, report.out_dir, "report", [*models, "report"],
-                            name=f"report-{group or report.out_dir.name}", group=group)
+                            name=f"report-{group or report.out_dir.name}", group=group, run_id=run_id)
     failed = True
     try:
         for name, frame in report.tables.items():

@@ -237,6 +237,10 @@ def test_report_run_logs_tables_and_figures_to_offline_wandb(tmp_path):
                          config_name="report")
     report = run_report(cfg)
     [offline] = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    run_report(cfg)                # one report run per report folder: the second call resumes the same run id
+    folders = list((tmp_path / "out" / "wandb").glob("offline-run-*"))      # offline-run-<time>-<run id>
+    ids = {p.name.split("-", 3)[3] for p in folders}
+    assert folders and len(ids) == 1 and next(iter(ids)).startswith("report-")    # a random id would make two
     images = list((offline / "files" / "media" / "images").rglob("*.png"))
     assert len(images) == len(report.figures) == 7
     tables = {p.name.split("_")[0] for p in (offline / "files" / "media" / "table").rglob("*.table.json")}

@@ -90,6 +90,41 @@ def test_offline_run_files_exist_after_a_bench_run(tiny_model_dir, questions_pat
     rows = json.loads(table.read_text())
     assert len(rows["data"]) == 2 and "tokens_per_s" in rows["columns"]
     assert summary["questions"] == 2 and (run_dir / "summary.json").is_file()
+    artifacts = [r.artifact for r in wandb_records(log_file)
+                 if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "answers"]
+    assert [a.name for a in artifacts] == ["answers-smollm2-135m-vanilla-run"]
+    assert {entry.path for entry in artifacts[0].manifest.contents} == {"answers.jsonl", "run.json", "summary.json"}
+
+
+def test_a_head_is_an_artifact_the_training_run_logs_and_the_bench_run_uses(tmp_path, monkeypatch):
+    """Lineage: specdec-train logs its output folder's head; a bench run whose head_path is that folder declares
+    the same artifact (name and files) as its input."""
+    import wandb
+
+    from harness.infra.tracking import head_artifact
+
+    folder = tmp_path / "runs" / "medusa3"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "head_config.json").write_text("{}")
+    calls = []
+
+    class Run:
+        def log_artifact(self, artifact):
+            calls.append(("log", artifact))
+
+        def use_artifact(self, artifact):
+            calls.append(("use", artifact))
+
+    name, files = head_artifact("smollm2-135m", folder)                 # what specdec-train logs
+    Tracker(Run()).artifact(name, "head", files)
+    name, files = head_artifact("smollm2-135m", str(folder))            # a bench run with head_path=<folder>
+    Tracker(Run()).artifact(name, "head", files, use=True)
+    assert [kind for kind, _ in calls] == ["log", "use"]
+    made, used = calls[0][1], calls[1][1]
+    assert isinstance(made, wandb.Artifact) and made.name == used.name == "head-smollm2-135m-medusa3"
+    assert made.type == used.type == "head" and made.digest == used.digest       # the same version
+    assert sorted(made.manifest.entries) == ["head_config.json", "model.safetensors"]
 
 
 def test_wandb_init_raising_leaves_the_run_and_its_results_intact(tiny_model_dir, questions_path, tmp_path,

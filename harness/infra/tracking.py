@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -109,6 +110,16 @@ def acceptance_rows(records: list[dict]) -> list[dict]:
             for k, (tried, took) in enumerate(zip(attempted, accepted))]
 
 
+HEAD_FILES = ("model.safetensors", "head_config.json")
+
+
+def head_artifact(model_name: str, folder: str | Path) -> tuple[str, list[Path]]:
+    """The W&B artifact of a head folder: its name (model and folder name: a training output_dir and a bench's
+    head_path to it give the same one) and the files that identify it."""
+    folder = Path(folder)
+    return f"head-{model_name}-{folder.name}", [folder / name for name in HEAD_FILES]
+
+
 def _scalar(value) -> bool:
     return isinstance(value, (int, float, str, bool)) and not (isinstance(value, float) and math.isnan(value))
 
@@ -154,7 +165,8 @@ class Tracker:
 
     @classmethod
     def start(cls, cfg: DictConfig, run_dir: str | Path, job_type: str, tags: list[str], name: str | None = None,
-              group: str | None = None) -> "Tracker":
+              group: str | None = None, run_id: str | None = None) -> "Tracker":
+        """`run_id`: a fixed W&B run id, resumed when it exists (a report run updated in place)."""
         settings = cfg.get("logger", {}).get("wandb", {}) if cfg.get("logger") else {}
         mode = settings.get("mode", "offline")
         if mode == "disabled":
@@ -172,7 +184,8 @@ class Tracker:
                 group=settings.get("group") or group or sweep_group(), job_type=job_type, mode=mode,
                 dir=str(run_dir), name=name or run_name(Path(run_dir).name),
                 tags=sorted({str(t) for t in [*tags, *(settings.get("tags") or [])] if t}),
-                config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
+                config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
+                **({"id": run_id, "resume": "allow"} if run_id else {}))
             define_metrics(run, job_type)
             return cls(run)
         except Exception as exc:  # noqa: BLE001 - W&B is a mirror; the run goes on without it
@@ -244,6 +257,24 @@ class Tracker:
 
             self.run.log({key: wandb.Image(str(path)) for key, path in figures.items()})
         self._safely(log_images)
+
+    def artifact(self, name: str, kind: str, files: list[str | Path], use: bool = False,
+                 metadata: dict | None = None) -> None:
+        """Files as a W&B artifact: logged as this run's output, or with `use` declared as its input, so W&B's
+        lineage links a training run's head to the bench runs that drafted with it (the same name and content
+        are the same artifact version). Names keep W&B's alphabet: letters, digits, - _ ."""
+        kept = [Path(f) for f in files if Path(f).is_file()]
+        if not kept:
+            return
+
+        def record():
+            import wandb
+
+            art = wandb.Artifact(re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:128], type=kind, metadata=metadata or {})
+            for path in kept:
+                art.add_file(str(path), name=path.name)
+            (self.run.use_artifact if use else self.run.log_artifact)(art)
+        self._safely(record)
 
     def log_results(self, summary: dict, records: list[dict]) -> None:
         """End of a bench run: summary metrics (tokens/s, speedup, τ, lossless counts per status,
