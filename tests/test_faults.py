@@ -61,6 +61,24 @@ def wait_for(process: subprocess.Popen, progress, target: int, timeout: float = 
     raise AssertionError(f"no progress to {target} in {timeout} s")
 
 
+def wait_for_output(process: subprocess.Popen, text: str, timeout: float = 120) -> str:
+    """Read the job's stdout and stderr (the log and the bars) until `text` appears; returns what was read."""
+    import select
+
+    seen, deadline = "", time.time() + timeout
+    streams = [process.stdout, process.stderr]
+    while text not in seen:
+        assert time.time() < deadline, f"no {text!r} in {timeout} s; read: {seen[-2000:]}"
+        ready, _, _ = select.select(streams, [], [], 0.5)
+        for stream in ready:
+            chunk = os.read(stream.fileno(), 65536).decode(errors="replace")
+            if not chunk:
+                streams.remove(stream)
+            seen += chunk
+        assert streams, f"the job closed its output before {text!r}: {seen[-2000:]}"
+    return seen
+
+
 def kill_loop(args: list[str], progress, seed: int, kills: int = 5) -> list[int]:
     """Start the job, kill -9 it at a seeded random moment, start it again (the same command resumes), `kills`
     times: the first kill lands while it starts (model loading, lock, folder checks), the others a few records
@@ -189,13 +207,15 @@ def test_a_signal_finishes_the_question_in_flight_and_prints_the_resume_command(
 
 def test_a_second_signal_stops_at_once_and_keeps_every_finished_question(tiny_model_dir, questions_path, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = tiny_bench_overrides(tiny_model_dir, run_dir, questions_path, "bench.limit=12", "max_new_tokens=400")
+    overrides = tiny_bench_overrides(tiny_model_dir, run_dir, questions_path, "bench.limit=12", "max_new_tokens=600")
     process = launch(command("bench", overrides, tmp_path / "h"))
     assert wait_for(process, lambda: lines(run_dir / "answers.jsonl"), 1)
     os.killpg(process.pid, signal.SIGINT)
-    time.sleep(0.2)
+    # the second Ctrl-C once the job has logged the first, while the next question (2 x 600 tokens) runs
+    seen = wait_for_output(process, "stopping after the question in flight")
     os.killpg(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    stdout, stderr = process.communicate(timeout=60)
+    stderr = seen + stdout + stderr
     assert process.returncode == 130 and "stopped at once by SIGINT" in stderr and "Traceback" not in stderr
     records = RunStore(run_dir).records()
     assert len(records) >= 1 and len({r["question_id"] for r in records}) == len(records)

@@ -67,12 +67,17 @@ def graceful_stop(what: str = "the record in flight") -> Iterator[StopRequest]:
         stop.signum = signum
         log.warning("%s: stopping after %s (send it again to stop at once)", signal.Signals(signum).name, what)
 
+    def stopping(signum, frame):      # the job is already on its way out: printing its resume line, exiting
+        log.warning("%s: already stopping", signal.Signals(signum).name)
+
     previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
     try:
         yield stop
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            # a job that was stopped keeps ignoring signals until it exits (a second Ctrl-C arriving while it
+            # prints its resume line would otherwise kill it with a traceback); otherwise the old handlers return
+            signal.signal(sig, stopping if stop.requested else handler)
 
 
 def resume_command(app: str, folder: str | Path, key: str) -> str:
