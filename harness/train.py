@@ -284,6 +284,9 @@ def load_head_weights(head: DraftHead, folder: str | Path, identity: dict) -> No
     head.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))
 
 
+STAGING = ".staging"     # where a checkpoint is written before it is renamed into place
+
+
 class HeadTrainer(Trainer):
     """Trainer whose checkpoints are head folders (save_head) and whose eval adds top-k accuracy."""
 
@@ -352,6 +355,37 @@ class HeadTrainer(Trainer):
                                                 "base_quantization": self.base_quantization})
         if self.last_eval is not None:
             write_json(folder / TOPK_FILE, self.last_eval)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written whole into `<output_dir>/.staging/` and then renamed into place: a kill
+        mid-write leaves a staging folder (cleared by the next save), never a half-written `checkpoint-<step>`.
+        Rotation (save_total_limit) runs on the real checkpoints after the rename."""
+        import shutil
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        staging = run_dir / STAGING
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)     # a killed save's leftovers
+        output_dir = self.args.output_dir
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = output_dir
+        if not self.args.should_save:
+            return
+        final = run_dir / name
+        if final.exists():        # the same step saved again (a resumed run): the new one replaces it
+            shutil.rmtree(final)
+        os.replace(staging / name, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).name == name:
+            self.state.best_model_checkpoint = str(final)
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)

@@ -5,6 +5,7 @@ target, and the team's Medusa command mapped one to one."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -482,8 +483,9 @@ def test_training_curves_are_drawn_from_the_trainer_state(trained, tmp_path):
 
 def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_one_before(chat_model, toy_data, tmp_path,
                                                                           monkeypatch):
-    """The newest checkpoint-<step> is half written (head saved, optimizer not): resume sets it aside as
-    incomplete-checkpoint-<step>-<time> and continues from the previous complete one, to the same weights."""
+    """A kill while checkpoint-6 is written (head saved, optimizer not) leaves it in .staging/, never as a
+    half checkpoint-6: resume continues from checkpoint-3, to the same weights. A half-written checkpoint-<step>
+    from elsewhere (another tool, an older harness) is set aside as incomplete-checkpoint-<step>-<time>."""
     overrides = ["training.max_steps=6", "training.save_steps=3", "training.eval_steps=3"]
     run_train(train_cfg(chat_model, toy_data, tmp_path / "straight", *overrides))
     real, saves = HeadTrainer._save_optimizer_and_scheduler, []
@@ -497,10 +499,15 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_one_before(chat_m
     monkeypatch.setattr(HeadTrainer, "_save_optimizer_and_scheduler", killed_in_the_second_save)
     with pytest.raises(Stopped, match="stopped at once"):
         run_train(train_cfg(chat_model, toy_data, tmp_path / "killed", *overrides))
-    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-3"]
+    assert (tmp_path / "killed" / ".staging" / "checkpoint-6" / "model.safetensors").is_file()
     monkeypatch.setattr(HeadTrainer, "_save_optimizer_and_scheduler", real)
+    # and a half-written checkpoint-6 left by something else: set aside, never resumed from
+    half = tmp_path / "killed" / "checkpoint-6"
+    shutil.copytree(tmp_path / "killed" / ".staging" / "checkpoint-6", half)
     resumed = run_train(train_cfg(chat_model, toy_data, tmp_path / "killed", *overrides))
     assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["global_step"] == 6
+    assert not (tmp_path / "killed" / ".staging").exists()          # the next save cleared the leftovers
     aside = list((tmp_path / "killed").glob("incomplete-checkpoint-6-*"))
     assert len(aside) == 1 and (aside[0] / "model.safetensors").is_file()      # kept, not deleted
     from safetensors.torch import load_file
