@@ -577,7 +577,29 @@ def merge(cfg: DictConfig) -> dict:
                                                                           cross_duplicates)))
     log.info("merged %d conversations (%d skipped: no room under max_length or a dropped self-written prompt) "
              "into %s", len(records), summary["skipped"], output)
+    # the dataset as a W&B artifact (its files: whole set, splits, manifest); a training run on one of them
+    # declares it as input, so lineage reads dataset -> train run -> head -> bench runs
+    tracker = Tracker.start(cfg, out_dir, "distill", [cfg.model.name, "dataset"], name=f"merge-{out_dir.name}")
+    try:
+        name, files = dataset_artifact(output)
+        tracker.artifact(name, "dataset", files,
+                         metadata={k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    finally:
+        tracker.finish()
     return summary
+
+
+def dataset_artifact(path: str | Path) -> tuple[str, list[Path]]:
+    """The W&B artifact of a merged dataset, from any of its files (whole, .train, .eval): its name
+    (`dataset-<stem>`) and files (the whole set, the splits, the manifest; those that exist). `merge` logs it, a
+    training run on one of its files uses it: the same name and files, so the same artifact version."""
+    path = Path(path)
+    stem, suffix = path.name, path.suffix
+    stem = stem.removesuffix(suffix).removesuffix(".train").removesuffix(".eval")
+    files = [path.with_name(f"{stem}{part}{suffix}") for part in ("", ".train", ".eval")]
+    files.append(path.with_name(f"{stem}.manifest.json"))
+    return f"dataset-{stem}", [f for f in files if f.is_file()]
 
 
 def drop_cross_shard_duplicates(records: list[dict], cfg: DictConfig) -> tuple[list[dict], int]:

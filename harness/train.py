@@ -589,6 +589,11 @@ def run_train(cfg: DictConfig) -> dict:
                               f"continue with: {resume_command('train', cfg.output_dir, 'output_dir')}",
                               stop.signum or 2) from None
             tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            if cfg.data_path:              # lineage: the dataset artifact specdec-distill merge=true logged
+                from harness.distill import dataset_artifact
+
+                name, files = dataset_artifact(cfg.data_path)
+                tracker.artifact(name, "dataset", files, use=True)
             if not cfg.eval_only:          # the head as a W&B artifact: the bench runs that use it link back here
                 name, files = head_artifact(cfg.model.name, cfg.output_dir)
                 tracker.artifact(name, "head", files, metadata={"global_step": summary.get("global_step")})

@@ -261,3 +261,24 @@ def test_a_sweeps_jobs_rank_themselves_against_its_vanilla_job(tiny_model_dir, q
     [table] = list(pld_dir.glob("wandb/offline-run-*/files/media/table/acceptance_*.table.json"))
     acceptance = json.loads(table.read_text())
     assert acceptance["columns"] == ["position", "attempts", "accepted", "rate"] and acceptance["data"]
+
+
+def test_a_merged_dataset_is_the_artifact_a_training_run_on_it_uses(chat_model, questions_path, tmp_path, monkeypatch):
+    """specdec-distill merge=true logs the dataset (whole, splits, manifest) as `dataset-<name>`; a training run on
+    its .train file declares the same artifact: same name and the same files, so the same version."""
+    from harness.distill import dataset_artifact, run_distill
+    from helpers import distill_cfg, sharegpt_input
+
+    data = sharegpt_input(tmp_path / "in.json", count=4)
+    base = [f"data_path={data}", "max_length=72", "max_new_tokens=6"]
+    run_distill(distill_cfg(chat_model, questions_path, tmp_path, *base))
+    output = tmp_path / "out" / "distilled.parquet"
+    merged = run_distill(distill_cfg(chat_model, questions_path, tmp_path, *base, "merge=true", f"output={output}",
+                                     "eval_fraction=0.3", "logger.wandb.mode=offline"))
+    [offline] = list((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
+    [logged] = [r.artifact for r in wandb_records(offline)
+                if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "dataset"]
+    names = {entry.path for entry in logged.manifest.contents}
+    assert names == {"distilled.parquet", "distilled.train.parquet", "distilled.eval.parquet", "distilled.manifest.json"}
+    name, files = dataset_artifact(merged["train"])                  # what specdec-train data_path=<.train> uses
+    assert logged.name == name == "dataset-distilled" and {f.name for f in files} == names

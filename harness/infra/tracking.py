@@ -262,9 +262,15 @@ class Tracker:
                  metadata: dict | None = None) -> None:
         """Files as a W&B artifact: logged as this run's output, or with `use` declared as its input, so W&B's
         lineage links a training run's head to the bench runs that drafted with it (the same name and content
-        are the same artifact version). Names keep W&B's alphabet: letters, digits, - _ ."""
+        are the same artifact version). An offline run cannot declare inputs: it names the artifact in its
+        summary (`uses/<kind>`) instead. Names keep W&B's alphabet: letters, digits, - _ ."""
         kept = [Path(f) for f in files if Path(f).is_file()]
         if not kept:
+            return
+
+        if use and getattr(self.run, "offline", False):
+            # W&B cannot declare an offline run's inputs: the summary names the artifact instead (uses/<kind>)
+            self._safely(lambda: self.run.summary.update({f"uses/{kind}": name}))
             return
 
         def record():
