@@ -317,8 +317,8 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
             log_progress(done_now, len(todo), started, question.question_id, summed, tokens, seconds)
             tracker.log_record(record)
         bar.close()
-        if stop.requested:               # summary.json is written only by a run that finished its questions
-            left = len(questions) - len(store.finished_ids() & {q.question_id for q in questions})
+        left = len(questions) - len(store.finished_ids() & {q.question_id for q in questions})
+        if stop.requested and left:      # summary.json is written only by a run that finished its questions
             raise Stopped(f"stopped by {stop.name}: {left} of {len(questions)} questions left (every finished one is "
                           f"in {store.answers}); resume with: {resume_command('bench', store.dir, 'run_dir')}",
                           stop.signum)

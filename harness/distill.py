@@ -440,7 +440,7 @@ def run_distill(cfg: DictConfig) -> dict:
     stem = shard_stem(shard, num_shards)
     # one writer per shard file (shards of one out_dir run in parallel): a second job on this shard is refused
     # here, before the input is read, the model loads or the shard's files are touched
-    with hold(out_dir, "shard or out_dir", key=stem), graceful_stop("the conversation in flight") as stop:
+    with hold(out_dir, "shard or out_dir", key=stem), graceful_stop("the chunk of conversations in flight") as stop:
         try:
             return _distill_shard(cfg, out_dir, stem, shard, num_shards, stop)
         except KeyboardInterrupt:   # a second signal: the conversations in flight are lost, the written ones kept
@@ -481,9 +481,7 @@ def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_sh
             for item in distiller.run(todo[first: first + chunk]):
                 shard_log.append(item.record(cfg.model.name))
                 written += 1
-                tokens += sum(item.new_tokens)
-                if stop.requested:        # every conversation written so far is whole; the rest of the chunk waits
-                    break
+                tokens += sum(item.new_tokens)     # a signal: this chunk (already generated) is written whole
             elapsed = time.perf_counter() - started
             bar.update(min(chunk, len(todo) - first))
             bar.set_postfix(new_tok=tokens, tok_s=f"{tokens / max(elapsed, 1e-9):.1f}")

@@ -369,23 +369,27 @@ class HeadTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)     # a killed save's leftovers
+        self.accelerator.wait_for_everyone()               # no rank still writes into the staging folder
         output_dir = self.args.output_dir
         self.args.output_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = output_dir
-        if not self.args.should_save:
-            return
-        final = run_dir / name
-        if final.exists():        # the same step saved again (a resumed run): the new one replaces it
-            shutil.rmtree(final)
-        os.replace(staging / name, final)
-        shutil.rmtree(staging, ignore_errors=True)
-        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint).name == name:
-            self.state.best_model_checkpoint = str(final)
-        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()               # every rank's files (rng_state_<k>.pth) are written
+        if self.args.should_save:
+            final = run_dir / name
+            if final.exists():        # the same step saved again (a resumed run): the new one replaces it
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent == staging:     # the parent wrote the staging path: point at the real one
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                self.state.save_to_json(str(final / "trainer_state.json"))
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
@@ -610,7 +614,13 @@ class StopOnSignal(TrainerCallback):
         self.stop = stop
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop.requested:
+        stop = self.stop.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank stops at the same step (one rank stopping alone would hang the others' all-reduce)
+            flag = torch.tensor([int(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
             control.should_save = True
             control.should_training_stop = True
         return control
@@ -681,7 +691,8 @@ def _run(cfg: DictConfig, args: TrainingArguments, stop=None) -> dict:
     if stop is not None:
         trainer.add_callback(StopOnSignal(stop))
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    if stop is not None and stop.requested:      # no final head: the folder holds checkpoints to resume from
+    if stop is not None and stop.requested and trainer.state.global_step < trainer.state.max_steps:
+        # no final head: the folder holds checkpoints to resume from (a signal after the last step just finishes)
         raise Stopped(f"stopped by {stop.name} at step {trainer.state.global_step} of {trainer.state.max_steps}: "
                       f"checkpoint-{trainer.state.global_step} saved in {cfg.output_dir}; continue with: "
                       f"{resume_command('train', cfg.output_dir, 'output_dir')}", stop.signum)

@@ -68,8 +68,9 @@ def speedup_per_category(metrics: pd.DataFrame, labels: list[str], tasks: list[s
         means = [s[0] for s in stats]
         # Overall: the 95 % interval; a category: the spread over repeats (± std) where there are repeats
         low, high = speedup_interval(rows, f"speedup_{definition}")
-        below = [s[1] for s in stats[:-1]] + [means[-1] - low]
-        above = [s[1] for s in stats[:-1]] + [high - means[-1]]
+        # the bar is the mean over repeats, the interval the pooled speedup's: the mean may sit just outside it
+        below = [s[1] for s in stats[:-1]] + [max(means[-1] - low, 0.0)]
+        above = [s[1] for s in stats[:-1]] + [max(high - means[-1], 0.0)]
         positions = x - 0.4 + width * (i + 0.5)
         bars = ax.bar(positions, means, width, label=label, color=colors[label])
         for position, mean, down, up in zip(positions, means, below, above):
@@ -220,7 +221,7 @@ def speedup_vs_tau(metrics: pd.DataFrame, labels: list[str], definition: str, ti
             value = row[f"speedup_{definition}"]
             low, high = row.get(f"speedup_{definition}_ci_low", math.nan), row.get(f"speedup_{definition}_ci_high",
                                                                                     math.nan)
-            error = None if math.isnan(low) or math.isnan(high) else [[value - low], [high - value]]
+            error = None if math.isnan(low) or math.isnan(high) else [[max(value - low, 0.0)], [max(high - value, 0.0)]]
             ax.errorbar(row["tau"], value, yerr=error, fmt=MARKERS[i % len(MARKERS)], color=colors[label],
                         capsize=2, elinewidth=0.8, markersize=6)
         ax.scatter([], [], marker=MARKERS[i % len(MARKERS)], color=colors[label], label=label)

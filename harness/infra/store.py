@@ -148,6 +148,8 @@ def provenance_differences(old: dict, new: dict) -> list[str]:
     changed = []
     for key in PROVENANCE_KEYS:
         before, now = _dotted(old, key), _dotted(new, key)
+        if key == "hardware.device":          # older runs recorded a bare "cuda" for cuda:0
+            before, now = (None if v is None else ("cuda:0" if v == "cuda" else v) for v in (before, now))
         if before is not None and now is not None and before != now:
             changed.append(f"{key} ({before} vs {now})")
     return changed
@@ -172,9 +174,9 @@ class RunStore:
         """Create or reopen the folder; returns the question ids already finished (resume).
 
         A resume must match the folder's run in every IDENTITY_KEYS setting (always) and in its PROVENANCE_KEYS
-        (hardware, threads, device, question file: unless `force`, and then the differences are recorded). Once
-        this run may write, summary.json goes: it is rewritten when the run ends, so a run that is extended and
-        killed never shows the old summary against more records."""
+        (hardware, threads, device, question file: unless `force`, and then the differences are recorded).
+        summary.json goes with the first new record (append): a run that is extended and killed never shows the
+        old summary against more records, and one that fails before adding any keeps a summary still true."""
         resolved = OmegaConf.to_container(cfg, resolve=True)
         extra = dict(extra or {})
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -206,11 +208,12 @@ class RunStore:
                                         *([{"resumed": now, "differences": changed}] if changed else [])]
             if not info["mixed_provenance"]:
                 del info["mixed_provenance"]
+            if old.get("before_resume"):
+                info["before_resume"] = old["before_resume"]
             for key in ("hardware", "questions"):          # what the finished records were measured with
                 if old.get(key) is not None and changed:
                     info.setdefault("before_resume", {})[key] = old[key]
         self._cut_torn_tail()      # only once this run may write here: a refused resume changes nothing
-        (self.dir / SUMMARY).unlink(missing_ok=True)
         tmp = info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2, default=str))
         os.replace(tmp, info_path)
@@ -242,6 +245,11 @@ class RunStore:
         return {record["question_id"] for record in self.records()}
 
     def append(self, record: dict) -> None:
+        """One finished question, flushed and fsync'd. The first record a run appends removes summary.json: from
+        then on the folder holds more than that summary counted (a run that ends writes it again)."""
+        if not getattr(self, "_summary_removed", False):
+            (self.dir / SUMMARY).unlink(missing_ok=True)
+            self._summary_removed = True
         line = json.dumps(record, separators=(",", ":")) + "\n"
         try:
             with open(self.answers, "a", encoding="utf-8") as handle:
