@@ -31,8 +31,10 @@ def _colors(labels: list[str]) -> dict[str, tuple]:
 
 
 def _title(ax, head: str, settings: str) -> None:
-    """The figure's subject, then the group's settings wrapped so a long model name never clips."""
-    ax.set_title(head + "\n" + "\n".join(textwrap.wrap(settings, 100)), fontsize=8.5)
+    """The figure's subject, then the group's settings wrapped to the figure's width so nothing clips."""
+    width = max(40, int(ax.figure.get_figwidth() * 10.5))    # ~10 characters per inch of axes at 8.5 pt
+    lines = [*textwrap.wrap(head, width), *textwrap.wrap(settings, width)]
+    ax.set_title("\n".join(lines), fontsize=8.5)
 
 
 def _save(fig, path: Path) -> Path:
@@ -244,7 +246,13 @@ def stage_breakdown(turns: pd.DataFrame, labels: list[str], title: str, path: Pa
     milliseconds per token (every run of the label pooled); the bar's length is 1000 / tokens/s."""
     if not len(turns) or "draft_time" not in turns:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 0.55 * len(labels) + 1.6))
+    columns = [column for column, _ in STAGES]
+    timed = [l for l in labels if float(turns.loc[turns["label"] == l, columns].fillna(0).to_numpy().sum()) > 0]
+    missing = [l for l in labels if l not in timed]        # peers that time only the whole turn (hf_generate)
+    labels = timed
+    if not labels:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 0.55 * len(labels) + 2.0))
     cmap = plt.get_cmap("Set2")
     y = np.arange(len(labels))
     left = np.zeros(len(labels))
@@ -259,8 +267,9 @@ def stage_breakdown(turns: pd.DataFrame, labels: list[str], title: str, path: Pa
     ax.invert_yaxis()
     ax.set_xlabel("milliseconds per generated token")
     ax.set_xlim(0, max(float(left.max()), 1e-9) * 1.2)
-    _title(ax, "Time per token by stage", title)
-    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    note = f" (stages not recorded: {', '.join(missing)})" if missing else ""
+    _title(ax, f"Time per token by stage{note}", title)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     return _save(fig, path)
 
 
