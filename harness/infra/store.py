@@ -165,6 +165,7 @@ class RunStore:
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
         self.answers = self.dir / ANSWERS
+        self._summary_removed = False      # append() removes summary.json once, at this run's first record
 
     def lock(self):
         """Hold the folder for this run (a context manager); a second writer gets one HarnessError line."""
@@ -211,8 +212,8 @@ class RunStore:
             if old.get("before_resume"):
                 info["before_resume"] = old["before_resume"]
             for key in ("hardware", "questions"):          # what the finished records were measured with
-                if old.get(key) is not None and changed:
-                    info.setdefault("before_resume", {})[key] = old[key]
+                if old.get(key) is not None and changed:      # the earliest recorded one stays
+                    info.setdefault("before_resume", {}).setdefault(key, old[key])
         self._cut_torn_tail()      # only once this run may write here: a refused resume changes nothing
         tmp = info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(info, indent=2, default=str))
@@ -247,7 +248,7 @@ class RunStore:
     def append(self, record: dict) -> None:
         """One finished question, flushed and fsync'd. The first record a run appends removes summary.json: from
         then on the folder holds more than that summary counted (a run that ends writes it again)."""
-        if not getattr(self, "_summary_removed", False):
+        if not self._summary_removed:
             (self.dir / SUMMARY).unlink(missing_ok=True)
             self._summary_removed = True
         line = json.dumps(record, separators=(",", ":")) + "\n"
