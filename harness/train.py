@@ -72,7 +72,7 @@ from harness.infra.locks import hold
 from harness.infra.signals import Stopped, graceful_stop, resume_command
 from harness.model.loading import load_model
 from harness.model.quantization import quantization_signature
-from harness.infra.store import git_commit
+from harness.infra.store import git_commit, write_json
 from harness.infra.tracking import Tracker, head_artifact
 from harness.data.token_data import TokenDataset, is_token_dataset
 from harness.data.examples import IGNORE_INDEX, Collator, ConversationDataset
@@ -506,12 +506,6 @@ def choose_draft_vocab(head: DraftHead, train_data, eval_data) -> dict:
              100 * info["train_coverage"],
              f" and {100 * info['eval_coverage']:.2f} % of the eval tokens" if "eval_coverage" in info else "")
     return info
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------- runs

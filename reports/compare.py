@@ -245,20 +245,6 @@ def check_baseline(baseline_dir: str, run_dir) -> Run:
     return base
 
 
-def _sweep_dir() -> Path | None:
-    """The multirun's sweep folder when this process is one of its jobs, else None."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
-    except Exception:  # noqa: BLE001 - outside a Hydra app
-        return None
-    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    return Path(str(hydra_cfg.sweep.dir))
-
-
 def sweep_vanilla(run_dir, sweep_dir=None) -> Run | None:
     """A finished vanilla job of the same sweep with this run's settings (model, bench, decoding, hardware,
     threads, ...), so a sweep's jobs get speedups and a lossless reference without `baseline_run=`: the jobs run
@@ -266,7 +252,9 @@ def sweep_vanilla(run_dir, sweep_dir=None) -> Run | None:
     from harness.infra.store import RUN_INFO, SUMMARY, read_json
     from reports.results import find_run_dirs, load_runs, settings_of
 
-    sweep_dir = sweep_dir or _sweep_dir()
+    from harness.infra.app import sweep_dir as current_sweep
+
+    sweep_dir = sweep_dir or current_sweep()
     if sweep_dir is None or not Path(sweep_dir).is_dir():
         return None
     mine_info = read_json(Path(run_dir) / RUN_INFO) or {}

@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 
 from harness.engine import metrics as glossary  # noqa: E402
 from reports.compare import DEFINITIONS, Group, mean_std  # noqa: E402
-from reports.tables import topk_columns  # noqa: E402
+from reports.tables import interval_of, topk_columns  # noqa: E402
 
 MAX_ACCEPTED = 10   # histogram bins 1..9 and "10+"
 MARKERS = "osD^v<>"
@@ -46,12 +46,6 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def speedup_interval(rows: pd.DataFrame, column: str) -> tuple[float, float]:
-    """(low, high) of a speedup column for one label's runs (tables.interval_of); NaN when there is none."""
-    from reports.tables import interval_of
-
-    return interval_of(rows, column)
-
 
 def speedup_per_category(metrics: pd.DataFrame, labels: list[str], tasks: list[str], definition: str,
                          title: str, path: Path, baseline: str = "vanilla") -> Path | None:
@@ -69,7 +63,7 @@ def speedup_per_category(metrics: pd.DataFrame, labels: list[str], tasks: list[s
         stats = [mean_std(rows[f"{definition}:{c}" if c != "Overall" else f"speedup_{definition}"]) for c in columns]
         means = [s[0] for s in stats]
         # Overall: the 95 % interval; a category: the spread over repeats (± std) where there are repeats
-        low, high = speedup_interval(rows, f"speedup_{definition}")
+        low, high = interval_of(rows, f"speedup_{definition}")
         # the bar is the mean over repeats, the interval the pooled speedup's: the mean may sit just outside it
         below = [s[1] for s in stats[:-1]] + [max(means[-1] - low, 0.0)]
         above = [s[1] for s in stats[:-1]] + [max(high - means[-1], 0.0)]

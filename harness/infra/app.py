@@ -68,8 +68,8 @@ def check_choices(argv: list[str]) -> None:
 FAILED_MARKER = "failed.json"     # a sweep job that stopped on bad input leaves this in its Hydra output folder
 
 
-def _sweep_job_dir() -> Path | None:
-    """The job's output folder when this call is one job of a multirun, else None."""
+def _multirun_config():
+    """Hydra's config when this call is one job of a multirun (a sweep), else None."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -77,9 +77,19 @@ def _sweep_job_dir() -> Path | None:
         hydra_cfg = HydraConfig.get()
     except ValueError:          # not under @hydra.main (a test calling the app function directly)
         return None
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    return Path(hydra_cfg.runtime.output_dir)
+    return hydra_cfg if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def _sweep_job_dir() -> Path | None:
+    """The job's output folder when this call is one job of a multirun, else None."""
+    hydra_cfg = _multirun_config()
+    return Path(hydra_cfg.runtime.output_dir) if hydra_cfg is not None else None
+
+
+def sweep_dir() -> Path | None:
+    """The sweep folder holding every job of this multirun, else None."""
+    hydra_cfg = _multirun_config()
+    return Path(str(hydra_cfg.sweep.dir)) if hydra_cfg is not None else None
 
 
 def record_failure(folder: Path, error: str) -> Path:

@@ -119,6 +119,14 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
+def write_json(path: str | Path, data: dict) -> None:
+    """JSON written whole or not at all (a temp file renamed into place): run.json, summary.json, head files."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
 def read_json(path: str | Path) -> dict | None:
     """run.json / summary.json, or None when it is missing or not JSON (an unfinished or broken run)."""
     try:
@@ -215,18 +223,13 @@ class RunStore:
                 if old.get(key) is not None and changed:      # the earliest recorded one stays
                     info.setdefault("before_resume", {}).setdefault(key, old[key])
         self._cut_torn_tail()      # only once this run may write here: a refused resume changes nothing
-        tmp = info_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2, default=str))
-        os.replace(tmp, info_path)
+        write_json(info_path, info)
         return done
 
     def update_info(self, fields: dict) -> None:
         """Add what the run learns after opening the folder (the loaded model's source, weight bytes) to run.json."""
         path = self.dir / RUN_INFO
-        info = {**(read_json(path) or {}), **fields}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2, default=str))
-        os.replace(tmp, path)
+        write_json(path, {**(read_json(path) or {}), **fields})
 
     def _cut_torn_tail(self) -> None:
         """The writer's half of the torn-line rule: drop what follows the last newline before appending,
@@ -263,6 +266,4 @@ class RunStore:
                                "folder's permissions) and resume=true re-runs it") from None
 
     def write_summary(self, summary: dict) -> None:
-        tmp = self.dir / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, self.dir / SUMMARY)
+        write_json(self.dir / SUMMARY, summary)

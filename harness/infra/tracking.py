@@ -55,17 +55,10 @@ def run_name(default: str) -> str:
 
 def sweep_group() -> str | None:
     """The sweep folder's name in a multirun (one sweep = one W&B group), else None."""
-    hydra_cfg = _hydra_config()
-    if hydra_cfg is None:
-        return None
-    try:
-        from hydra.types import RunMode
+    from harness.infra.app import sweep_dir
 
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            return Path(str(hydra_cfg.sweep.dir)).name
-    except Exception:  # noqa: BLE001
-        pass
-    return None
+    folder = sweep_dir()
+    return folder.name if folder is not None else None
 
 
 def wandb_host() -> tuple[str, int]:
