@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from harness.engine.acceptance import target_probs
+from harness.engine.kv import new_cache
 from harness.engine.rng import categorical
 from harness.engine.loop import DecodeContext, Draft, DraftLength, Proposer, Step
 from harness.infra.errors import HarnessError
@@ -70,7 +71,7 @@ class SpSProposer(Proposer):
         # same tokenizer, but the two lm_heads may be padded to different widths: q_draft needs the target's
         self.target_vocab = ctx.target.vocab_size
         # a fresh draft cache per turn, as the target's is (its prefill is counted as draft time)
-        self.cache = DynamicCache(config=self.draft.config)
+        self.cache = new_cache(self.draft.config)
         self.cached_tokens = []
         self.checked = 0
         # k restarts every turn (transformers' "heuristic_transient"), so a resumed run repeats itself

@@ -33,7 +33,7 @@ from harness.model.quantization import weight_memory_bytes
 from harness.infra.store import RUN_INFO, RunStore, file_sha256, hardware, read_json
 from harness.model.device import resolve_device, resolve_dtype
 from harness.engine.target import Target
-from harness.infra.tracking import Tracker, head_artifact
+from harness.infra.tracking import Tracker, head_artifact, trained_head_artifact
 from reports.compare import check_baseline, check_baseline_run, speedups_against, sweep_vanilla
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,8 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
         baseline, reference = from_sweep(cfg, store, questions, reference)
     loaded = load_model(cfg.model, cfg.device)
     store.update_info({"hardware": hardware(loaded.device), "model_source": loaded.source,
-                       "quantization": loaded.quantization, "weight_memory_bytes": weight_memory_bytes(loaded.model)})
+                       "quantization": loaded.quantization, "linear": loaded.linear,
+                       "weight_memory_bytes": weight_memory_bytes(loaded.model)})
     todo = [q for q in questions if q.question_id not in done]
     untrained = bool(info["head"] and info["head"]["untrained"])
     tracker = Tracker.start(cfg, store.dir, "bench", [cfg.model.name, cfg.method.name, cfg.bench.name,
@@ -339,7 +340,11 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
                          [store.answers, store.dir / RUN_INFO, store.dir / "summary.json"])
         if info["head"] and info["head"]["path"] and Path(info["head"]["path"]).is_dir():
             name, files = head_artifact(cfg.model.name, info["head"]["path"])
-            tracker.artifact(name, "head", files, use=True)       # lineage: train run -> head -> bench runs
+            trained = trained_head_artifact(info["head"]["path"])
+            tracker.artifact(name, "head", files, use=True,       # lineage: train run -> head -> bench runs
+                             metadata={"trained_artifact": trained} if trained else None)
+            if trained:                                           # a shipped bf16 copy: its training run's own
+                tracker.use_named(trained, "trained_head")
         failed = False
         return summary
     finally:

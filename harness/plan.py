@@ -255,7 +255,8 @@ def forward_activation_bytes(arch: Architecture, tokens: int, keys: int, dtype_b
 def estimate(arch: Architecture, *, quantization: str = "none", dtype: str = "fp16", device: str = "cuda",
              max_seq_len: int = 2048, batch_size: int = 1, tree_size: int = 1, head_params: int = 0,
              head_type: str | None = None, head_positions: int = 1, draft_model: tuple[Architecture, str] | None = None,
-             mode: str = "infer", overhead_gib: float = 1.0, overhead_fraction: float = 0.05) -> list[Row]:
+             mode: str = "infer", overhead_gib: float = 1.0, overhead_fraction: float = 0.05,
+             cpu_linear: str = "auto") -> list[Row]:
     """Component rows (bytes) for one configuration; `Plan` adds the total and the verdict."""
     if quantization not in QUANTIZATIONS:
         raise HarnessError(f"unknown quantization '{quantization}'; use one of {', '.join(QUANTIZATIONS)}")
@@ -272,6 +273,11 @@ def estimate(arch: Architecture, *, quantization: str = "none", dtype: str = "fp
     rows = [Row("weights: decoder Linear layers", linear, f"{linears} layers, {layout}"),
             Row("weights: embeddings, lm_head, norms", other,
                 f"{dtype}{', lm_head tied' if arch.tie_word_embeddings else ''}; never quantized")]
+    if device == "cpu" and quantization == "none" and dtype in ("fp32", "bf16") and cpu_linear != "off":
+        packed = linear + arch.vocab_size * arch.hidden_size * b
+        rows.append(Row("weights: packed copy for oneDNN (model.cpu_linear)", packed,
+                        "a oneDNN-layout copy of every Linear + lm_head; auto skips it when it would not fit, "
+                        "model.cpu_linear=off drops it"))
     kv_tokens = max_seq_len + tree_size
     if mode == "infer":   # training runs the base without a cache
         rows.append(Row("KV cache", kv_bytes(arch, kv_tokens, batch_size, b),
@@ -412,7 +418,8 @@ def plan_from_config(cfg: DictConfig, quantization: str | None = None, gpu_memor
                     batch_size=int(plan_cfg.get("batch_size") or 1), tree_size=tree_size, head_params=head_params,
                     head_type=head_type, head_positions=head_positions, draft_model=draft_model, mode=str(plan_cfg.get("mode") or "infer"),
                     overhead_gib=float(overhead.get("fixed_gib", 1.0)),
-                    overhead_fraction=float(overhead.get("fraction", 0.05)))
+                    overhead_fraction=float(overhead.get("fraction", 0.05)),
+                    cpu_linear=str(model_cfg.get("cpu_linear") or "auto"))
     budget_text = gpu_memory if gpu_memory is not None else plan_cfg.get("gpu_memory")
     budget = parse_memory(budget_text) if budget_text else None
     gpus = plan_gpus(plan_cfg, model_cfg, device)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from harness.infra.errors import HarnessError
+from harness.infra.tracking import head_artifact
 from harness.heads.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_head_config
 from harness.train import TOPK_FILE
 
@@ -102,6 +103,8 @@ def ship(source: str | Path, dest: str | Path, *, command: str | None = None, co
                      "learning_rate": (training.get("training_args") or {}).get("learning_rate")},
         "eval_topk": topk_table(accuracy),
         "eval_loss": accuracy.get("eval_loss"),
+        # the W&B artifact specdec-train logged for `source`: bench runs on the shipped copy declare it too
+        "trained_artifact": head_artifact(info.get("base", {}).get("name") or "model", source)[0],
     }
     if not entry["command"] or not entry["commit"]:
         raise HarnessError(f"{source} does not record its training command/commit (trained before specdec-train "
@@ -110,7 +113,7 @@ def ship(source: str | Path, dest: str | Path, *, command: str | None = None, co
     dest.mkdir(parents=True, exist_ok=True)
     save_file(shipped, str(dest / WEIGHTS_FILE), metadata={"head_type": info["head_type"], "format_version":
                                                             str(info.get("format_version", 1))})
-    info["shipped"] = {key: entry[key] for key in ("command", "commit", "dtype")}
+    info["shipped"] = {key: entry[key] for key in ("command", "commit", "dtype", "trained_artifact")}
     (dest / CONFIG_FILE).write_text(json.dumps(info, indent=2, default=str))
     (dest / TOPK_FILE).write_text(json.dumps(accuracy, indent=2, default=str))
     entry["file_bytes"] = (dest / WEIGHTS_FILE).stat().st_size

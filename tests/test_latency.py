@@ -117,3 +117,14 @@ def test_interleaved_timing_pairs_methods_per_question(tiny_model_dir, questions
     assert "paired" in capsys.readouterr().out
     assert main(["--methods", "vanilla"]) == 2
     assert "two or more distinct" in capsys.readouterr().err
+
+
+def test_cli_compares_the_cpu_runtime_options_side_by_side(tiny_model_dir, capsys):
+    assert main(["--compare-runtime", "--model-path", str(tiny_model_dir), "--dtypes", "fp32,bf16", "--rounds", "1",
+                 "--repeats", "1", "--warmup", "0", "--sizes", "1,2", "--prompt-len", "16", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("fp32", "bf16"))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [(d, lin, kv) for d in ("fp32", "bf16")
+                                                  for lin in ("default", "onednn") for kv in ("cat", "buffered")]
+    assert all(float(r[3]) > 0 and r[-1].endswith("x") for r in rows)
+    assert "median of 1 interleaved rounds" in out

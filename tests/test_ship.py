@@ -54,6 +54,12 @@ def test_ship_writes_bf16_weights_and_a_manifest_entry_that_loads_back(tmp_path)
     assert entry["training"] == {"steps": 7, "runtime_s": 61.0, "train_loss": 3.0, "epochs": 2, "learning_rate": 1e-3}
     assert entry["parameters"] == sum(p.numel() for p in head.parameters())
     assert entry["file_bytes"] == (dest / "model.safetensors").stat().st_size
+    # lineage: the shipped copy names the artifact specdec-train logged for the folder it came from
+    from harness.infra.tracking import head_artifact, trained_head_artifact
+
+    base = json.loads((source / "head_config.json").read_text()).get("base", {}).get("name") or "model"
+    assert entry["trained_artifact"] == head_artifact(base, source)[0] == f"head-{base}-run"
+    assert trained_head_artifact(dest) == entry["trained_artifact"] and trained_head_artifact(source) is None
     readme = (dest.parent / "README.md").read_text()
     assert "| medusa | medusa_cpu | medusa |" in readme and "0.250 / 0.500 · 0.125 / 0.375" in readme
 

@@ -127,6 +127,40 @@ def test_a_head_is_an_artifact_the_training_run_logs_and_the_bench_run_uses(tmp_
     assert sorted(made.manifest.entries) == ["head_config.json", "model.safetensors"]
 
 
+def test_a_shipped_head_declares_the_training_runs_artifact_by_name():
+    """ship copies a head to bf16 (other bytes: another artifact); a bench run on the copy also declares the
+    training run's artifact by name, so W&B's lineage reaches the run that trained it; offline it is named in
+    the summary."""
+    calls = []
+
+    class Run:
+        summary: dict = {}
+
+        def use_artifact(self, name, type=None):
+            calls.append((name, type))
+
+    Tracker(Run()).use_named("head-smollm2-135m-eagle_mix2", "trained_head")
+    assert calls == [("head-smollm2-135m-eagle_mix2:latest", "trained_head")]
+
+    class OfflineRun(Run):
+        offline = True
+        summary = {}
+
+    offline = OfflineRun()
+    Tracker(offline).use_named("head-smollm2-135m-eagle_mix2", "trained_head")
+    assert offline.summary == {"uses/trained_head": "head-smollm2-135m-eagle_mix2"} and len(calls) == 1
+
+    class ProjectWithoutIt(Run):                 # trained in another project: named, and logging goes on
+        summary = {}
+
+        def use_artifact(self, name, type=None):
+            raise ValueError(f"artifact {name} not found")
+
+    tracker = Tracker(ProjectWithoutIt())
+    tracker.use_named("head-x-y", "trained_head")
+    assert tracker.run.summary == {"uses/trained_head": "head-x-y"} and not tracker.broken
+
+
 def test_wandb_init_raising_leaves_the_run_and_its_results_intact(tiny_model_dir, questions_path, tmp_path,
                                                                  monkeypatch):
     def broken_init(**kwargs):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from harness.engine.kv import new_cache
 from harness.engine.tree import compact_cache, verify_layout
 from harness.model.device import lm_head_device, model_devices
 from harness.infra.errors import HarnessError
@@ -22,8 +23,9 @@ class Scores:
 class Target:
     """Wraps a *ForCausalLM: runs its decoder body, then the lm_head only where logits are needed."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, buffered_kv: bool = True):
         self.model = model
+        self.buffered_kv = buffered_kv   # False: transformers' concatenating DynamicCache (for A/B timing only)
         self.body = getattr(model, model.base_model_prefix)
         self.lm_head = model.get_output_embeddings()
         # a model spread over GPUs (model.device_map): ids enter at the embedding's device, logits (and the
@@ -57,7 +59,7 @@ class Target:
 
     def prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """New cache, forward the prompt. Returns hidden [P, hidden] and next-token logits [vocab]."""
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = new_cache(self.model.config, self.buffered_kv)   # written in place, not grown by torch.cat
         ids = torch.tensor([prompt_ids], device=self.device)
         positions = torch.arange(len(prompt_ids), device=self.device).unsqueeze(0)
         hidden = self.forward(ids, positions, None)

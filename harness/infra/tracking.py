@@ -12,6 +12,7 @@ Every app (bench, distill, train, report) starts one `Tracker`:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -111,6 +112,16 @@ def head_artifact(model_name: str, folder: str | Path) -> tuple[str, list[Path]]
     head_path to it give the same one) and the files that identify it."""
     folder = Path(folder)
     return f"head-{model_name}-{folder.name}", [folder / name for name in HEAD_FILES]
+
+
+def trained_head_artifact(folder: str | Path) -> str | None:
+    """The artifact specdec-train logged for a head that `python -m harness.ship` copied here (its bf16 copy is
+    other bytes, so another artifact): what a bench run declares beside it, so lineage reaches the training run."""
+    try:
+        info = json.loads((Path(folder) / "head_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (info.get("shipped") or {}).get("trained_artifact")
 
 
 def _scalar(value) -> bool:
@@ -274,6 +285,19 @@ class Tracker:
                 art.add_file(str(path), name=path.name)
             (self.run.use_artifact if use else self.run.log_artifact)(art)
         self._safely(record)
+
+    def use_named(self, name: str, kind: str) -> None:
+        """Declare an already logged artifact (`name`, its latest version) as this run's input, by name only;
+        offline, or where this W&B project does not hold it, the summary names it (`uses/<kind>`)."""
+        if self.run is None or self.broken:
+            return
+        if not getattr(self.run, "offline", False):
+            try:
+                self.run.use_artifact(f"{name}:latest", type=kind)
+                return
+            except Exception as exc:  # noqa: BLE001 - not in this project (trained elsewhere): named instead
+                log.info("W&B artifact %s is not in this project (%s); the summary names it", name, exc)
+        self._safely(lambda: self.run.summary.update({f"uses/{kind}": name}))
 
     def log_results(self, summary: dict, records: list[dict]) -> None:
         """End of a bench run: summary metrics (tokens/s, speedup, τ, lossless counts per status,

@@ -45,6 +45,7 @@ class LoadedModel:
     dtype: torch.dtype
     source: str                     # where the weights came from (path, hub id or gguf cache)
     quantization: str = "none"
+    linear: str = "default"         # what runs the nn.Linear layers: default (torch's) or onednn (model.cpu_linear)
 
     @property
     def head_device(self) -> torch.device:
@@ -146,6 +147,7 @@ def load_model(cfg: DictConfig, device: str = "auto", dtype: str | None = None) 
     """Load target model + tokenizer + template. Any failure is one line naming model.path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from harness.model.packing import pack_linears
     from harness.model.quantization import check_quantization, quant_load_kwargs, quantize_after_load
     from harness.model.templates import make_template
 
@@ -177,8 +179,9 @@ def load_model(cfg: DictConfig, device: str = "auto", dtype: str | None = None) 
         model.to(dev)
     model = quantize_after_load(model, quantization, dev)
     model.eval().requires_grad_(False)
+    linear = pack_linears(model, cfg.get("cpu_linear", "auto"), dev, torch_dtype, quantization)
     template = make_template(cfg, tokenizer)
-    return LoadedModel(cfg.name, model, tokenizer, template, dev, torch_dtype, source, quantization)
+    return LoadedModel(cfg.name, model, tokenizer, template, dev, torch_dtype, source, quantization, linear)
 
 
 def placement_kwargs(cfg: DictConfig, dev: torch.device) -> dict:
