@@ -153,3 +153,18 @@ def test_buffer_never_doubles_past_the_model_context():
     assert layer.key_buffer.shape[-2] == 1024
     layer.update(k[..., :400, :], k[..., :400, :])      # past the context: grows to exactly what is needed
     assert layer.keys.shape[-2] == 1100 and layer.key_buffer.shape[-2] == 1100
+
+
+def test_a_packed_model_deep_copies_and_quantizes():
+    import copy
+
+    from harness.model.quantization import quantize_after_load
+
+    model = _model()
+    pack_linears(model, "onednn", torch.device("cpu"), torch.float32)
+    clone = copy.deepcopy(model)
+    assert type(clone.lm_head) is PackedLinear and clone.lm_head.packed_weight is not model.lm_head.packed_weight
+    x = torch.randn(1, 3, 64)
+    assert torch.equal(clone.lm_head(x), model.lm_head(x))
+    int8 = quantize_after_load(clone, "int8", torch.device("cpu"))
+    assert not any(type(m) in (nn.Linear, PackedLinear) for m in int8.model.layers.modules())

@@ -40,7 +40,13 @@ def test_tiny_config_matches_hand_computed_bytes():
     # prefill 100: (5*100*64 + 2*100*32 + 3*100*128 + 2*4*100*100) * 4 + last logits 256 * (4 + 4) = 629248
     # verify 4 over 104 keys: (5*4*64 + 2*4*32 + 3*4*128 + 2*4*4*104) * 4 + 4*256*8 = 33792 -> prefill wins
     assert rows["activations + logits (peak forward)"] == 629248
-    assert sum(rows.values()) == 427328 + 53248 + 629248                                    # no CUDA overhead on CPU
+    # model.cpu_linear (auto) on the CPU: a oneDNN-layout copy of every Linear + the lm_head (256 x 64 fp32)
+    assert rows["weights: packed copy for oneDNN (model.cpu_linear)"] == 294912 + 256 * 64 * 4 == 360448
+    assert sum(rows.values()) == 427328 + 360448 + 53248 + 629248                           # no CUDA overhead on CPU
+    off = estimate(TINY, quantization="none", dtype="fp32", device="cpu", max_seq_len=100, tree_size=4,
+                   cpu_linear="off")
+    assert sum(r.bytes for r in off) == 427328 + 53248 + 629248
+    assert not any("packed" in r.component for r in estimate(TINY, quantization="int8", dtype="fp32", device="cpu"))
 
     cuda = {r.component: r.bytes for r in estimate(TINY, dtype="fp16", device="cuda", max_seq_len=100, tree_size=4,
                                                    overhead_gib=0.5, overhead_fraction=0.1)}

@@ -18,6 +18,7 @@ compare a method with vanilla on the same model object, so both read the same ke
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -40,6 +41,20 @@ class PackedLinear(nn.Linear):
 
     def pack(self) -> None:
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)
+
+    def __deepcopy__(self, memo):
+        """A copy packs its own weight (oneDNN tensors have no storage to copy)."""
+        packed = self.__dict__.pop("packed_weight", None)
+        self.__class__ = nn.Linear
+        try:
+            clone = copy.deepcopy(self, memo)
+        finally:
+            self.__class__ = PackedLinear
+            if packed is not None:
+                self.packed_weight = packed
+        clone.__class__ = PackedLinear
+        clone.pack()
+        return clone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype != self.weight.dtype or self.weight.requires_grad or x.requires_grad

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from harness.infra.errors import HarnessError
+from harness.model.packing import PackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def quantize_linears_int8(module: nn.Module) -> int:
     """Replace every nn.Linear under `module` (in place) with WeightOnlyInt8Linear; returns the count."""
     count = 0
     for name, child in list(module.named_children()):
-        if type(child) is nn.Linear:
+        if type(child) in (nn.Linear, PackedLinear):      # a packed one (model.cpu_linear) is a Linear too
             setattr(module, name, WeightOnlyInt8Linear(child))
             count += 1
         else:
