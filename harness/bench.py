@@ -33,7 +33,8 @@ from harness.model.quantization import weight_memory_bytes
 from harness.infra.store import RUN_INFO, RunStore, file_sha256, hardware, read_json
 from harness.model.device import resolve_device, resolve_dtype
 from harness.engine.target import Target
-from harness.infra.tracking import Tracker, head_artifact, trained_head_artifact
+from harness.infra.tracking import Tracker, head_artifact
+from harness.heads.checkpoint import trained_head_artifact
 from reports.compare import check_baseline, check_baseline_run, speedups_against, sweep_vanilla
 
 log = logging.getLogger(__name__)

@@ -55,7 +55,8 @@ def test_ship_writes_bf16_weights_and_a_manifest_entry_that_loads_back(tmp_path)
     assert entry["parameters"] == sum(p.numel() for p in head.parameters())
     assert entry["file_bytes"] == (dest / "model.safetensors").stat().st_size
     # lineage: the shipped copy names the artifact specdec-train logged for the folder it came from
-    from harness.infra.tracking import head_artifact, trained_head_artifact
+    from harness.heads.checkpoint import trained_head_artifact
+    from harness.infra.tracking import head_artifact
 
     base = json.loads((source / "head_config.json").read_text()).get("base", {}).get("name") or "model"
     assert entry["trained_artifact"] == head_artifact(base, source)[0] == f"head-{base}-run"

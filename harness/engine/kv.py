@@ -2,7 +2,8 @@
 grows by doubling instead of concatenating.
 
 DynamicLayer appends by `torch.cat`, which copies the layer's whole cache on every forward: on SmolLM2-135M at a
-256-token context that was 27 % of a 1-token step on this CPU (docs/cpu_runtime.md). Here `keys` / `values` are
+256-token context the profiler put 27 % of a 1-token bf16 step there; timed side by side, the buffer gains
+0-10 % of a step (docs/cpu_runtime.md). Here `keys` / `values` are
 views of the first n positions of a preallocated buffer; a forward writes its new positions in place. Everything
 that reads or edits a DynamicLayer keeps working: `compact_cache` slices and moves rows inside the views, and when
 anything replaces `keys` by a tensor of its own (a crop by a library, a batch reorder), the next update copies it

@@ -333,3 +333,14 @@ def load_or_init_head(head_path, loaded, head_type: str, official: bool = False,
     log.warning(message)
     head = build_head(head_type, loaded.model.config, base=BaseHandles.of(loaded.model), **kwargs)
     return head.to(device=loaded.head_device, dtype=loaded.dtype).eval().requires_grad_(False)
+
+
+def trained_head_artifact(folder: str | Path) -> str | None:
+    """The W&B artifact specdec-train logged for a head that `python -m harness.ship` copied to `folder` (the bf16
+    copy is other bytes, so another artifact): a bench run declares it too, so lineage reaches the training run.
+    None for a head that was not shipped, or shipped before ship recorded it."""
+    try:
+        info = read_head_config(folder)
+    except HarnessError:
+        return None
+    return (info.get("shipped") or {}).get("trained_artifact")

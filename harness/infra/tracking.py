@@ -12,7 +12,6 @@ Every app (bench, distill, train, report) starts one `Tracker`:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -112,16 +111,6 @@ def head_artifact(model_name: str, folder: str | Path) -> tuple[str, list[Path]]
     head_path to it give the same one) and the files that identify it."""
     folder = Path(folder)
     return f"head-{model_name}-{folder.name}", [folder / name for name in HEAD_FILES]
-
-
-def trained_head_artifact(folder: str | Path) -> str | None:
-    """The artifact specdec-train logged for a head that `python -m harness.ship` copied here (its bf16 copy is
-    other bytes, so another artifact): what a bench run declares beside it, so lineage reaches the training run."""
-    try:
-        info = json.loads((Path(folder) / "head_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return (info.get("shipped") or {}).get("trained_artifact")
 
 
 def _scalar(value) -> bool:

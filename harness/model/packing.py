@@ -2,7 +2,7 @@
 
 On a CPU, `F.linear` with a plain row-major weight goes to MKL's small-M GEMM for fp32 (M = 2 rows cost ~2x one
 row) and re-lays the weight out on every call for bf16. oneDNN with the weight reordered once into its blocked
-layout (what Inductor's CPU weight prepacking does) is 2.5-4x faster on SmolLM2's 576 x 49152 lm_head at M = 1..16
+layout (what Inductor's CPU weight prepacking does) is 2-4x faster on SmolLM2's 576 x 49152 lm_head at M = 1..16
 on this machine, in both dtypes (numbers: docs/cpu_runtime.md).
 
 The model object stays the same: each `nn.Linear` of the loaded target becomes a `PackedLinear` (a subclass; same
