@@ -39,7 +39,8 @@ def _title(ax, head: str, settings: str) -> None:
 
 def _save(fig, path: Path) -> Path:
     """`path` (.png) and the same figure as .pdf beside it; returns the PNG's path."""
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:    # a figure laid out by constrained layout keeps it
+        fig.tight_layout()
     fig.savefig(path, dpi=200)
     fig.savefig(path.with_suffix(".pdf"))
     plt.close(fig)
@@ -57,7 +58,7 @@ def speedup_per_category(metrics: pd.DataFrame, labels: list[str], tasks: list[s
     x = np.arange(len(columns))
     colors = _colors(labels)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(columns) + 0.4 * len(methods)), 4.2))
-    top = 1.0
+    top, crowded = 1.0, len(methods) > 5
     for i, label in enumerate(methods):
         rows = metrics[metrics["label"] == label]
         stats = [mean_std(rows[f"{definition}:{c}" if c != "Overall" else f"speedup_{definition}"]) for c in columns]
@@ -73,14 +74,19 @@ def speedup_per_category(metrics: pd.DataFrame, labels: list[str], tasks: list[s
             if not (math.isnan(mean) or math.isnan(down) or math.isnan(up)):
                 ax.errorbar(position, mean, yerr=[[down], [up]], capsize=2, elinewidth=0.8, ecolor="0.3")
                 top = max(top, mean + up)
-        ax.bar_label(bars, labels=[f"{m:.2f}" if not math.isnan(m) else "" for m in means], fontsize=7, padding=1)
+        # each value above its bar's error bar, never struck through by it; upright when the bars are narrow
+        for position, mean, up in zip(positions, means, above):
+            if not math.isnan(mean):
+                ax.annotate(f"{mean:.2f}", (position, mean + (0.0 if math.isnan(up) else up)), xytext=(0, 2),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=6.5 if crowded else 7,
+                            rotation=90 if crowded else 0)
         top = max([top, *[m for m in means if not math.isnan(m)]])
     ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8, label=f"{baseline} = 1")
     ax.set_xticks(x, columns, rotation=20 if len(columns) > 4 else 0, ha="right" if len(columns) > 4 else "center")
     ax.set_ylabel(f"speedup over {baseline} (×)")
     ax.text(1.0, -0.22 if len(columns) > 4 else -0.12, "bars: Overall 95 % interval over questions; categories "
             "± std over repeats", transform=ax.transAxes, ha="right", fontsize=6.5, color="0.35")
-    ax.set_ylim(0, top * 1.3)   # room for the legend above the tallest bar
+    ax.set_ylim(0, top * (1.45 if crowded else 1.3))   # room for the labels and the legend above the tallest bar
     _title(ax, f"Speedup per category — {DEFINITIONS[definition]}", title)
     ax.legend(fontsize=8, ncol=min(len(methods) + 1, 4), loc="upper left")
     return _save(fig, path)
@@ -120,38 +126,41 @@ def accepted_length_histogram(group: Group, labels: list[str], title: str, path:
 
 def acceptance_per_position(accept: pd.DataFrame, accuracy: pd.DataFrame, labels: list[str], title: str,
                             path: Path) -> Path | None:
-    """Left: P(draft token k accepted | 1..k-1 accepted). Right (when runs carry it): draft top-1/top-5
-    accuracy at position k (teacher-forced)."""
+    """Left: P(draft token k accepted | 1..k-1 accepted), with the attempts behind each rate in a panel below it
+    (a rate over 3 attempts says little). Right (when runs carry it): draft top-1/top-5 accuracy at position k
+    (teacher-forced)."""
     if not len(accept) and not len(accuracy):
         return None
     panels = 2 if len(accuracy) else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
+    fig = plt.figure(figsize=(5.4 * panels, 5.2), layout="constrained")
+    grid = fig.add_gridspec(2, panels, height_ratios=(2.6, 1.0))
     colors = _colors(labels)
-    ax = axes[0][0]
+    ax = fig.add_subplot(grid[0, 0])
+    counts = fig.add_subplot(grid[1, 0], sharex=ax)
     positions = [c for c in accept.columns if re.fullmatch(r"pos\d+", c)]
     for i, (_, row) in enumerate(accept.iterrows()):
         values = [row[c] for c in positions]
+        attempts = [row.get(f"{c}_n", math.nan) for c in positions]
+        ks = range(1, len(values) + 1)
+        style = dict(marker=MARKERS[i % len(MARKERS)], color=colors[row["method"]], alpha=0.85)
         # distinct markers: methods with equal rates would otherwise hide each other
-        ax.plot(range(1, len(values) + 1), values, marker=MARKERS[i % len(MARKERS)], markersize=7 - i % 3,
-                label=row["method"], color=colors[row["method"]], alpha=0.85)
-        if len(accept) <= 4:   # attempts per point: a rate over 3 attempts says little
-            for k, value in enumerate(values, 1):
-                if not math.isnan(value):
-                    # below the point, or above it near the floor so the label stays inside the axes
-                    offset = -9 - 7 * i if value > 0.2 else 4 + 7 * i
-                    ax.annotate(str(int(row[f"pos{k}_n"])), (k, value), fontsize=6, xytext=(3, offset),
-                                textcoords="offset points", color=colors[row["method"]])
-    ax.set_xlabel("draft position k")
+        ax.plot(ks, values, markersize=7 - i % 3, label=row["method"], **style)
+        counts.plot(ks, [a if a and not math.isnan(a) else math.nan for a in attempts], markersize=4, **style)
     ax.set_ylabel("acceptance rate")
     ax.set_ylim(0, 1.05)
-    ax.set_title("Acceptance per position (given 1..k-1 accepted)\nsmall numbers: attempts", fontsize=9)
+    ax.set_title("Acceptance per position (given 1..k-1 accepted)", fontsize=9)
+    ax.tick_params(labelbottom=False)
+    counts.set_yscale("log")
+    counts.set_ylabel("attempts", fontsize=8)
+    counts.set_xlabel("draft position k")
+    counts.tick_params(labelsize=7)
     if len(accept):
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2 if len(accept) > 4 else 1)
         ax.xaxis.get_major_locator().set_params(integer=True)
     else:
         ax.text(0.5, 0.5, "no drafting method in this group", ha="center", transform=ax.transAxes)
     if panels == 2:
-        ax = axes[0][1]
+        ax = fig.add_subplot(grid[:, 1])
         columns = topk_columns(accuracy.columns)
         ks = sorted({int(c.split("_")[1][3:]) for c in columns})
         styles = {k: s for k, s in zip(ks, ["-", "--", ":", "-."])}
@@ -164,9 +173,9 @@ def acceptance_per_position(accept: pd.DataFrame, accuracy: pd.DataFrame, labels
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1.05)
         ax.set_title("Draft top-k accuracy per position\n(teacher-forced)", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2 if len(accuracy) > 3 else 1)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle("\n".join(textwrap.wrap(title, 75 * panels)), fontsize=8, y=0.995)   # fits the figure width
+    fig.suptitle("\n".join(textwrap.wrap(title, 75 * panels)), fontsize=8)   # fits the figure width
     return _save(fig, path)
 
 
@@ -226,7 +235,9 @@ def speedup_vs_tau(metrics: pd.DataFrame, labels: list[str], definition: str, ti
     ax.text(ax.get_xlim()[1], 1.0, f"{baseline} = 1 ", va="bottom", ha="right", fontsize=7)
     ax.set_xlabel("τ, mean accepted tokens per verify step (prefill = 1 step)")
     ax.set_ylabel(f"speedup over {baseline} (×)")
-    _title(ax, f"Speedup against τ — {DEFINITIONS[definition]}; bars: 95 % interval", title)
+    ax.text(1.0, -0.2, "bars: 95 % interval over questions", transform=ax.transAxes, ha="right", fontsize=6.5,
+            color="0.35")
+    _title(ax, f"Speedup against τ — {DEFINITIONS[definition]}", title)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
 
