@@ -283,3 +283,38 @@ def test_summary_shows_quantization_and_measured_weight_memory(tmp_path):
     assert "538.0" in text and "220.0" in text
     pld_rows = [line for line in text.splitlines() if line.startswith("| pld")]
     assert len(pld_rows) == 2 and pld_rows[1].rstrip(" |").split("|")[-2].strip() == "—"   # int8 pld: no record
+
+
+def test_figures_stay_legible_with_many_methods(monkeypatch, tmp_path):
+    """Seven methods, as in the demo sweep: the attempts behind each acceptance rate sit in their own log panel
+    (not as labels on the points), and no speedup label overlaps another label or sits under its error bar."""
+    import matplotlib.text
+
+    from reports import figures
+
+    kept = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: kept.append(fig) or path)
+    methods = [f"m{i}" for i in range(7)]
+    accept = pd.DataFrame([{"method": m, "pos1": 0.5 - 0.05 * i, "pos1_n": 200 + i, "pos2": 0.3, "pos2_n": 90,
+                            "pos3": 0.2, "pos3_n": 20 + i} for i, m in enumerate(methods)])
+    figures.acceptance_per_position(accept, pd.DataFrame(), methods, "settings", tmp_path / "a.png")
+    rates, attempts = kept[-1].axes
+    assert attempts.get_yscale() == "log" and len(attempts.lines) == len(methods)
+    assert list(attempts.lines[3].get_ydata()) == [203, 90, 23]
+    assert not [t for t in rates.texts if t.get_text().isdigit()]        # no attempt labels on the rate panel
+
+    metrics = pd.DataFrame([{"label": m, "speedup_per_question": 1.0 + 0.02 * i, "per_question:writing": 1.0 + 0.02 * i,
+                             "speedup_per_question_ci_low": 0.8, "speedup_per_question_ci_high": 1.4 + 0.01 * i}
+                            for i, m in enumerate(["vanilla", *methods])])
+    figures.speedup_per_category(metrics, ["vanilla", *methods], ["writing"], "per_question", "settings",
+                                 tmp_path / "s.png")
+    fig = kept[-1]
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if isinstance(t, matplotlib.text.Annotation)]
+    assert len(labels) == 2 * len(methods)
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    overall = [t for t in labels if t.xy[0] > 0.5]
+    assert all(t.xy[1] >= 1.4 for t in overall)     # anchored at the top of the interval, not the bar
