@@ -88,10 +88,11 @@ def test_known_architectures_and_method_sizes():
 VERIFY_TOKENS = {"vanilla": 1, "hf_generate": 1, "hf_prompt_lookup": 11, "pld": 11, "pld_cpu": 11, "pld_specbench": 11,
                  "sps": 6, "early_exit": 13, "lookahead": 121, "lookahead_cpu": 9, "lookahead_specbench": 57,
                  "medusa": 64, "medusa_typical": 64, "medusa_cpu": 6, "medusa1_cpu": 6, "medusa_cpu_auto": 64,
-                 "eagle": 26, "eagle2": 60, "eagle2_cpu": 16, "ours": 5, "ours_no_trigram": 5, "ours_auto": 16}
+                 "eagle": 26, "eagle2": 60, "eagle2_cpu": 16, "ours": 5, "ours_no_trigram": 5, "ours_auto": 16,
+                 "ours_tree": 60}
 HEAD_TYPES = {"medusa": "medusa", "medusa_typical": "medusa", "medusa_cpu": "medusa", "medusa1_cpu": "medusa",
               "medusa_cpu_auto": "medusa", "eagle": "eagle", "eagle2": "eagle", "eagle2_cpu": "eagle", "ours": "ours",
-              "ours_no_trigram": "ours", "ours_auto": "ours"}
+              "ours_no_trigram": "ours", "ours_auto": "ours", "ours_tree": "ours"}
 
 
 def test_every_method_states_its_verify_size_and_head_type():
