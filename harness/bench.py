@@ -34,7 +34,7 @@ from harness.infra.store import RUN_INFO, RunStore, file_sha256, hardware, read_
 from harness.model.device import resolve_device, resolve_dtype
 from harness.engine.target import Target
 from harness.infra.tracking import Tracker, head_artifact
-from harness.heads.checkpoint import trained_head_artifact
+from harness.heads.checkpoint import head_weights_sha256, trained_head_artifact
 from reports.compare import check_baseline, check_baseline_run, speedups_against, sweep_vanilla
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,14 @@ HEAD_KEYS = re.compile(r"\$\{head:([^}]*)\}")
 
 
 def head_info(method_cfg: DictConfig) -> dict | None:
-    """The draft head a method runs, for run.json, the summary, W&B and the reports: {type, path, untrained};
-    None for a method without one (vanilla, pld, lookahead, sps, ...)."""
+    """The draft head a method runs, for run.json, the summary, W&B and the reports: {type, path, untrained,
+    sha256 of its weight files (a local folder; None for a Hub id)}; None for a method without one (vanilla, pld, lookahead, sps, ...)."""
     head_type = getattr(get_class(method_cfg._target_), "head_type", None)
     if not head_type:
         return None
     path = method_cfg.get("head_path")
-    return {"type": head_type, "path": str(path) if path else None, "untrained": not path}
+    return {"type": head_type, "path": str(path) if path else None, "untrained": not path,
+            "sha256": head_weights_sha256(path)}
 
 
 def check_head(method_cfg: DictConfig, model_name: str, allow_untrained: bool) -> None:

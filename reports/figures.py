@@ -22,12 +22,13 @@ from reports.compare import DEFINITIONS, Group, mean_std  # noqa: E402
 from reports.tables import interval_of, topk_columns  # noqa: E402
 
 MAX_ACCEPTED = 10   # histogram bins 1..9 and "10+"
-MARKERS = "osD^v<>"
+MARKERS = "osD^v<>phP*X"
 
 
 def _colors(labels: list[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab10")
-    return {label: cmap(i % 10) for i, label in enumerate(labels)}
+    """One colour per label: tab10, or tab20 past ten labels (a 12-method sweep must not reuse a colour)."""
+    cmap, count = (plt.get_cmap("tab10"), 10) if len(labels) <= 10 else (plt.get_cmap("tab20"), 20)
+    return {label: cmap(i % count) for i, label in enumerate(labels)}
 
 
 def _title(ax, head: str, settings: str) -> None:
@@ -58,7 +59,9 @@ def speedup_per_category(metrics: pd.DataFrame, labels: list[str], tasks: list[s
     x = np.arange(len(columns))
     colors = _colors(labels)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(columns) + 0.4 * len(methods)), 4.2))
-    top, crowded = 1.0, len(methods) > 5
+    # a bar narrower than a "1.23" label at 7 pt (~18 pt) takes its label upright (axes ~80 % of the figure)
+    bar_points = 72 * 0.8 * fig.get_figwidth() * width / len(columns)
+    top, crowded = 1.0, bar_points < 20
     for i, label in enumerate(methods):
         rows = metrics[metrics["label"] == label]
         stats = [mean_std(rows[f"{definition}:{c}" if c != "Overall" else f"speedup_{definition}"]) for c in columns]
@@ -69,7 +72,7 @@ def speedup_per_category(metrics: pd.DataFrame, labels: list[str], tasks: list[s
         below = [s[1] for s in stats[:-1]] + [max(means[-1] - low, 0.0)]
         above = [s[1] for s in stats[:-1]] + [max(high - means[-1], 0.0)]
         positions = x - 0.4 + width * (i + 0.5)
-        bars = ax.bar(positions, means, width, label=label, color=colors[label])
+        ax.bar(positions, means, width, label=label, color=colors[label])
         for position, mean, down, up in zip(positions, means, below, above):
             if not (math.isnan(mean) or math.isnan(down) or math.isnan(up)):
                 ax.errorbar(position, mean, yerr=[[down], [up]], capsize=2, elinewidth=0.8, ecolor="0.3")
@@ -132,35 +135,41 @@ def acceptance_per_position(accept: pd.DataFrame, accuracy: pd.DataFrame, labels
     if not len(accept) and not len(accuracy):
         return None
     panels = 2 if len(accuracy) else 1
-    fig = plt.figure(figsize=(5.4 * panels, 5.2), layout="constrained")
-    grid = fig.add_gridspec(2, panels, height_ratios=(2.6, 1.0))
+    positions = [c for c in accept.columns if re.fullmatch(r"pos\d+", c)]
+    attempts = accept[[f"{c}_n" for c in positions if f"{c}_n" in accept]].apply(pd.to_numeric, errors="coerce")
+    counted = bool((attempts > 0).to_numpy().any())    # else no attempts panel (nothing drafted, or not recorded)
+    fig = plt.figure(figsize=(5.4 * panels, 5.2 if counted else 4.2), layout="constrained")
+    grid = fig.add_gridspec(2 if counted else 1, panels, height_ratios=(2.6, 1.0) if counted else None)
     colors = _colors(labels)
     ax = fig.add_subplot(grid[0, 0])
-    counts = fig.add_subplot(grid[1, 0], sharex=ax)
-    positions = [c for c in accept.columns if re.fullmatch(r"pos\d+", c)]
+    counts = fig.add_subplot(grid[1, 0], sharex=ax) if counted else None
     for i, (_, row) in enumerate(accept.iterrows()):
         values = [row[c] for c in positions]
-        attempts = [row.get(f"{c}_n", math.nan) for c in positions]
         ks = range(1, len(values) + 1)
         style = dict(marker=MARKERS[i % len(MARKERS)], color=colors[row["method"]], alpha=0.85)
         # distinct markers: methods with equal rates would otherwise hide each other
         ax.plot(ks, values, markersize=7 - i % 3, label=row["method"], **style)
-        counts.plot(ks, [a if a and not math.isnan(a) else math.nan for a in attempts], markersize=4, **style)
+        if counts is not None:
+            tried = [pd.to_numeric(row.get(f"{c}_n"), errors="coerce") for c in positions]
+            counts.plot(ks, [n if n > 0 else math.nan for n in tried], markersize=4, **style)   # log: 0 not drawn
     ax.set_ylabel("acceptance rate")
     ax.set_ylim(0, 1.05)
     ax.set_title("Acceptance per position (given 1..k-1 accepted)", fontsize=9)
-    ax.tick_params(labelbottom=False)
-    counts.set_yscale("log")
-    counts.set_ylabel("attempts", fontsize=8)
-    counts.set_xlabel("draft position k")
-    counts.tick_params(labelsize=7)
+    if counts is not None:
+        ax.tick_params(labelbottom=False)
+        counts.set_yscale("log")
+        counts.set_ylabel("attempts", fontsize=8)
+        counts.set_xlabel("draft position k")
+        counts.tick_params(labelsize=7)
+    else:
+        ax.set_xlabel("draft position k")
     if len(accept):
         ax.legend(fontsize=7, ncol=2 if len(accept) > 4 else 1)
         ax.xaxis.get_major_locator().set_params(integer=True)
     else:
         ax.text(0.5, 0.5, "no drafting method in this group", ha="center", transform=ax.transAxes)
     if panels == 2:
-        ax = fig.add_subplot(grid[:, 1])
+        ax = fig.add_subplot(grid[:, 1])   # both rows (or the one)
         columns = topk_columns(accuracy.columns)
         ks = sorted({int(c.split("_")[1][3:]) for c in columns})
         styles = {k: s for k, s in zip(ks, ["-", "--", ":", "-."])}

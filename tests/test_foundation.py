@@ -147,6 +147,36 @@ def test_resume_refuses_other_settings_and_repairs_a_torn_line(tiny_model_dir, q
     assert [r["question_id"] for r in RunStore(run_dir).records()] == [81, 82, 83]
 
 
+def test_resume_refuses_a_head_whose_weights_changed_since_the_run_began(tmp_path):
+    """Same head_path, retrained weights in it: the answers so far were drafted by the old head, so a resume into
+    the run is refused (the settings alone cannot see it); unchanged weights resume."""
+    from omegaconf import OmegaConf
+
+    from harness.heads.checkpoint import head_weights_sha256
+
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "model.safetensors").write_bytes(b"old weights")
+    (head / "head_config.json").write_text("{}")
+    first = head_weights_sha256(head)
+    assert first and len(first) == 64 and head_weights_sha256("owner/hub-id") is None
+    (head / "head_config.json").write_text('{"note": 1}')
+    assert head_weights_sha256(head) == first              # the weights, not the metadata
+    cfg = OmegaConf.create({"model": {"name": "m"}, "method": {"name": "ours", "head_path": str(head)},
+                            "bench": {"name": "mt_bench", "max_turns": None}, "decoding": {}, "max_new_tokens": 8,
+                            "seed": 0, "context": None})
+    store = RunStore(tmp_path / "run")
+    store.open(cfg, False, {"head": {"path": str(head), "sha256": first}})
+    store.append({"question_id": 81, "turns": []})
+    RunStore(tmp_path / "run").open(cfg, True, {"head": {"path": str(head), "sha256": head_weights_sha256(head)}})
+    (head / "model.safetensors").write_bytes(b"new weights")
+    changed = head_weights_sha256(head)
+    assert changed != first
+    with pytest.raises(HarnessError, match="other head weights"):
+        RunStore(tmp_path / "run").open(cfg, True, {"head": {"path": str(head), "sha256": changed}})
+    assert [r["question_id"] for r in RunStore(tmp_path / "run").records()] == [81]    # nothing lost
+
+
 def test_a_killed_run_resumes_to_exactly_one_record_per_question(tiny_model_dir, questions_path, tmp_path):
     run_dir = tmp_path / "killed"
     args = [sys.executable, "-m", "harness.bench",

@@ -287,13 +287,22 @@ def test_summary_shows_quantization_and_measured_weight_memory(tmp_path):
 
 def test_figures_stay_legible_with_many_methods(monkeypatch, tmp_path):
     """Seven methods, as in the demo sweep: the attempts behind each acceptance rate sit in their own log panel
-    (not as labels on the points), and no speedup label overlaps another label or sits under its error bar."""
+    (not as labels on the points), and no speedup label overlaps another label, leaves the axes or sits under its
+    error bar, also with few methods over many categories."""
     import matplotlib.text
 
     from reports import figures
 
     kept = []
-    monkeypatch.setattr(figures, "_save", lambda fig, path: kept.append(fig) or path)
+
+    def keep(fig, path):       # _save without the files: the figure laid out as it would be saved
+        if fig.get_layout_engine() is None:
+            fig.tight_layout()
+        fig.canvas.draw()
+        kept.append(fig)
+        return path
+
+    monkeypatch.setattr(figures, "_save", keep)
     methods = [f"m{i}" for i in range(7)]
     accept = pd.DataFrame([{"method": m, "pos1": 0.5 - 0.05 * i, "pos1_n": 200 + i, "pos2": 0.3, "pos2_n": 90,
                             "pos3": 0.2, "pos3_n": 20 + i} for i, m in enumerate(methods)])
@@ -301,20 +310,26 @@ def test_figures_stay_legible_with_many_methods(monkeypatch, tmp_path):
     rates, attempts = kept[-1].axes
     assert attempts.get_yscale() == "log" and len(attempts.lines) == len(methods)
     assert list(attempts.lines[3].get_ydata()) == [203, 90, 23]
-    assert not [t for t in rates.texts if t.get_text().isdigit()]        # no attempt labels on the rate panel
+    # runs that recorded no attempts: one panel of rates, no empty log panel
+    figures.acceptance_per_position(accept.drop(columns=["pos1_n", "pos2_n", "pos3_n"]), pd.DataFrame(), methods,
+                                    "settings", tmp_path / "b.png")
+    assert len(kept[-1].axes) == 1
 
-    metrics = pd.DataFrame([{"label": m, "speedup_per_question": 1.0 + 0.02 * i, "per_question:writing": 1.0 + 0.02 * i,
-                             "speedup_per_question_ci_low": 0.8, "speedup_per_question_ci_high": 1.4 + 0.01 * i}
-                            for i, m in enumerate(["vanilla", *methods])])
-    figures.speedup_per_category(metrics, ["vanilla", *methods], ["writing"], "per_question", "settings",
-                                 tmp_path / "s.png")
-    fig = kept[-1]
-    ax = fig.axes[0]
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    labels = [t for t in ax.texts if isinstance(t, matplotlib.text.Annotation)]
-    assert len(labels) == 2 * len(methods)
-    boxes = [t.get_window_extent(renderer) for t in labels]
-    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
-    overall = [t for t in labels if t.xy[0] > 0.5]
-    assert all(t.xy[1] >= 1.4 for t in overall)     # anchored at the top of the interval, not the bar
+    for names, tasks in ((methods, ["writing"]), (methods[:5], [f"task{j}" for j in range(8)])):
+        metrics = pd.DataFrame([{"label": m, "speedup_per_question": 1.0 + 0.02 * i,
+                                 **{f"per_question:{t}": 1.0 + 0.02 * i for t in tasks},
+                                 "speedup_per_question_ci_low": 0.8, "speedup_per_question_ci_high": 1.4 + 0.01 * i}
+                                for i, m in enumerate(["vanilla", *names])])
+        figures.speedup_per_category(metrics, ["vanilla", *names], tasks, "per_question", "settings",
+                                     tmp_path / "s.png")
+        fig = kept[-1]
+        ax = fig.axes[0]
+        renderer = fig.canvas.get_renderer()
+        labels = [t for t in ax.texts if isinstance(t, matplotlib.text.Annotation)]
+        assert len(labels) == (len(tasks) + 1) * len(names)
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        inside = ax.get_window_extent(renderer)
+        assert all(inside.y0 <= b.y0 and b.y1 <= inside.y1 for b in boxes)      # none cut by the axes' top
+        overall = [t for t in labels if t.xy[0] > len(tasks) - 0.5]
+        assert len(overall) == len(names) and all(t.xy[1] >= 1.4 for t in overall)   # at the interval's top

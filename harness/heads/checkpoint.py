@@ -335,6 +335,25 @@ def load_or_init_head(head_path, loaded, head_type: str, official: bool = False,
     return head.to(device=loaded.head_device, dtype=loaded.dtype).eval().requires_grad_(False)
 
 
+def head_weights_sha256(head_path) -> str | None:
+    """One sha256 over a local head folder's weight files (*.safetensors, *.bin, by name): what a run's answers
+    were drafted with, so a resume into the run can refuse a head that changed since. None for a Hub id or a path
+    that is not a folder (nothing local to read before loading)."""
+    folder = Path(str(head_path)).expanduser() if head_path else None
+    if folder is None or not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def trained_head_artifact(folder: str | Path) -> str | None:
     """The W&B artifact specdec-train logged for a head that `python -m harness.ship` copied to `folder` (the bf16
     copy is other bytes, so another artifact): a bench run declares it too, so lineage reaches the training run.

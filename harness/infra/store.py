@@ -201,6 +201,13 @@ class RunStore:
                 changed = [k for k in IDENTITY_KEYS if before[k] != now[k]]
                 raise HarnessError(f"cannot resume {self.dir}: its run used different {', '.join(changed)}; "
                                    "resume with the same settings or start a new run_dir")
+            # the same head_path with other weights in it (a head retrained or shipped again since): the answers
+            # so far were drafted by another head, their acceptance would be mixed with the new one's
+            before, now = ((record.get("head") or {}).get("sha256") for record in (old, extra))
+            if before and now and before != now:
+                raise HarnessError(f"cannot resume {self.dir}: its answers were drafted by other head weights "
+                                   f"(sha256 {before[:12]}, now {now[:12]} in {(extra.get('head') or {}).get('path')}); "
+                                   "the head changed since the run began: start a new run_dir")
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         info = {"config": resolved, "created": now, "git_commit": git_commit(), "versions": versions(), **extra}
         if resume and info_path.is_file():
