@@ -44,7 +44,8 @@ class Group:
         s = self.settings
         decoding = "greedy" if not s["temperature"] else f"T={s['temperature']}, top-p={s['top_p']}"
         extra = [f"{s['quantization']}" if s["quantization"] != "none" else "", f"dtype {s['dtype']}"
-                 if s["dtype"] != "auto" else "", f"{s['threads']} threads" if s.get("threads") else ""]
+                 if s["dtype"] != "auto" else "", f"{s['threads']} threads" if s.get("threads") else "",
+                 f"cpu_linear {s['linear']}" if s.get("linear") not in (None, "auto") else ""]
         return (f"{s['model']} · {s['bench']} · {s['device'].upper()} {s['hardware']} · {decoding} · "
                 f"{s['max_new_tokens']} new tokens" + "".join(f" · {e}" for e in extra if e))
 
@@ -53,6 +54,8 @@ def _slug(settings: dict) -> str:
     text = f"{settings['model']}_{settings['bench']}_{settings['max_new_tokens']}tok"
     if settings["temperature"]:
         text += f"_T{settings['temperature']}"
+    if settings.get("linear") not in (None, "auto"):
+        text += f"_linear-{settings['linear']}"
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
 

@@ -39,7 +39,7 @@ from harness.infra.store import ANSWERS, RUN_INFO, SUMMARY, read_json, read_reco
 log = logging.getLogger(__name__)
 
 SETTINGS = ("model", "bench", "max_turns", "max_new_tokens", "temperature", "top_p", "quantization", "dtype",
-            "device", "hardware", "threads")
+            "device", "hardware", "threads", "linear")
 TOPK_KEY = re.compile(r"^pos(\d+)_top(\d+)$")
 
 # Spec-Bench's leaderboard columns (github.com/hemingkx/Spec-Bench, Leaderboard.md)
@@ -127,7 +127,10 @@ def settings_of(info: dict) -> dict:
             "temperature": float(decoding.get("temperature", 0.0)), "top_p": float(decoding.get("top_p", 1.0)),
             "quantization": info.get("quantization") or cfg.get("model", {}).get("quantization") or "none",
             "dtype": cfg.get("model", {}).get("dtype", "auto"), "device": device, "hardware": name,
-            "threads": hardware.get("torch_threads") if device == "cpu" else None}
+            "threads": hardware.get("torch_threads") if device == "cpu" else None,
+            # the runtime under the model (model.cpu_linear: auto | onednn | off): timings with packed oneDNN
+            # linears are not a baseline for plain ones (None: a run from before the option)
+            "linear": cfg.get("model", {}).get("cpu_linear")}
 
 
 def differences(a: dict, b: dict) -> list[str]:

@@ -333,3 +333,16 @@ def test_figures_stay_legible_with_many_methods(monkeypatch, tmp_path):
         assert all(inside.y0 <= b.y0 and b.y1 <= inside.y1 for b in boxes)      # none cut by the axes' top
         overall = [t for t in labels if t.xy[0] > len(tasks) - 0.5]
         assert len(overall) == len(names) and all(t.xy[1] >= 1.4 for t in overall)   # at the interval's top
+
+
+def test_runs_on_other_cpu_linears_are_not_each_others_baseline():
+    """model.cpu_linear changes the timings (packed oneDNN linears vs plain ones): a sweep over it must pair each
+    job with the vanilla job of its own runtime, and reports keep the two apart."""
+    from reports.results import differences, settings_of
+
+    def info(linear):
+        return {"config": {"model": {"name": "m", "dtype": "auto", "cpu_linear": linear}, "bench": {"name": "b"},
+                           "max_new_tokens": 8, "decoding": {}}, "hardware": HARDWARE}
+
+    assert differences(settings_of(info("off")), settings_of(info("auto"))) == ["linear (off vs auto)"]
+    assert not differences(settings_of(info("auto")), settings_of(info("auto")))
