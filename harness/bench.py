@@ -33,6 +33,7 @@ from harness.model.quantization import weight_memory_bytes
 from harness.infra.store import RUN_INFO, RunStore, file_sha256, hardware, read_json
 from harness.model.device import resolve_device, resolve_dtype
 from harness.engine.target import Target
+from harness.engine.timing import host_probe
 from harness.infra.tracking import Tracker, head_artifact
 from harness.heads.checkpoint import head_weights_sha256, trained_head_artifact
 from reports.compare import check_baseline, check_baseline_run, speedups_against, sweep_vanilla
@@ -162,6 +163,28 @@ def warm_up(runner: Runner, question: Question, count: int, tokens: int | None) 
             answer_question(runner, question, 0)
         else:
             runner.turn(prompt_ids, torch.Generator(device=runner.target.output_device).manual_seed(0), tokens)
+
+
+class HostProbe:
+    """The machine's own speed while a run is timed (the glossary's host step): `measure` appends one probe
+    to run.json `host_probes`, after the warm-up and after the last question of each sitting, so a sweep
+    resumed on another day shows whether its jobs and their vanilla ran on an equally fast host."""
+
+    def __init__(self, store: RunStore, runner: Runner, first: Question, repeats: int):
+        self.store, self.runner, self.repeats = store, runner, repeats
+        self.prompt_ids = runner.loaded.template.encode([(first.turns[0], None)])
+
+    def probes(self) -> list[dict]:
+        return (read_json(self.store.dir / RUN_INFO) or {}).get("host_probes", [])
+
+    def measure(self) -> None:
+        if self.repeats:
+            found = host_probe(self.runner.target, self.prompt_ids, self.repeats, len(self.store.finished_ids()))
+            self.store.update_info({"host_probes": [*self.probes(), found]})
+
+    def step_ms(self) -> float | None:
+        value = glossary.host_step_ms(self.probes())
+        return None if value != value else value
 
 
 def warmup_tokens(cfg: DictConfig) -> int | None:
@@ -299,6 +322,9 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
         check = LosslessCheck(loaded, cfg.get("lossless", {}).get("tolerance")) if reference else None
         if todo and cfg.warmup:
             warm_up(runner, todo[0], int(cfg.warmup), warmup_tokens(cfg))
+        probe = HostProbe(store, runner, questions[0], int(cfg.get("host_probe_repeats") or 0))
+        if todo:
+            probe.measure()
         bar = tqdm(todo, desc=f"{cfg.method.name} on {cfg.bench.name}", unit="q", disable=not cfg.progress,
                    initial=0, total=len(todo))
         tokens = seconds = 0.0
@@ -320,6 +346,8 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
             log_progress(done_now, len(todo), started, question.question_id, summed, tokens, seconds)
             tracker.log_record(record)
         bar.close()
+        if todo:
+            probe.measure()
         left = len(questions) - len(store.finished_ids() & {q.question_id for q in questions})
         if stop.requested and left:      # summary.json is written only by a run that finished its questions
             raise Stopped(f"stopped by {stop.name}: {left} of {len(questions)} questions left (every finished one is "
@@ -329,9 +357,11 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
         summary = glossary.summarize(records)
         summary.update(model=cfg.model.name, method=cfg.method.name, bench=cfg.bench.name,
                        run_dir=str(store.dir), head_path=info["head"] and info["head"]["path"],
-                       untrained_head=untrained)
+                       untrained_head=untrained, host_step_ms=probe.step_ms(), host_probes=len(probe.probes()))
         if baseline is not None:
             summary.update(speedups_against(baseline, records))
+            ratio = glossary.host_ratio(probe.probes(), baseline.info.get("host_probes"))
+            summary["host_vs_baseline"] = ratio if ratio == ratio else None     # NaN: a side without probes
         store.write_summary(summary)
         if summary.get("lossless_mismatch"):
             log.warning("LOSSLESS MISMATCH vs reference %s in %d/%d questions: %s - a bug until shown otherwise "
@@ -389,6 +419,14 @@ def format_summary(summary: dict) -> str:
                      f"ratios, 95 % paired bootstrap), {summary['speedup_total']:.2f}x (total tokens / total time)"
                      + (f", {summary['speedup_spec_bench']:.2f}x (Spec-Bench: mean tokens/s over mean tokens/s)"
                         if summary.get("speedup_spec_bench") is not None else ""))
+    if summary.get("host_step_ms") is not None:
+        ratio = summary.get("host_vs_baseline")
+        against = ("" if ratio is None else
+                   f"; {100 * (ratio - 1):+.1f} % vs the baseline's" + (
+                       " - MORE THAN 5 %: the machine, not only the method, differs between the two timings"
+                       if abs(ratio - 1) > glossary.HOST_TOLERANCE else ""))
+        lines.append(f"host: 1-token target step {summary['host_step_ms']:.2f} ms (median of "
+                     f"{summary['host_probes']} probes){against}")
     lines.append(f"run folder: {summary['run_dir']}")
     return "\n".join(lines)
 

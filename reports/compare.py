@@ -162,7 +162,12 @@ def run_metrics(group: Group, tasks: list[str], baseline: str = "vanilla") -> pd
                "verify_share": glossary.stage_share(turns, "verify_time"),
                **{f"lossless_{key}": value for key, value in checked.items()},
                "lossy": run.lossy, "untrained_head": run.untrained, "quantization": run.settings.get("quantization", "none"),
-               "weight_mb": weight_mb(run)}
+               "weight_mb": weight_mb(run),
+               # the machine's speed when this run and its vanilla were timed (glossary: host step)
+               "host_step_ms": glossary.host_step_ms(run.info.get("host_probes")),
+               "host_spread": glossary.host_spread(run.info.get("host_probes")),
+               "host_vs_baseline": glossary.host_ratio(run.info.get("host_probes"),
+                                                       [p for b in base for p in b.info.get("host_probes", [])])}
         for definition in DEFINITIONS:
             row[f"speedup_{definition}"] = glossary.speedup(mine, theirs, definition)
             low, high = interval(mine, theirs, definition)
@@ -294,3 +299,20 @@ def speedups_against(base: Run, records: list[dict]) -> dict:
             "speedup_ci_low": bounds[0] if bounds else None, "speedup_ci_high": bounds[1] if bounds else None,
             "speedup_questions": len(mine.keys() & theirs.keys()), "baseline_run": str(base.path),
             "baseline_method": base.method}
+
+
+def host_notes(metrics: pd.DataFrame, baseline: str = "vanilla") -> list[str]:
+    """One line per run whose host step is off its vanilla's (or whose own probes drift) by more than the
+    glossary's HOST_TOLERANCE: its speedups carry the machine's change too."""
+    notes = []
+    for row in metrics.itertuples():
+        ratio, spread = row.host_vs_baseline, row.host_spread
+        if ratio == ratio and abs(ratio - 1) > glossary.HOST_TOLERANCE:
+            notes.append(f"{row.label} ({row.run_id}): the 1-token target step was {100 * (ratio - 1):+.1f} % vs "
+                         f"its {baseline}'s while each was timed (host step {row.host_step_ms:.2f} ms): the machine "
+                         "was slower or faster, not only the method; rerun the two side by side, or read the "
+                         "speedup with that in mind")
+        if spread == spread and spread > 1 + glossary.HOST_TOLERANCE:
+            notes.append(f"{row.label} ({row.run_id}): its host probes spread {100 * (spread - 1):.1f} % "
+                         "(slowest / fastest sitting): timed across changing machine speed")
+    return notes

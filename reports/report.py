@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.infra.app import hydra_app
 from harness.infra.errors import HarnessError
 from reports import figures, tables
-from reports.compare import DEFINITIONS, Group, group_runs, label_order, run_metrics
+from reports.compare import DEFINITIONS, Group, group_runs, host_notes, label_order, run_metrics
 from reports.results import failed_jobs, load_runs, run_frame, task_of, task_order, turns_frame
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,16 @@ def build_report(sources, out_dir: str | Path, definition: str = "per_question",
             writers["leaderboard"].add(group, display, numbers, note, f"Leaderboard — {DEFINITIONS[name]}")
             if index == 0:
                 primary.append(f"### {group.title}\n{note}\n\n{tables.to_markdown(display)}\n")
+        host = host_notes(metrics, baseline)
+        for line in host:
+            log.warning("host speed: %s", line)
         writers["summary"].add(group, *tables.summary(metrics, labels),
                                "tokens/s = total tokens / total time; lossless = questions token-identical "
                                f"to {baseline} (exact) or diverging first at a near-tie of the reference's "
-                               "logits (rounding); MISMATCH = anything else, a bug until shown otherwise")
+                               "logits (rounding); MISMATCH = anything else, a bug until shown otherwise; host vs "
+                               f"{baseline} = the 1-token target step while the run was timed over its "
+                               f"{baseline}'s (the machine's own speed; – where a run has no probes)"
+                               + "".join(f"\n- HOST: {line}" for line in host))
         accept, accuracy = tables.acceptance(group, labels), tables.topk(group, labels)
         writers["acceptance"].add(group, *accept, "P(draft token k accepted | tokens 1..k-1 accepted)")
         writers["topk_accuracy"].add(group, *accuracy, "teacher-forced: the target's greedy token at t+k in "

@@ -73,6 +73,7 @@ def leaderboard(metrics: pd.DataFrame, labels: list[str], tasks: list[str], defi
         shown[OVERALL] = with_interval(shown[OVERALL], low, high)
         values[f"{OVERALL}_ci_low"], values[f"{OVERALL}_ci_high"] = low, high
         values["runs"] = runs
+        host_column(rows, shown, values)
         # a leaderboard row never hides a mismatch: the lossless column rides along
         shown["Lossless"] = lossless_cell(rows)
         values.update(_lossless_numbers(rows))
@@ -136,11 +137,20 @@ def summary(metrics: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame, pd.
                 low, high = interval_of(rows, column)
                 shown[name] = with_interval(shown[name], low, high, digits)
                 values[f"{column}_ci_low"], values[f"{column}_ci_high"] = low, high
+        host_column(rows, shown, values)
         shown["Lossless"] = lossless_cell(rows)
         values.update(_lossless_numbers(rows))
         display.append(shown)
         numbers.append(values)
     return pd.DataFrame(display), pd.DataFrame(numbers)
+
+
+def host_column(rows: pd.DataFrame, shown: dict, values: dict) -> None:
+    """The machine's speed beside the speedups: the runs' host step over their vanilla's (glossary), as
+    "+3.1 %" (slower host) or "–" for runs without probes."""
+    host = rows["host_vs_baseline"].dropna() if "host_vs_baseline" in rows else rows.iloc[:0]
+    shown["Host vs vanilla"] = f"{100 * (host.mean() - 1):+.1f} %" if len(host) else "–"
+    values["host_vs_baseline"] = float(host.mean()) if len(host) else math.nan
 
 
 def acceptance(group: Group, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -147,6 +147,41 @@ def test_resume_refuses_other_settings_and_repairs_a_torn_line(tiny_model_dir, q
     assert [r["question_id"] for r in RunStore(run_dir).records()] == [81, 82, 83]
 
 
+def test_host_probes_bracket_every_sitting_and_a_resume_keeps_the_earlier_ones(tiny_model_dir, questions_path,
+                                                                               tmp_path, monkeypatch):
+    from harness.engine import timing
+
+    run_dir = tmp_path / "run"
+    base = tiny_bench_overrides(tiny_model_dir, run_dir, questions_path, "bench.limit=3", "max_new_tokens=6",
+                                "host_probe_repeats=3")
+    seen_prompts = []
+    real = timing.measure_verify_latency
+
+    def spy(target, prompt_ids, **kwargs):
+        seen_prompts.append(list(prompt_ids))
+        return real(target, prompt_ids, **kwargs)
+
+    monkeypatch.setattr(timing, "measure_verify_latency", spy)
+    first = run_bench(compose_config(*base, "bench.limit=1"), run_dir)
+    probes = json.loads((run_dir / "run.json").read_text())["host_probes"]
+    assert [p["done"] for p in probes] == [0, 1] and all(p["step_ms"] > 0 and p["repeats"] == 3 for p in probes)
+    assert first["host_probes"] == 2 and first["host_step_ms"] == pytest.approx(
+        sorted(p["step_ms"] for p in probes)[0] / 2 + sorted(p["step_ms"] for p in probes)[1] / 2)
+    summary = run_bench(compose_config(*base, "resume=true"), run_dir)
+    again = json.loads((run_dir / "run.json").read_text())["host_probes"]
+    assert again[:2] == probes and [p["done"] for p in again[2:]] == [1, 3]      # the first sitting's are kept
+    assert summary["host_probes"] == 4
+    # every probe times the bench's FIRST prompt (the same input for every method and every sitting), not the
+    # first unfinished question's
+    assert len(seen_prompts) == 4 and all(prompt == seen_prompts[0] for prompt in seen_prompts)
+    run_bench(compose_config(*base, "resume=true"), run_dir)                     # nothing left: no probe
+    assert len(json.loads((run_dir / "run.json").read_text())["host_probes"]) == 4
+    off = tmp_path / "off"
+    run_bench(compose_config(*tiny_bench_overrides(tiny_model_dir, off, questions_path, "bench.limit=1",
+                                                   "max_new_tokens=4", "host_probe_repeats=0")), off)
+    assert "host_probes" not in json.loads((off / "run.json").read_text())
+
+
 def test_resume_refuses_a_head_whose_weights_changed_since_the_run_began(tmp_path):
     """Same head_path, retrained weights in it: the answers so far were drafted by the old head, so a resume into
     the run is refused (the settings alone cannot see it); unchanged weights resume."""

@@ -181,7 +181,7 @@ def test_spec_bench_task_groups_topk_and_trigram_ablation(tmp_path):
     board = board[board["definition"] == "per_question"]
     assert [c for c in board.columns if not c.endswith("_std")][3:] == [
         "Multi-turn Conversation", "Translation", "Summarization", "#Mean Accepted Tokens", "Overall",
-        "tau_convention", "Overall_ci_low", "Overall_ci_high", "runs",
+        "tau_convention", "Overall_ci_low", "Overall_ci_high", "runs", "host_vs_baseline",
         "lossless_rate", "lossless_exact", "lossless_near_tie", "lossless_mismatch", "lossless_compared"]
     assert list(board["method"]) == ["ours", "ours_no_trigram", "medusa", "vanilla"]   # ablation side by side
     assert board.set_index("method").loc["ours", "Translation"] == pytest.approx(2.0)
@@ -282,7 +282,8 @@ def test_summary_shows_quantization_and_measured_weight_memory(tmp_path):
     assert [c.strip() for c in header.strip("|").split("|")][3:4] == ["Quantization"] and "Weights MiB" in header
     assert "538.0" in text and "220.0" in text
     pld_rows = [line for line in text.splitlines() if line.startswith("| pld")]
-    assert len(pld_rows) == 2 and pld_rows[1].rstrip(" |").split("|")[-2].strip() == "—"   # int8 pld: no record
+    column = [c.strip() for c in header.strip("|").split("|")].index("Weights MiB")
+    assert len(pld_rows) == 2 and pld_rows[1].strip("|").split("|")[column].strip() == "—"   # int8 pld: no record
 
 
 def test_figures_stay_legible_with_many_methods(monkeypatch, tmp_path):
@@ -346,3 +347,37 @@ def test_runs_on_other_cpu_linears_are_not_each_others_baseline():
 
     assert differences(settings_of(info("off")), settings_of(info("auto"))) == ["linear (off vs auto)"]
     assert not differences(settings_of(info("auto")), settings_of(info("auto")))
+
+
+def with_probes(folder: Path, *step_ms: float) -> Path:
+    info = json.loads((folder / "run.json").read_text())
+    info["host_probes"] = [{"at": "t", "done": i, "step_ms": ms, "repeats": 20} for i, ms in enumerate(step_ms)]
+    (folder / "run.json").write_text(json.dumps(info))
+    return folder
+
+
+def test_a_method_timed_on_a_slower_host_than_its_vanilla_is_reported_beside_its_speedup(tmp_path, caplog):
+    sweep = tmp_path / "sweep"
+    with_probes(vanilla(sweep / "0_vanilla"), 40.0, 42.0)            # median 41 ms
+    with_probes(pld(sweep / "1_pld"), 45.0, 47.1)                    # median 46.05: +12.3 %; spread 4.7 %
+    report = build_report(sweep, tmp_path / "out", make_figures=False)
+    row = report.metrics.set_index("method").loc["pld"]
+    assert row["host_step_ms"] == pytest.approx(46.05) and row["host_vs_baseline"] == pytest.approx(46.05 / 41)
+    assert row["host_spread"] == pytest.approx(47.1 / 45.0)
+    table = report.tables["summary"].set_index("method")
+    assert table.loc["pld", "host_vs_baseline"] == pytest.approx(46.05 / 41)
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "+12.3 %" in text and "HOST: pld" in text and "HOST: vanilla" not in text
+    assert "spread" not in text                                       # 4.7 % inside one run is under 5 %
+    assert any("host speed" in r.getMessage() for r in caplog.records)
+    # within 5 %: no note; a run without probes (older runs) shows a dash and no note
+    calm = tmp_path / "calm"
+    with_probes(vanilla(calm / "0_vanilla"), 41.0)
+    with_probes(pld(calm / "1_pld"), 42.0)
+    old = tmp_path / "old"
+    vanilla(old / "0_vanilla")
+    pld(old / "1_pld")
+    for sweep_dir, shown in ((calm, "+2.4 %"), (old, "–")):
+        build_report(sweep_dir, tmp_path / f"out_{sweep_dir.name}", make_figures=False)
+        text = (tmp_path / f"out_{sweep_dir.name}" / "summary.md").read_text()
+        assert "HOST:" not in text and shown in text

@@ -27,6 +27,11 @@ or plain numbers. Undefined values (a zero denominator, a method that does not r
   97.5th percentiles of 2000 draws (seed 0: the same records give the same interval); None below 2 paired
   questions (summary.json `speedup_ci_low` / `speedup_ci_high`, report `speedup_<definition>_ci_low/high`).
 - lossless: exact / near_tie / mismatch per question (harness/engine/lossless.py); rate = (exact + near_tie) / compared.
+- host step (ms) = median over a run's host probes of one 1-token target step over the bench's first prompt
+  (harness/engine/timing.py `host_probe`: measured after the warm-up and at the end of every sitting, the same
+  input for every method), run.json `host_probes`. host vs baseline = the run's host step / its vanilla's: the
+  machine's own speed, apart from any method, when each was timed. Speedups are not corrected by it; a ratio off
+  1 by more than HOST_TOLERANCE (a sweep resumed on a slower or busier host) is reported beside them.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import random
 
 from harness.engine import lossless
 
+HOST_TOLERANCE = 0.05      # host step off its vanilla's by more than 5 %: the report says so beside the speedups
 STAGES = ("prefill_time", "draft_time", "verify_time", "bookkeeping_time")
 SPEEDUPS = {"per_question": "mean of per-question speedups",
             "total": "total tokens / total time, method over vanilla",
@@ -235,3 +241,24 @@ def summarize(records: list[dict]) -> dict:
     summary["acceptance_per_position"] = acceptance_per_position(*position_counts(turns))
     summary.update(lossless.summary_fields(records))
     return summary
+
+
+def host_step_ms(probes: list[dict] | None) -> float:
+    """Median of the probes' `step_ms` (NaN without probes: runs from before them)."""
+    values = sorted(float(p["step_ms"]) for p in probes or [] if p.get("step_ms") is not None)
+    if not values:
+        return math.nan
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def host_spread(probes: list[dict] | None) -> float:
+    """Slowest over fastest probe of one run (1.0 = steady; NaN below 2 probes): the drift inside a run."""
+    values = [float(p["step_ms"]) for p in probes or [] if p.get("step_ms") is not None]
+    return max(values) / min(values) if len(values) >= 2 and min(values) > 0 else math.nan
+
+
+def host_ratio(probes: list[dict] | None, baseline_probes: list[dict] | None) -> float:
+    """host step of a run / host step of its baseline (NaN when either has no probes)."""
+    mine, theirs = host_step_ms(probes), host_step_ms(baseline_probes)
+    return mine / theirs if theirs > 0 and not math.isnan(mine) else math.nan

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from datetime import datetime, timezone
 
 import torch
 
@@ -62,6 +63,15 @@ def measure_verify_latency(target: Target, prompt_ids: list[int] | None, sizes=D
                 times.append(elapsed)
         seconds[size] = statistics.median(times)
     return seconds
+
+
+def host_probe(target: Target, prompt_ids: list[int], repeats: int, done: int) -> dict:
+    """How fast this machine runs the target right now, apart from any method: the median of `repeats` 1-token
+    steps over `prompt_ids` (the bench's first prompt, the same for every method of a sweep), with the time and
+    how many questions the run had finished. The cache is left holding the prompt; every turn prefills anew."""
+    seconds = measure_verify_latency(target, prompt_ids, sizes=(1,), repeats=repeats)[1]
+    return {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "done": int(done),
+            "step_ms": round(seconds * 1e3, 4), "repeats": int(repeats)}
 
 
 @torch.inference_mode()

@@ -65,6 +65,7 @@ BENCH: list[Rule] = COMMON + DECODING + [
     ("max_new_tokens", integer_at_least(1), "an integer >= 1 (new tokens per turn)"),
     ("warmup", integer_at_least(0), "an integer >= 0 (untimed warm-up generations)"),
     ("warmup_tokens", optional(integer_at_least(1)), "an integer >= 1, or null for whole questions (Spec-Bench)"),
+    ("host_probe_repeats", integer_at_least(0), "an integer >= 0 (1-token steps per host probe; 0 = none)"),
     ("context.limit", lambda v: v is None or v == "auto" or integer_at_least(2)(v),
      "auto (the model's max_position_embeddings), an integer >= 2, or null (no cap)"),
     ("context.reserve", integer_at_least(0), "an integer >= 0 (positions kept free for a verify input)"),

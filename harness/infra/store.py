@@ -224,6 +224,8 @@ class RunStore:
                                         *([{"resumed": now, "differences": changed}] if changed else [])]
             if not info["mixed_provenance"]:
                 del info["mixed_provenance"]
+            if old.get("host_probes"):                      # the machine's speed at each earlier sitting
+                info["host_probes"] = old["host_probes"]
             if old.get("before_resume"):
                 info["before_resume"] = old["before_resume"]
             for key in ("hardware", "questions"):          # what the finished records were measured with
