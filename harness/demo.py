@@ -6,8 +6,8 @@
 
 1. `specdec-bench -m method=<the CPU-sized methods> ...` (a subprocess: the user-facing path; Hydra's
    default launcher runs the jobs one after another, so they do not share the CPU while they are timed).
-   The trained methods (medusa_cpu, ours) load the heads the repository ships for the
-   default model (heads/smollm2-135m, see its README.md), so they draft like trained heads;
+   The trained methods (eagle2_cpu, medusa_cpu_auto, ours_auto: sized for this CPU from its measured verify
+   costs) load the heads the repository ships for the default model (heads/smollm2-135m, see its README.md);
 2. `specdec-report` on the sweep folder: prints the leaderboard and the figures' paths.
 About 4-5 minutes on a quiet 2-core machine.
 """
@@ -24,7 +24,8 @@ from pathlib import Path
 from harness import CONF_DIR, REPO_ROOT
 
 # The methods the demo compares, in leaderboard order: weight-free ones, then the trained heads the repo ships
-CANDIDATES = ("vanilla", "hf_generate", "pld", "lookahead_cpu", "eagle2_cpu", "medusa_cpu", "ours")
+# (the trained ones in their CPU-sized presets: trees and draft lengths sized from this machine's verify costs)
+CANDIDATES = ("vanilla", "hf_generate", "pld", "lookahead_cpu", "eagle2_cpu", "medusa_cpu_auto", "ours_auto")
 DEFAULTS = {"bench": "mt_bench", "bench.limit": "3", "max_new_tokens": "64", "logger.wandb.group": "demo"}
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
