@@ -168,10 +168,12 @@ def warm_up(runner: Runner, question: Question, count: int, tokens: int | None) 
 class HostProbe:
     """The machine's own speed while a run is timed (the glossary's host step): `measure` appends one probe
     to run.json `host_probes`, after the warm-up and after the last question of each sitting, so a sweep
-    resumed on another day shows whether its jobs and their vanilla ran on an equally fast host."""
+    resumed on another day shows whether its jobs and their vanilla ran on an equally fast host; every
+    `every` questions too, so a long sitting shows drift inside it."""
 
-    def __init__(self, store: RunStore, runner: Runner, first: Question, repeats: int):
+    def __init__(self, store: RunStore, runner: Runner, first: Question, repeats: int, every: int = 0):
         self.store, self.runner, self.repeats = store, runner, repeats
+        self.every = every if repeats else 0
         self.prompt_ids = runner.loaded.template.encode([(first.turns[0], None)])
 
     def probes(self) -> list[dict]:
@@ -322,7 +324,8 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
         check = LosslessCheck(loaded, cfg.get("lossless", {}).get("tolerance")) if reference else None
         if todo and cfg.warmup:
             warm_up(runner, todo[0], int(cfg.warmup), warmup_tokens(cfg))
-        probe = HostProbe(store, runner, questions[0], int(cfg.get("host_probe_repeats") or 0))
+        probe = HostProbe(store, runner, questions[0], int(cfg.get("host_probe_repeats") or 0),
+                          int(cfg.get("host_probe_every") or 0))
         if todo:
             probe.measure()
         bar = tqdm(todo, desc=f"{cfg.method.name} on {cfg.bench.name}", unit="q", disable=not cfg.progress,
@@ -345,6 +348,8 @@ def _bench(cfg: DictConfig, store: RunStore, method, questions: list[Question], 
                             tau=f"{glossary.tau(summed['new_tokens'], summed['steps']):.2f}")
             log_progress(done_now, len(todo), started, question.question_id, summed, tokens, seconds)
             tracker.log_record(record)
+            if probe.every and done_now % probe.every == 0 and done_now < len(todo):
+                probe.measure()                     # off the clock: between two questions
         bar.close()
         if todo:
             probe.measure()

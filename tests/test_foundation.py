@@ -153,7 +153,7 @@ def test_host_probes_bracket_every_sitting_and_a_resume_keeps_the_earlier_ones(t
 
     run_dir = tmp_path / "run"
     base = tiny_bench_overrides(tiny_model_dir, run_dir, questions_path, "bench.limit=3", "max_new_tokens=6",
-                                "host_probe_repeats=3")
+                                "host_probe_repeats=3", "host_probe_every=0")
     seen_prompts = []
     real = timing.measure_verify_latency
 
@@ -180,6 +180,12 @@ def test_host_probes_bracket_every_sitting_and_a_resume_keeps_the_earlier_ones(t
     run_bench(compose_config(*tiny_bench_overrides(tiny_model_dir, off, questions_path, "bench.limit=1",
                                                    "max_new_tokens=4", "host_probe_repeats=0")), off)
     assert "host_probes" not in json.loads((off / "run.json").read_text())
+    # inside a sitting: every host_probe_every questions (between two questions), never twice after the last
+    every = tmp_path / "every"
+    run_bench(compose_config(*tiny_bench_overrides(tiny_model_dir, every, questions_path, "bench.limit=5",
+                                                   "max_new_tokens=4", "host_probe_repeats=2",
+                                                   "host_probe_every=2")), every)
+    assert [p["done"] for p in json.loads((every / "run.json").read_text())["host_probes"]] == [0, 2, 4, 5]
 
 
 def test_resume_refuses_a_head_whose_weights_changed_since_the_run_began(tmp_path):

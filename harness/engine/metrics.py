@@ -28,8 +28,8 @@ or plain numbers. Undefined values (a zero denominator, a method that does not r
   questions (summary.json `speedup_ci_low` / `speedup_ci_high`, report `speedup_<definition>_ci_low/high`).
 - lossless: exact / near_tie / mismatch per question (harness/engine/lossless.py); rate = (exact + near_tie) / compared.
 - host step (ms) = median over a run's host probes of one 1-token target step over the bench's first prompt
-  (harness/engine/timing.py `host_probe`: measured after the warm-up and at the end of every sitting, the same
-  input for every method), run.json `host_probes`. host vs baseline = the run's host step / its vanilla's: the
+  (harness/engine/timing.py `host_probe`: after the warm-up, every `host_probe_every` questions and at the end of
+  every sitting, the same input for every method), run.json `host_probes`. host vs baseline = the run's host step / its vanilla's: the
   machine's own speed, apart from any method, when each was timed. Speedups are not corrected by it; a ratio off
   1 by more than HOST_TOLERANCE (a sweep resumed on a slower or busier host) is reported beside them.
 """

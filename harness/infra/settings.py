@@ -66,6 +66,7 @@ BENCH: list[Rule] = COMMON + DECODING + [
     ("warmup", integer_at_least(0), "an integer >= 0 (untimed warm-up generations)"),
     ("warmup_tokens", optional(integer_at_least(1)), "an integer >= 1, or null for whole questions (Spec-Bench)"),
     ("host_probe_repeats", integer_at_least(0), "an integer >= 0 (1-token steps per host probe; 0 = none)"),
+    ("host_probe_every", integer_at_least(0), "an integer >= 0 (questions between host probes; 0 = start and end)"),
     ("context.limit", lambda v: v is None or v == "auto" or integer_at_least(2)(v),
      "auto (the model's max_position_embeddings), an integer >= 2, or null (no cap)"),
     ("context.reserve", integer_at_least(0), "an integer >= 0 (positions kept free for a verify input)"),
