@@ -314,5 +314,5 @@ def host_notes(metrics: pd.DataFrame, baseline: str = "vanilla") -> list[str]:
                          "speedup with that in mind")
         if spread == spread and spread > 1 + glossary.HOST_TOLERANCE:
             notes.append(f"{row.label} ({row.run_id}): its host probes spread {100 * (spread - 1):.1f} % "
-                         "(slowest / fastest sitting): timed across changing machine speed")
+                         "(slowest / fastest probe): timed across changing machine speed")
     return notes
