@@ -58,7 +58,7 @@ from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
 from harness.engine.rng import categorical
 from harness.engine.sizing import keep_most_likely, make_sizer
 from harness.engine.tree import best_nodes, index_tree, preset_paths, subtree
-from harness.heads.base import BaseHandles, DraftHead, build_head
+from harness.heads.base import BaseHandles, DraftHead, build_head, draft_dtype
 from harness.heads.checkpoint import (check_dims, check_state_dict, has_published_layout, load_or_init_head,
                                       published_weights, read_published_config, read_tensors)
 from harness.infra.errors import HarnessError
@@ -523,7 +523,7 @@ class EagleProposer(Proposer):
                  tree_choices: str | list = "eagle_25", total_token: int | str = 60, depth: int = 5,
                  top_k: int = 10, sample_draft: bool = False, auto_max_tokens: int = 64,
                  latency_curve: str | dict | None = None, calibrate: bool = True, num_layers: int = 1,
-                 fc_bias: bool = True):
+                 fc_bias: bool = True, draft_dtype: str | None = None):
         if tree not in ("static", "dynamic"):
             raise HarnessError(f"method.tree={tree}: use static (EAGLE-1) or dynamic (EAGLE-2)")
         self.auto = total_token == "auto"
@@ -541,13 +541,15 @@ class EagleProposer(Proposer):
         self.depth, self.top_k, self.sample_draft = int(depth), int(top_k), bool(sample_draft)
         self.auto_max_tokens, self.latency_curve, self.calibrate = int(auto_max_tokens), latency_curve, bool(calibrate)
         self.head_kwargs = dict(num_layers=num_layers, fc_bias=fc_bias)
+        self.draft_dtype = draft_dtype
 
     # -- setup
 
     def setup(self, loaded) -> None:
-        self.head = load_or_init_head(self.head_path, loaded, "eagle", official=self.official, **self.head_kwargs)
-        self.base = BaseHandles.for_head(loaded.model, self.head)
-        self.device, self.dtype = loaded.head_device, loaded.dtype
+        self.device, self.dtype = loaded.head_device, draft_dtype(self.draft_dtype, loaded)
+        self.head = load_or_init_head(self.head_path, loaded, "eagle", official=self.official, dtype=self.dtype,
+                                      **self.head_kwargs)
+        self.base = BaseHandles.for_head(loaded.model, self.head, dtype=self.dtype)
         self.clock = Clock(loaded.devices)
         if self.tree == "static":
             self.parents, self.depths, self.ranks = index_tree(self.choices)

@@ -36,7 +36,7 @@ from harness.engine.acceptance import acceptance_rule
 from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
 from harness.engine.sizing import keep_most_likely, make_sizer
 from harness.engine.tree import index_tree, preset_paths, subtree
-from harness.heads.base import BaseHandles, DraftHead, build_head
+from harness.heads.base import BaseHandles, DraftHead, build_head, draft_dtype
 from harness.heads.checkpoint import (check_dims, check_state_dict, has_published_layout, load_or_init_head,
                                       published_weights, read_published_config, read_tensors)
 from harness.infra.errors import HarnessError
@@ -231,7 +231,7 @@ class MedusaProposer(Proposer):
                  auto_max_tokens: int = 16, latency_curve: str | dict | None = None, calibrate: bool = True,
                  medusa_num_heads: int = 3, medusa_num_layers: int = 1, own_lm_head: bool = False,
                  acceptance: str = "lossless", posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
-                 lossy: bool = False):
+                 lossy: bool = False, draft_dtype: str | None = None):
         if tree not in ("static", "auto"):
             raise HarnessError(f"method.tree={tree}: use static (verify every node of medusa_choices) or auto "
                                f"(keep the nodes that pay on this device, per step)")
@@ -245,13 +245,15 @@ class MedusaProposer(Proposer):
         self.acceptance = acceptance
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
         self.lossy = bool(lossy)
+        self.draft_dtype = draft_dtype
 
     def setup(self, loaded) -> None:
         # a published checkpoint: medusa_num_heads caps the heads its weights hold
+        self.dtype = draft_dtype(self.draft_dtype, loaded)
         self.head = load_or_init_head(self.head_path, loaded, "medusa",
                                       official_options={"max_heads": self.head_kwargs["medusa_num_heads"]},
-                                      **self.head_kwargs)
-        self.base = BaseHandles.for_head(loaded.model, self.head)
+                                      dtype=self.dtype, **self.head_kwargs)
+        self.base = BaseHandles.for_head(loaded.model, self.head, dtype=self.dtype)
         depth = max(len(path) for path in self.choices)
         if depth > self.head.num_positions:
             log.info("medusa: the tree is %d deep but the head has %d positions; deeper nodes are dropped",
@@ -289,7 +291,7 @@ class MedusaProposer(Proposer):
         start = self.clock() if self.auto else 0.0
         count = self.nodes_within[heads]
         # ctx.hidden[-1] = h_t, the state whose logits chose the pending token x_{t+1}; head i -> x_{t+i+2}
-        logits = self.head.logits(ctx.hidden[-1], self.base, heads)             # [K', V]
+        logits = self.head.logits(ctx.hidden[-1].to(self.dtype), self.base, heads)   # [K', V]
         node_head, node_rank = self.node_head[:count], self.node_rank[:count]
         if self.auto:
             top = torch.softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)   # [K', top_k]

@@ -34,7 +34,7 @@ from baselines.medusa import ResBlock
 from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
 from harness.engine.sizing import keep_most_likely, make_sizer
 from harness.engine.tree import best_nodes, depths_of, subtree
-from harness.heads.base import BaseHandles, DraftHead
+from harness.heads.base import BaseHandles, DraftHead, draft_dtype
 from harness.heads.checkpoint import load_or_init_head
 from harness.infra.errors import HarnessError
 
@@ -123,7 +123,8 @@ class OursProposer(Proposer):
     def __init__(self, head_path: str | None = None, draft: str = "chain", depth: int | None = None,
                  beam_width: int = 2, top_k: int = 2, max_nodes: int | str | None = None, auto_max_tokens: int = 16,
                  latency_curve: str | dict | None = None, calibrate: bool = True,
-                 num_positions: int = 4, num_layers: int = 1, trigram: bool = True, own_lm_head: bool = False):
+                 num_positions: int = 4, num_layers: int = 1, trigram: bool = True, own_lm_head: bool = False,
+                 draft_dtype: str | None = None):
         if draft not in DRAFT_MODES:
             raise HarnessError(f"method.draft={draft}: use one of {', '.join(DRAFT_MODES)}")
         self.auto = max_nodes == "auto"
@@ -140,14 +141,16 @@ class OursProposer(Proposer):
             self.beam_width = self.top_k = 1
         self.head_kwargs = dict(num_positions=num_positions, num_layers=num_layers, trigram=trigram,
                                 own_lm_head=own_lm_head)
+        self.draft_dtype = draft_dtype
 
     def setup(self, loaded) -> None:
-        self.head = load_or_init_head(self.head_path, loaded, "ours", **self.head_kwargs)
+        self.dtype = draft_dtype(self.draft_dtype, loaded)
+        self.head = load_or_init_head(self.head_path, loaded, "ours", dtype=self.dtype, **self.head_kwargs)
         if self.head.trigram != bool(self.head_kwargs["trigram"]):
             raise HarnessError(f"head {self.head_path} was trained with trigram={self.head.trigram} but the method "
                                f"says trigram={self.head_kwargs['trigram']}; use "
                                f"method={'ours' if self.head.trigram else 'ours_no_trigram'}")
-        self.base = BaseHandles.for_head(loaded.model, self.head)
+        self.base = BaseHandles.for_head(loaded.model, self.head, dtype=self.dtype)
         self.device = loaded.head_device
         self.depth_limit = 1 << 30              # auto, while drafting pays: one level past the deepest node kept
         if self.auto:
@@ -174,7 +177,7 @@ class OursProposer(Proposer):
                 depth = min(depth, self.depth_limit)
             start = self.clock()
         head = self.head
-        state = ctx.hidden[-1:]                                                  # [1, H] h_t
+        state = ctx.hidden[-1:].to(self.dtype)                                   # [1, H] h_t
         trigram = None
         if head.trigram:
             last = ctx.tokens[-3:]                                               # x_{t-1}, x_t, x_{t+1}

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from harness.infra.errors import HarnessError
+from harness.model.packing import PackedLinear, linear_packed, packed_rows
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,51 @@ class BaseHandles:
         return BaseHandles(embed, lm_head)
 
     @staticmethod
-    def for_head(model: torch.nn.Module, head: "DraftHead", scatter: bool = True) -> "BaseHandles":
+    def for_head(model: torch.nn.Module, head: "DraftHead", scatter: bool = True,
+                 dtype: torch.dtype | None = None) -> "BaseHandles":
         """The handles a head drafts with: a head with a reduced draft vocabulary projects onto those rows of
         the target's lm_head only (scatter=True: into full-vocabulary logits, -inf elsewhere, so decoders
-        and verification see ordinary token ids; scatter=False: the reduced logits, for training)."""
+        and verification see ordinary token ids; scatter=False: the reduced logits, for training).
+        dtype: the head drafts in another dtype than the target's (method.draft_dtype): the projection reads a
+        copy of the lm_head in that dtype (the reduced rows only, when the vocabulary is reduced)."""
         handles = BaseHandles.of(model)
         if head.draft_vocab is not None:
             handles.lm_head = DraftVocabProjection(handles.lm_head, head, scatter)
+        elif dtype is not None and dtype != handles.lm_head.weight.dtype:
+            handles.lm_head = CastProjection(handles.lm_head, dtype)
         return handles
+
+
+def draft_dtype(name: str | None, loaded) -> torch.dtype:
+    """method.draft_dtype -> the dtype a head drafts in: null = the target's; bfloat16 / float32 / float16 by name.
+    Drafting only proposes, so a draft dtype other than the target's changes no verified token (the target
+    checks every draft in its own dtype); it changes what is drafted, and what drafting costs."""
+    if name in (None, "", "null", "target"):
+        return loaded.dtype
+    dtypes = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+              "float16": torch.float16, "fp16": torch.float16}
+    if str(name) not in dtypes:
+        raise HarnessError(f"method.draft_dtype={name}: use null (the target's dtype), bfloat16, float32 or float16")
+    dtype = dtypes[str(name)]
+    if dtype == torch.float16 and torch.device(loaded.head_device).type == "cpu":
+        raise HarnessError("method.draft_dtype=float16 has no fast CPU kernels: use bfloat16 on a CPU")
+    return dtype
+
+
+class CastProjection:
+    """The target's lm_head for a head drafting in another dtype: a frozen copy of its weight in that dtype
+    (packed for oneDNN on a CPU), x [..., H] in that dtype -> logits [..., V] in that dtype."""
+
+    def __init__(self, lm_head: torch.nn.Module, dtype: torch.dtype):
+        self.weight = lm_head.weight.detach().to(dtype).contiguous()
+        bias = getattr(lm_head, "bias", None)
+        self.bias = None if bias is None else bias.detach().to(dtype)
+        self.packed = packed_rows(self.weight) if self.bias is None else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            return torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return linear_packed(x.to(self.weight.dtype), self.packed, self.weight)
 
 
 class DeviceBridge:
@@ -77,20 +115,27 @@ class DraftVocabProjection:
     def __init__(self, lm_head: torch.nn.Module, head: "DraftHead", scatter: bool):
         self.lm_head, self.head, self.scatter = lm_head, head, scatter
         self.vocab_size = int(lm_head.weight.shape[0])
-        self._ids = self._weight = None
+        self._ids = self._weight = self._packed = None
 
-    def _rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, rows) in `dtype` (the lm_head's by default; a head drafting in another dtype gets its rows
+        copied once in that dtype, not cast on every call)."""
         ids = self.head.draft_vocab
         weight = self.lm_head.weight
-        if self._ids is None or self._ids.shape != ids.shape or self._weight.dtype != weight.dtype \
+        dtype = dtype or weight.dtype
+        if self._ids is None or self._ids.shape != ids.shape or self._weight.dtype != dtype \
                 or self._weight.device != weight.device or not torch.equal(self._ids, ids.to(self._ids.device)):
             self._ids = ids.detach().clone().to(weight.device)
-            self._weight = weight.detach()[self._ids].contiguous()
+            self._weight = weight.detach()[self._ids].to(dtype).contiguous()
+            # on a packed target (model.cpu_linear) these rows are packed too: the projection is most of a draft step
+            self._packed = packed_rows(self._weight) if isinstance(self.lm_head, PackedLinear) else None
         return self._ids, self._weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        ids, weight = self._rows()
-        logits = torch.nn.functional.linear(x, weight.to(x.dtype))                    # [..., V_draft]
+        # training (autocast, or x needing grad) projects with the lm_head's own rows; drafting in x's dtype
+        plain = x.requires_grad or torch.is_autocast_enabled(x.device.type)
+        ids, weight = self._rows(None if plain else x.dtype)
+        logits = linear_packed(x, self._packed, weight)                                # [..., V_draft]
         if not self.scatter:
             return logits
         full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
@@ -98,7 +143,7 @@ class DraftVocabProjection:
 
     def to_draft_ids(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary ids -> draft-vocabulary indices (-1 outside it); IGNORE-style negatives stay -1."""
-        ids, _ = self._rows()
+        ids = self.head.draft_vocab.to(self.lm_head.weight.device)
         lookup = torch.full((self.vocab_size,), -1, dtype=torch.long, device=ids.device)
         lookup[ids] = torch.arange(ids.numel(), device=ids.device)
         safe = token_ids.clamp(min=0).to(ids.device)

@@ -24,6 +24,7 @@ import torch
 
 from harness.heads.base import BaseHandles, DraftHead, build_head, head_class
 from harness.infra.errors import HarnessError
+from harness.model.packing import pack_frozen_head
 
 log = logging.getLogger(__name__)
 
@@ -309,14 +310,26 @@ def locate(head_path: str | Path) -> Path:
 
 
 def load_or_init_head(head_path, loaded, head_type: str, official: bool = False, official_options: dict | None = None,
-                      **kwargs) -> DraftHead:
+                      dtype: torch.dtype | None = None, **kwargs) -> DraftHead:
     """The head a decoder drafts with, on loaded's device and dtype, eval, frozen:
     - a published checkpoint (`official: true`, or a folder in the head class's published layout): the class's
       `from_official(folder, loaded, **official_options)`;
     - a specdec-train folder: `load_head`, refused if it holds another type of head;
     - a Hub id: fetched into the Hugging Face cache first (`locate`), then as above;
     - null: a fresh UNTRAINED head built from `kwargs`, for plumbing and tests only (its drafts are near-random),
-      said loudly; the bench refuses this unless allow_untrained=true (harness.bench.check_head)."""
+      said loudly; the bench refuses this unless allow_untrained=true (harness.bench.check_head).
+    dtype: the head drafts in this dtype instead of the target's (method.draft_dtype, harness.heads.base.draft_dtype)."""
+    head = _load_or_init(head_path, loaded, head_type, official, official_options, **kwargs)
+    if dtype is not None and dtype != loaded.dtype:
+        head = head.to(dtype=dtype)
+    # beside a packed target (model.cpu_linear) the head's linears are packed too: drafting runs its few-row GEMMs
+    # through oneDNN instead of MKL's small-M path; no verified token changes (the head only proposes)
+    pack_frozen_head(head, getattr(loaded, "linear", "default"))
+    return head
+
+
+def _load_or_init(head_path, loaded, head_type: str, official: bool, official_options: dict | None,
+                  **kwargs) -> DraftHead:
     cls = head_class(head_type)
     if head_path:
         head_path = locate(head_path)
@@ -329,7 +342,7 @@ def load_or_init_head(head_path, loaded, head_type: str, official: bool = False,
         return head
     message = (f"no head for this method (method.head_path is null; allow_untrained=true): an UNTRAINED, randomly "
                f"initialised {head_type} head; its drafts are near-random (plumbing and tests, not speed numbers)")
-    warnings.warn(message, stacklevel=2)
+    warnings.warn(message, stacklevel=3)
     log.warning(message)
     head = build_head(head_type, loaded.model.config, base=BaseHandles.of(loaded.model), **kwargs)
     return head.to(device=loaded.head_device, dtype=loaded.dtype).eval().requires_grad_(False)

@@ -103,6 +103,38 @@ def cannot_pack(model: nn.Module, device: torch.device, dtype: torch.dtype, quan
     return None
 
 
+def pack_frozen_head(head: nn.Module, target_linear: str) -> int:
+    """A frozen draft head beside a packed target (LoadedModel.linear == 'onednn') runs its linears packed too:
+    its fp32 / bf16 CPU linears are rows-few GEMMs (the tree's candidates) where MKL's plain path pays most
+    (docs/cpu_runtime.md). Drafting only proposes, so this changes no verified token. Call it last, once the
+    weights are final: the packed copy is a snapshot. Returns the linears packed."""
+    if target_linear != "onednn":
+        return 0
+    linears = [m for m in _linears(head) if m.weight.device.type == "cpu" and m.weight.dtype in PACKABLE
+               and not m.weight.requires_grad]
+    for module in linears:
+        module.__class__ = PackedLinear
+        module.pack()
+    return len(linears)
+
+
+def packed_rows(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's packed layout of a frozen [out, in] CPU weight (None where it cannot apply): for a projection
+    that is not an nn.Linear (a reduced draft vocabulary's rows of the lm_head)."""
+    if weight.device.type != "cpu" or weight.dtype not in PACKABLE or weight.requires_grad:
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+
+def linear_packed(x: torch.Tensor, packed: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T through the packed copy where the call allows it (same dtype, no autograd, no autocast),
+    else F.linear: the rule PackedLinear.forward follows."""
+    if (packed is None or x.dtype != weight.dtype or x.requires_grad or weight.requires_grad
+            or torch.is_autocast_enabled("cpu")):
+        return F.linear(x, weight.to(x.dtype))
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 def pack_linears(model: nn.Module, mode: str, device: torch.device, dtype: torch.dtype,
                  quantization: str = "none") -> str:
     """Apply `model.cpu_linear` (auto | onednn | off) to a loaded, frozen target. Returns what runs: 'onednn' or
