@@ -47,6 +47,16 @@ def test_measuring_over_the_current_cache_keeps_it(tiny_llama):
         assert torch.equal(keys, old_keys) and torch.equal(values, old_values)
 
 
+def test_sizes_are_measured_round_robin_so_a_drifting_host_slows_them_alike(tiny_llama, monkeypatch):
+    target = Target(tiny_llama)
+    order, verify = [], target.verify
+    monkeypatch.setattr(target, "verify", lambda root, draft, parents: (order.append(len(draft) + 1),
+                                                                        verify(root, draft, parents))[1])
+    with torch.inference_mode():
+        measure_verify_latency(target, PROMPT, sizes=(1, 3, 8), repeats=2, warmup=1)
+    assert order == [1, 3, 8] * 3       # one warm-up round, then two measured rounds
+
+
 def test_bad_sizes_fail_clearly(tiny_llama):
     with pytest.raises(HarnessError, match="sizes must be >= 1"):
         measure_verify_latency(Target(tiny_llama), PROMPT, sizes=(0, 4))

@@ -140,7 +140,7 @@ def read_curve(source: str | dict) -> dict[int, float]:
 
 
 def verify_curve(loaded, source: str | dict | None = None, max_tokens: int = 64, prompt_len: int = 128,
-                 repeats: int = 3) -> dict[int, float]:
+                 repeats: int = 5) -> dict[int, float]:
     """The {verify tokens: seconds} curve for `loaded` on its device: read from `source`, or measured
     (flat tree mask, a `prompt_len`-token prefix, median of `repeats`) and cached for the process."""
     if source is not None:

@@ -48,21 +48,20 @@ def measure_verify_latency(target: Target, prompt_ids: list[int] | None, sizes=D
     # depend on which ids it sees)
     pool = list(prompt_ids or []) or [0]
     root = pool[-1]
-    seconds: dict[int, float] = {}
-    for size in sizes:
-        size = int(size)
-        draft = [pool[i % len(pool)] for i in range(size - 1)]
-        parents = _parents(size, tree)
-        times = []
-        for attempt in range(warmup + repeats):
+    inputs = {int(size): ([pool[i % len(pool)] for i in range(int(size) - 1)], _parents(int(size), tree))
+              for size in sizes}
+    times: dict[int, list[float]] = {size: [] for size in inputs}
+    # round-robin over the sizes (every size once per round, warm-up rounds first): a host that drifts while
+    # the curve is measured slows every size alike, so the curve's shape -- what a sizer reads -- holds
+    for attempt in range(warmup + repeats):
+        for size, (draft, parents) in inputs.items():
             start = clock()
             target.verify(root, draft, parents)
             elapsed = clock() - start
             compact_cache(target.cache, past, [])   # drop every verify entry: the prefix stays as it was
             if attempt >= warmup:
-                times.append(elapsed)
-        seconds[size] = statistics.median(times)
-    return seconds
+                times[size].append(elapsed)
+    return {size: statistics.median(values) for size, values in times.items()}
 
 
 def host_probe(target: Target, prompt_ids: list[int], repeats: int, done: int) -> dict:
