@@ -55,6 +55,8 @@ def run(methods: list[str], overrides: list[str], passes: int) -> dict:
     times = {m: [] for m in methods}
     tokens = {m: [] for m in methods}
     answers = {m: [] for m in methods}
+    steps = {m: 0 for m in methods}
+    drafted = {m: 0 for m in methods}     # verify steps that carried a draft (an auto sizer may decline one)
     bar = tqdm(total=passes * len(questions) * len(methods), desc="interleaved", unit="answer",
                disable=not base.progress)
     for rep in range(passes):
@@ -65,6 +67,8 @@ def run(methods: list[str], overrides: list[str], passes: int) -> dict:
                 times[name].append(sum(t["wall_time"] for t in turns))
                 tokens[name].append(sum(t["new_tokens"] for t in turns))
                 answers[name].append([t["token_ids"] for t in turns])
+                steps[name] += sum(t["steps"] for t in turns)
+                drafted[name] += sum(sum(1 for size in (t["draft_sizes"] or []) if size) for t in turns)
                 bar.update(1)
     bar.close()
     first = methods[0]
@@ -76,6 +80,8 @@ def run(methods: list[str], overrides: list[str], passes: int) -> dict:
         mine = answer_totals(times[name], tokens[name])
         rows.append({"method": name, "answers": len(times[name]), "tokens": total_tokens, "seconds": total_time,
                      "tokens_per_s": glossary.tokens_per_s(total_tokens, total_time),
+                     "steps": steps[name], "tau": glossary.tau(total_tokens, steps[name]),
+                     "drafted_steps": drafted[name],
                      "ratio_total": glossary.speedup(mine, reference, "total"),
                      "ratio_paired": glossary.speedup(mine, reference, "geometric"),
                      "identical": (sum(a == b for a, b in zip(answers[name], answers[first])) if greedy else None)})
@@ -87,11 +93,13 @@ def format_rows(result: dict) -> str:
     first = result["rows"][0]["method"]
     lines = [f"# {result['model']} on {result['device']} ({result['threads']} threads), {result['questions']} "
              f"questions x {result['passes']} passes, methods alternating per question; ratios over {first}",
-             f"{'method':<24} {'tokens':>7} {'seconds':>8} {'tok/s':>7} {'total':>7} {'paired':>7} {'identical':>9}"]
+             f"{'method':<24} {'tokens':>7} {'seconds':>8} {'tok/s':>7} {'tau':>5} {'drafted':>8} {'total':>7} "
+             f"{'paired':>7} {'identical':>9}"]
     for row in result["rows"]:
         same = "-" if row["identical"] is None else f"{row['identical']}/{row['answers']}"
+        share = row["drafted_steps"] / row["steps"] if row["steps"] else 0.0
         lines.append(f"{row['method']:<24} {row['tokens']:>7} {row['seconds']:>8.1f} {row['tokens_per_s']:>7.2f} "
-                     f"{row['ratio_total']:>6.3f}x {row['ratio_paired']:>6.3f}x {same:>9}")
+                     f"{row['tau']:>5.2f} {share:>7.0%} {row['ratio_total']:>6.3f}x {row['ratio_paired']:>6.3f}x {same:>9}")
     return "\n".join(lines)
 
 

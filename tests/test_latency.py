@@ -124,6 +124,10 @@ def test_interleaved_timing_pairs_methods_per_question(tiny_model_dir, questions
     assert result["questions"] == 3 and rows["vanilla"]["answers"] == rows["pld"]["answers"] == 6
     assert rows["pld"]["identical"] == 6 and rows["vanilla"]["ratio_total"] == rows["vanilla"]["ratio_paired"] == 1.0
     assert rows["pld"]["tokens"] == rows["vanilla"]["tokens"] and rows["pld"]["ratio_paired"] > 0
+    # tau and the share of steps that carried a draft, counted like the bench's (vanilla: one token a step)
+    assert rows["vanilla"]["tau"] == 1.0 and rows["vanilla"]["drafted_steps"] == 0
+    assert rows["pld"]["tau"] == rows["pld"]["tokens"] / rows["pld"]["steps"] >= 1.0
+    assert 0 <= rows["pld"]["drafted_steps"] <= rows["pld"]["steps"]
     assert "paired" in capsys.readouterr().out
     assert main(["--methods", "vanilla"]) == 2
     assert "two or more distinct" in capsys.readouterr().err
