@@ -564,6 +564,7 @@ class EagleProposer(Proposer):
         self.cache = HeadCache(layers, kv_heads, head_dim, self.dtype, self.device,
                                capacity=max(512, 2 * len(ctx.tokens)))
         self.committed = 0
+        self.pending: list[tuple[torch.Tensor, list[int]]] = []
         self._ingest(ctx)
 
     def observe(self, step: Step, ctx: DecodeContext) -> None:
@@ -573,12 +574,25 @@ class EagleProposer(Proposer):
             self.sizer.observe(step.acceptance.accepted_draft, self.clock() - start)
 
     def _ingest(self, ctx: DecodeContext) -> None:
-        """Drop the speculative entries, read the committed pairs (f_t, x_{t+1}) of the last step."""
-        self.cache.crop(self.committed)
+        """Queue the committed pairs (f_t, x_{t+1}) of the last step; read them now unless the auto sizer is
+        declining to draft (then they wait for the next step that drafts, read in one forward: a step that
+        drafts nothing costs what vanilla's does)."""
         count = ctx.hidden.shape[0]
-        tokens = torch.tensor(ctx.tokens[-count:], device=self.device)
+        self.pending.append((ctx.hidden, list(ctx.tokens[-count:])))
+        if not (self.auto and self.sizer.gain < 1.0):
+            self._read_pending()
+
+    def _read_pending(self) -> None:
+        """Drop the speculative entries, read every queued committed pair in one forward of the head."""
+        if not self.pending:
+            return
+        self.cache.crop(self.committed)
+        hidden = torch.cat([h for h, _ in self.pending]) if len(self.pending) > 1 else self.pending[0][0]
+        tokens = torch.tensor([t for _, ids in self.pending for t in ids], device=self.device)
+        self.pending = []
+        count = hidden.shape[0]
         positions = torch.arange(self.committed, self.committed + count, device=self.device)
-        out = self.head.forward_cached(ctx.hidden.to(self.dtype), tokens, positions, None, self.cache, self.base)
+        out = self.head.forward_cached(hidden.to(self.dtype), tokens, positions, None, self.cache, self.base)
         self.committed += count
         self.root_feature = out[-1]            # f^ for the pending token: its children's distribution
 
@@ -654,6 +668,7 @@ class EagleProposer(Proposer):
         if self.auto and not self.sizer.should_draft():
             return Draft.empty()       # drafting has not paid lately on this device: a plain step
         start = self.clock()
+        self._read_pending()               # the pairs queued while drafting was declined (sized into the cost)
         top_k = self.top_k
         logp = torch.log_softmax(self.base.lm_head(self.root_feature).float(), dim=-1)
         top = logp.topk(top_k)

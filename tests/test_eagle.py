@@ -436,3 +436,36 @@ def test_static_sampled_draft_gives_each_node_the_row_it_was_drawn_from(tiny, fi
             expected = first.clone()
             expected[[draft.tokens[s] for s in siblings[:i]]] = 0
             torch.testing.assert_close(q[node], expected / expected.sum())
+
+
+def test_while_the_sizer_declines_drafting_the_head_reads_committed_pairs_lazily(tiny, fitted_folder):
+    """Steps that draft nothing do not run the head: their committed pairs wait and are read in one forward by
+    the next step that drafts, which then drafts what reading them step by step would have drafted."""
+    prompt = PROMPTS[1]
+    expected = greedy(tiny, prompt, 40)
+    runs = {}
+    for name, gain in (("lazy", 0.5), ("eager", 1.5)):
+        proposer = EagleProposer(head_path=str(fitted_folder), tree="dynamic", total_token="auto", depth=2, top_k=3,
+                                 latency_curve={1: 0.010, 64: 0.0101})
+        proposer.setup(as_loaded(tiny))
+        script = iter(([True] + [False] * 4) * 20)
+        proposer.sizer.should_draft = lambda: next(script)      # the same decisions in both runs
+        proposer.sizer.choose = lambda path_probs, draft_seconds: 3
+        proposer.sizer.gain = gain                               # < 1: drafting declined lately, reads wait
+        queued, drafts, inner = [], [], proposer.propose
+
+        def propose(ctx, inner=inner, proposer=proposer, queued=queued, drafts=drafts):
+            queued.append(len(proposer.pending))
+            draft = inner(ctx)
+            if draft.tokens:
+                drafts.append((list(draft.tokens), tuple(draft.parents)))
+            return draft
+
+        proposer.propose = propose
+        result = decode(tiny, proposer, prompt, 40)
+        assert result.token_ids == expected
+        runs[name] = (queued, drafts, proposer.committed + sum(len(ids) for _, ids in proposer.pending))
+    (lazy_queued, lazy_drafts, lazy_seen), (eager_queued, eager_drafts, eager_seen) = runs["lazy"], runs["eager"]
+    assert max(lazy_queued) >= 4 and max(eager_queued) == 0
+    assert lazy_drafts == eager_drafts and len(lazy_drafts) >= 3
+    assert lazy_seen == eager_seen          # every committed pair is read or queued, none lost or read twice
