@@ -58,7 +58,7 @@ from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
 from harness.engine.rng import categorical
 from harness.engine.sizing import keep_most_likely, make_sizer
 from harness.engine.tree import best_nodes, index_tree, preset_paths, subtree
-from harness.heads.base import BaseHandles, DraftHead, build_head, draft_dtype
+from harness.heads.base import BaseHandles, DraftHead, build_head, resolve_draft_dtype
 from harness.heads.checkpoint import (check_dims, check_state_dict, has_published_layout, load_or_init_head,
                                       published_weights, read_published_config, read_tensors)
 from harness.infra.errors import HarnessError
@@ -541,12 +541,13 @@ class EagleProposer(Proposer):
         self.depth, self.top_k, self.sample_draft = int(depth), int(top_k), bool(sample_draft)
         self.auto_max_tokens, self.latency_curve, self.calibrate = int(auto_max_tokens), latency_curve, bool(calibrate)
         self.head_kwargs = dict(num_layers=num_layers, fc_bias=fc_bias)
+        resolve_draft_dtype(draft_dtype)        # a bad name is one line here, before the target loads
         self.draft_dtype = draft_dtype
 
     # -- setup
 
     def setup(self, loaded) -> None:
-        self.device, self.dtype = loaded.head_device, draft_dtype(self.draft_dtype, loaded)
+        self.device, self.dtype = loaded.head_device, resolve_draft_dtype(self.draft_dtype, loaded)
         self.head = load_or_init_head(self.head_path, loaded, "eagle", official=self.official, dtype=self.dtype,
                                       **self.head_kwargs)
         self.base = BaseHandles.for_head(loaded.model, self.head, dtype=self.dtype)
@@ -569,18 +570,21 @@ class EagleProposer(Proposer):
 
     def observe(self, step: Step, ctx: DecodeContext) -> None:
         start = self.clock()
-        self._ingest(ctx)
-        if self.auto:
-            self.sizer.observe(step.acceptance.accepted_draft, self.clock() - start)
+        read = self._ingest(ctx)
+        if self.auto:   # a queued step read nothing: it says nothing about what a read costs
+            self.sizer.observe(step.acceptance.accepted_draft, self.clock() - start if read else None)
 
-    def _ingest(self, ctx: DecodeContext) -> None:
+    def _ingest(self, ctx: DecodeContext) -> bool:
         """Queue the committed pairs (f_t, x_{t+1}) of the last step; read them now unless the auto sizer is
         declining to draft (then they wait for the next step that drafts, read in one forward: a step that
-        drafts nothing costs what vanilla's does)."""
+        drafts nothing costs what vanilla's does; the catch-up read is timed as part of that step's drafting).
+        Returns whether the pairs were read now."""
         count = ctx.hidden.shape[0]
         self.pending.append((ctx.hidden, list(ctx.tokens[-count:])))
-        if not (self.auto and self.sizer.gain < 1.0):
-            self._read_pending()
+        if self.auto and self.sizer.gain < 1.0:
+            return False
+        self._read_pending()
+        return True
 
     def _read_pending(self) -> None:
         """Drop the speculative entries, read every queued committed pair in one forward of the head."""

@@ -36,7 +36,7 @@ from harness.engine.acceptance import acceptance_rule
 from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
 from harness.engine.sizing import keep_most_likely, make_sizer
 from harness.engine.tree import index_tree, preset_paths, subtree
-from harness.heads.base import BaseHandles, DraftHead, build_head, draft_dtype
+from harness.heads.base import BaseHandles, DraftHead, build_head, resolve_draft_dtype
 from harness.heads.checkpoint import (check_dims, check_state_dict, has_published_layout, load_or_init_head,
                                       published_weights, read_published_config, read_tensors)
 from harness.infra.errors import HarnessError
@@ -245,11 +245,12 @@ class MedusaProposer(Proposer):
         self.acceptance = acceptance
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
         self.lossy = bool(lossy)
+        resolve_draft_dtype(draft_dtype)        # a bad name is one line here, before the target loads
         self.draft_dtype = draft_dtype
 
     def setup(self, loaded) -> None:
         # a published checkpoint: medusa_num_heads caps the heads its weights hold
-        self.dtype = draft_dtype(self.draft_dtype, loaded)
+        self.dtype = resolve_draft_dtype(self.draft_dtype, loaded)
         self.head = load_or_init_head(self.head_path, loaded, "medusa",
                                       official_options={"max_heads": self.head_kwargs["medusa_num_heads"]},
                                       dtype=self.dtype, **self.head_kwargs)

@@ -57,6 +57,7 @@ def run(methods: list[str], overrides: list[str], passes: int) -> dict:
     answers = {m: [] for m in methods}
     steps = {m: 0 for m in methods}
     drafted = {m: 0 for m in methods}     # verify steps that carried a draft (an auto sizer may decline one)
+    verifies = {m: 0 for m in methods}    # verify steps (prefill left out); None where a peer cannot say
     bar = tqdm(total=passes * len(questions) * len(methods), desc="interleaved", unit="answer",
                disable=not base.progress)
     for rep in range(passes):
@@ -68,7 +69,11 @@ def run(methods: list[str], overrides: list[str], passes: int) -> dict:
                 tokens[name].append(sum(t["new_tokens"] for t in turns))
                 answers[name].append([t["token_ids"] for t in turns])
                 steps[name] += sum(t["steps"] for t in turns)
-                drafted[name] += sum(sum(1 for size in (t["draft_sizes"] or []) if size) for t in turns)
+                if any(t["draft_sizes"] is None for t in turns):
+                    verifies[name] = None
+                elif verifies[name] is not None:
+                    drafted[name] += sum(sum(1 for size in t["draft_sizes"][1:] if size) for t in turns)
+                    verifies[name] += sum(max(len(t["draft_sizes"]) - 1, 0) for t in turns)
                 bar.update(1)
     bar.close()
     first = methods[0]
@@ -81,7 +86,8 @@ def run(methods: list[str], overrides: list[str], passes: int) -> dict:
         rows.append({"method": name, "answers": len(times[name]), "tokens": total_tokens, "seconds": total_time,
                      "tokens_per_s": glossary.tokens_per_s(total_tokens, total_time),
                      "steps": steps[name], "tau": glossary.tau(total_tokens, steps[name]),
-                     "drafted_steps": drafted[name],
+                     "verify_steps": verifies[name],
+                     "drafted_steps": None if verifies[name] is None else drafted[name],
                      "ratio_total": glossary.speedup(mine, reference, "total"),
                      "ratio_paired": glossary.speedup(mine, reference, "geometric"),
                      "identical": (sum(a == b for a, b in zip(answers[name], answers[first])) if greedy else None)})
@@ -97,9 +103,9 @@ def format_rows(result: dict) -> str:
              f"{'paired':>7} {'identical':>9}"]
     for row in result["rows"]:
         same = "-" if row["identical"] is None else f"{row['identical']}/{row['answers']}"
-        share = row["drafted_steps"] / row["steps"] if row["steps"] else 0.0
+        share = "-" if not row["verify_steps"] else f"{row['drafted_steps'] / row['verify_steps']:.0%}"
         lines.append(f"{row['method']:<24} {row['tokens']:>7} {row['seconds']:>8.1f} {row['tokens_per_s']:>7.2f} "
-                     f"{row['tau']:>5.2f} {share:>7.0%} {row['ratio_total']:>6.3f}x {row['ratio_paired']:>6.3f}x {same:>9}")
+                     f"{row['tau']:>5.2f} {share:>8} {row['ratio_total']:>6.3f}x {row['ratio_paired']:>6.3f}x {same:>9}")
     return "\n".join(lines)
 
 

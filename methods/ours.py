@@ -34,7 +34,7 @@ from baselines.medusa import ResBlock
 from harness.engine.loop import Clock, DecodeContext, Draft, Proposer, Step
 from harness.engine.sizing import keep_most_likely, make_sizer
 from harness.engine.tree import best_nodes, depths_of, subtree
-from harness.heads.base import BaseHandles, DraftHead, draft_dtype
+from harness.heads.base import BaseHandles, DraftHead, resolve_draft_dtype
 from harness.heads.checkpoint import load_or_init_head
 from harness.infra.errors import HarnessError
 
@@ -141,10 +141,11 @@ class OursProposer(Proposer):
             self.beam_width = self.top_k = 1
         self.head_kwargs = dict(num_positions=num_positions, num_layers=num_layers, trigram=trigram,
                                 own_lm_head=own_lm_head)
+        resolve_draft_dtype(draft_dtype)        # a bad name is one line here, before the target loads
         self.draft_dtype = draft_dtype
 
     def setup(self, loaded) -> None:
-        self.dtype = draft_dtype(self.draft_dtype, loaded)
+        self.dtype = resolve_draft_dtype(self.draft_dtype, loaded)
         self.head = load_or_init_head(self.head_path, loaded, "ours", dtype=self.dtype, **self.head_kwargs)
         if self.head.trigram != bool(self.head_kwargs["trigram"]):
             raise HarnessError(f"head {self.head_path} was trained with trigram={self.head.trigram} but the method "

@@ -16,7 +16,7 @@ from baselines.medusa import MedusaProposer
 from harness.engine.acceptance import Sampling
 from harness.engine.loop import StopCriteria, decode_turn
 from harness.engine.target import Target
-from harness.heads.base import BaseHandles, CastProjection, DraftVocabProjection, build_head, draft_dtype
+from harness.heads.base import BaseHandles, CastProjection, DraftVocabProjection, build_head, resolve_draft_dtype
 from harness.heads.checkpoint import base_identity, save_head
 from harness.infra.errors import HarnessError
 from harness.model.loading import LoadedModel
@@ -120,9 +120,12 @@ def test_packed_draft_vocabulary_rows_give_the_plain_projection(packed, fitted):
 
 def test_draft_dtype_names_and_refusals():
     loaded = loaded_as(make_tiny_llama(), "default")
-    assert draft_dtype(None, loaded) == torch.float32
-    assert draft_dtype("bfloat16", loaded) == draft_dtype("bf16", loaded) == torch.bfloat16
+    assert resolve_draft_dtype(None, loaded) == torch.float32
+    assert resolve_draft_dtype("bfloat16", loaded) == resolve_draft_dtype("bf16", loaded) == torch.bfloat16
     with pytest.raises(HarnessError, match="method.draft_dtype=int8: use null"):
-        draft_dtype("int8", loaded)
+        resolve_draft_dtype("int8", loaded)
     with pytest.raises(HarnessError, match="float16 has no fast CPU kernels: use bfloat16"):
-        draft_dtype("float16", loaded)
+        resolve_draft_dtype("float16", loaded)
+    for make in (EagleProposer, MedusaProposer, OursProposer):     # refused when the method is built, before loading
+        with pytest.raises(HarnessError, match="method.draft_dtype=fp8: use null"):
+            make(draft_dtype="fp8")

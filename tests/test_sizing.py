@@ -117,3 +117,12 @@ def test_curves_read_from_json_and_measured_once_per_process(tmp_path, tiny_llam
         curve = verify_curve(loaded, max_tokens=8, prompt_len=32, repeats=1)
         assert sorted(curve) == [1, 2, 3, 4, 6, 8] and all(seconds > 0 for seconds in curve.values())
         assert verify_curve(loaded, max_tokens=8, prompt_len=32, repeats=1) is curve
+
+
+def test_a_step_the_method_did_not_read_back_leaves_the_ingest_estimate():
+    from harness.engine.sizing import OnlineSizer
+
+    sizer = OnlineSizer({1: 0.010, 16: 0.012})
+    sizer.observe(0, 0.004)
+    sizer.observe(0, None)          # queued, nothing read: says nothing about what a read costs
+    assert sizer.ingest_time == pytest.approx(0.004) and sizer.ingest_steps == 1

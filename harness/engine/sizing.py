@@ -216,11 +216,15 @@ class OnlineSizer:
         self.sizes.append(choice.size)
         return choice.size
 
-    def observe(self, accepted_draft: int, ingest_seconds: float) -> None:
+    def observe(self, accepted_draft: int, ingest_seconds: float | None) -> None:
+        """ingest_seconds: what reading the step back cost the method; None: nothing was read (the method
+        queued it), which leaves the ingest estimate as it was."""
         if self.last_prediction > 0:
             self.accepted_sum += accepted_draft
             self.predicted_sum += self.last_prediction
         self.last_prediction = 0.0
+        if ingest_seconds is None:
+            return
         self.ingest_steps += 1
         self.ingest_time += (ingest_seconds - self.ingest_time) / min(self.ingest_steps, 32)
 

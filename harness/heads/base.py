@@ -63,17 +63,20 @@ class BaseHandles:
         return handles
 
 
-def draft_dtype(name: str | None, loaded) -> torch.dtype:
+def resolve_draft_dtype(name: str | None, loaded=None) -> torch.dtype | None:
     """method.draft_dtype -> the dtype a head drafts in: null = the target's; bfloat16 / float32 / float16 by name.
     Drafting only proposes, so a draft dtype other than the target's changes no verified token (the target
-    checks every draft in its own dtype); it changes what is drafted, and what drafting costs."""
+    checks every draft in its own dtype); it changes what is drafted, and what drafting costs.
+    loaded=None: only check the name (a proposer's constructor, before anything loads); None for null."""
     if name in (None, "", "null", "target"):
-        return loaded.dtype
+        return None if loaded is None else loaded.dtype
     dtypes = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
               "float16": torch.float16, "fp16": torch.float16}
     if str(name) not in dtypes:
         raise HarnessError(f"method.draft_dtype={name}: use null (the target's dtype), bfloat16, float32 or float16")
     dtype = dtypes[str(name)]
+    if loaded is None:
+        return dtype
     if dtype == torch.float16 and torch.device(loaded.head_device).type == "cpu":
         raise HarnessError("method.draft_dtype=float16 has no fast CPU kernels: use bfloat16 on a CPU")
     return dtype
@@ -87,7 +90,8 @@ class CastProjection:
         self.weight = lm_head.weight.detach().to(dtype).contiguous()
         bias = getattr(lm_head, "bias", None)
         self.bias = None if bias is None else bias.detach().to(dtype)
-        self.packed = packed_rows(self.weight) if self.bias is None else None
+        # packed where the target's own lm_head is (model.cpu_linear), the same rule as DraftVocabProjection's
+        self.packed = packed_rows(self.weight) if self.bias is None and isinstance(lm_head, PackedLinear) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:

@@ -58,7 +58,7 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype != self.weight.dtype or self.weight.requires_grad or x.requires_grad
-                or torch.is_autocast_enabled("cpu")):
+                or torch.is_autocast_enabled("cpu") or self.packed_weight.dtype != self.weight.dtype):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
@@ -110,7 +110,7 @@ def pack_frozen_head(head: nn.Module, target_linear: str) -> int:
     weights are final: the packed copy is a snapshot. Returns the linears packed."""
     if target_linear != "onednn":
         return 0
-    linears = [m for m in _linears(head) if m.weight.device.type == "cpu" and m.weight.dtype in PACKABLE
+    linears = [m for m in _linears(head) if m.weight.device.type == "cpu" and packable_here(m.weight.dtype)
                and not m.weight.requires_grad]
     for module in linears:
         module.__class__ = PackedLinear
@@ -118,10 +118,19 @@ def pack_frozen_head(head: nn.Module, target_linear: str) -> int:
     return len(linears)
 
 
+def packable_here(dtype: torch.dtype) -> bool:
+    """This torch build and CPU run oneDNN linears in `dtype` (bf16 needs AVX-512 BF16-class support: on an
+    AVX2-only CPU a bf16 head beside a packed fp32 target keeps plain linears)."""
+    if dtype not in PACKABLE or not torch.backends.mkldnn.is_available() \
+            or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def packed_rows(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's packed layout of a frozen [out, in] CPU weight (None where it cannot apply): for a projection
     that is not an nn.Linear (a reduced draft vocabulary's rows of the lm_head)."""
-    if weight.device.type != "cpu" or weight.dtype not in PACKABLE or weight.requires_grad:
+    if weight.device.type != "cpu" or weight.requires_grad or not packable_here(weight.dtype):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
 
