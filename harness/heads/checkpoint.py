@@ -318,7 +318,7 @@ def load_or_init_head(head_path, loaded, head_type: str, official: bool = False,
     - a Hub id: fetched into the Hugging Face cache first (`locate`), then as above;
     - null: a fresh UNTRAINED head built from `kwargs`, for plumbing and tests only (its drafts are near-random),
       said loudly; the bench refuses this unless allow_untrained=true (harness.bench.check_head).
-    dtype: the head drafts in this dtype instead of the target's (method.draft_dtype, harness.heads.base.draft_dtype)."""
+    dtype: the head drafts in this dtype instead of the target's (method.draft_dtype, harness.heads.base.resolve_draft_dtype)."""
     head = _load_or_init(head_path, loaded, head_type, official, official_options, **kwargs)
     if dtype is not None and dtype != loaded.dtype:
         head = head.to(dtype=dtype)
