@@ -6,6 +6,7 @@ says, not what ChatGPT said).
     specdec-distill data_path=ShareGPT_V4.3_unfiltered_cleaned_split.json max_length=2048 out_dir=data/sg
     specdec-distill -m shard=0,1,2,3 num_shards=4 out_dir=data/sg ...     # 4 jobs (SLURM array / multirun)
     specdec-distill merge=true num_shards=4 out_dir=data/sg eval_fraction=0.05   # final ShareGPT file(s)
+    specdec-distill extend=heads/m/dataset/distilled.parquet self_prompts.count=9000 ...  # grow a merged set
 
 Each human turn is followed by the model's own answer: turn 1 is answered, the answer appended, then
 turn 2 is answered with it in the prompt (as MT-Bench prompts are built). `max_length` bounds the tokens
@@ -52,7 +53,7 @@ from harness.data.self_prompts import (EvalOverlap, NearDuplicates, PromptFilter
 from harness.data.sharegpt import JsonlLog, read_sharegpt, user_turns, write_sharegpt
 from harness.infra.tracking import Tracker
 from harness.infra.store import git_commit
-from harness.data.token_data import is_token_dataset, sha256_of, write_manifest, write_parquet
+from harness.data.token_data import is_token_dataset, manifest_path, read_parquet, sha256_of, write_manifest, write_parquet
 from harness.data.examples import answer_spans
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,57 @@ def identity(cfg: DictConfig) -> dict:
             "self_prompts": ({k: v for k, v in resolved["self_prompts"].items() if k != "count"}
                              if cfg.prompts != "input" else None),
             "eval_overlap": resolved["eval_overlap"]}
+
+
+def _without_count(self_prompts):
+    return {k: v for k, v in self_prompts.items() if k != "count"} if isinstance(self_prompts, dict) else self_prompts
+
+
+def extended_records(cfg: DictConfig) -> tuple[list[dict], dict | None]:
+    """`extend`: an earlier merged dataset (the whole parquet, beside its manifest) that this run continues, as
+    shard records, and its manifest. Its conversations count as done (not generated again), its self-written
+    prompts as seen (a new one that near-duplicates them is dropped), and the merge writes them back unchanged;
+    so a dataset grows on a machine that kept only the parquet (the shard files live under an ignored data/).
+    Refused in one line when it was made with other settings than this run's."""
+    if not cfg.get("extend"):
+        return [], None
+    path = Path(cfg.extend).expanduser()
+    manifest_file = manifest_path(path)
+    if not path.is_file() or not manifest_file.is_file():
+        raise HarnessError(f"extend={path}: needs a merged dataset and its manifest ({manifest_file.name}); "
+                           "fix extend= (the whole set, e.g. .../distilled.parquet)")
+    manifest = json.loads(manifest_file.read_text())
+    whole = (manifest.get("files") or {}).get("all") or {}
+    if whole.get("path") != path.name or whole.get("sha256") != sha256_of(path):
+        raise HarnessError(f"extend={path} is not the whole set its manifest describes ({whole.get('path')}, "
+                           "sha256 checked); pass the whole set, unchanged since its merge")
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    wanted = {"model": cfg.model.name, "prompts": cfg.prompts, "prompt_source": source_identity(cfg),
+              "answers_sampling": resolved["decoding"], "max_length": cfg.max_length,
+              "max_new_tokens": cfg.max_new_tokens,
+              "self_prompts": _without_count(resolved["self_prompts"]) if cfg.prompts != "input" else None}
+    had = {**{k: manifest.get(k) for k in wanted}, "self_prompts": _without_count(manifest.get("self_prompts"))}
+    changed = [k for k in wanted if had[k] != wanted[k]]
+    if changed:
+        raise HarnessError(f"extend={path} was distilled with other {', '.join(changed)} "
+                           f"({'; '.join(f'{k}: {had[k]!r}' for k in changed)}); run with its settings")
+    columns, records = read_parquet(path), []
+    for index, conversation_id in enumerate(columns["id"]):
+        turns = []
+        for user, answer in zip(columns["human"][index], columns["gpt"][index]):
+            turns += [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]
+        flat = columns["answer_spans"][index]
+        record = {"id": conversation_id, "conversations": turns, "model": cfg.model.name,
+                  "source": columns["source"][index], "new_tokens": list(columns["new_tokens"][index]),
+                  "stop_reasons": list(columns["stop_reasons"][index]),
+                  "total_tokens": len(columns["input_ids"][index]), "input_ids": list(columns["input_ids"][index]),
+                  "answer_spans": [[int(a), int(b)] for a, b in zip(flat[0::2], flat[1::2])]}
+        if columns["category"][index] is not None:
+            record["category"] = columns["category"][index]
+        records.append(record)
+    log.info("extend: %d conversations of %s count as done (%s generated tokens)", len(records), path,
+             f"{sum(sum(r['new_tokens']) for r in records):,}")
+    return records, manifest
 
 
 def check_identity(meta_path: Path, wanted: dict) -> None:
@@ -436,26 +488,29 @@ def run_distill(cfg: DictConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(int(cfg.seed))
+    earlier, _ = extended_records(cfg)     # refused here, before out_dir is touched
     out_dir = Path(cfg.out_dir)
     stem = shard_stem(shard, num_shards)
     # one writer per shard file (shards of one out_dir run in parallel): a second job on this shard is refused
     # here, before the input is read, the model loads or the shard's files are touched
     with hold(out_dir, "shard or out_dir", key=stem), graceful_stop("the chunk of conversations in flight") as stop:
         try:
-            return _distill_shard(cfg, out_dir, stem, shard, num_shards, stop)
+            return _distill_shard(cfg, out_dir, stem, shard, num_shards, stop, earlier)
         except KeyboardInterrupt:   # a second signal: the conversations in flight are lost, the written ones kept
             raise Stopped(f"stopped at once by {stop.name}: the finished conversations are in "
                           f"{out_dir / (stem + '.jsonl')}; continue with: {resume_command('distill', out_dir, 'out_dir')}",
                           stop.signum or 2) from None
 
 
-def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_shards: int, stop) -> dict:
+def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_shards: int, stop,
+                   earlier: list[dict]) -> dict:
     conversations, overlap = drop_eval_overlap(load_conversations(cfg), cfg)
     mine = [c for c in conversations if shard_of(c.id, num_shards) == shard]
     shard_log, done = open_shard(cfg, out_dir, shard, num_shards, {"eval_overlap": overlap})
-    todo = [c for c in mine if c.id not in done]
-    log.info("shard %d/%d: %d conversations, %d already done, %d to go -> %s", shard, num_shards, len(mine),
-             len(mine) - len(todo), len(todo), shard_log.path)
+    todo = [c for c in mine if c.id not in done and c.id not in {r["id"] for r in earlier}]
+    log.info("shard %d/%d: %d conversations, %d already done (%d of them in extend), %d to go -> %s", shard,
+             num_shards, len(mine), len(mine) - len(todo), sum(shard_of(r["id"], num_shards) == shard for r in earlier),
+             len(todo), shard_log.path)
     tracker = Tracker.start(cfg, out_dir, "distill", [cfg.model.name, "distill"], name=f"distill-{out_dir.name}-{stem}")
     failed, backend = True, None
     try:
@@ -465,7 +520,7 @@ def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_sh
             magpie = cfg.self_prompts
             prompt_filter = PromptFilter(template, eval_overlap_checker(cfg), float(cfg.eval_overlap.max_fraction),
                                          float(magpie.dedup_threshold), int(magpie.min_chars))
-            for record in shard_log.records():     # a resumed shard keeps deduplicating against what it kept
+            for record in earlier + shard_log.records():   # a resumed shard keeps deduplicating against what it kept
                 turns = user_turns(record)
                 if record.get("source") == "self" and turns:
                     prompt_filter.duplicates.add(f"{record['id']}:0", turns[0])
@@ -532,7 +587,8 @@ def merge(cfg: DictConfig) -> dict:
         raise HarnessError(f"{out_dir} holds no shards; run specdec-distill with the same out_dir first")
     for meta in metas:
         check_identity(meta, wanted)
-    by_id: dict[str, dict] = {}
+    earlier, earlier_manifest = extended_records(cfg)
+    by_id: dict[str, dict] = {r["id"]: r for r in earlier}
     duplicates = []
     for shard in range(num_shards):
         for record in JsonlLog(out_dir / f"{shard_stem(shard, num_shards)}.jsonl").records():
@@ -571,8 +627,14 @@ def merge(cfg: DictConfig) -> dict:
         held = write(splits["eval"], f"{stem}.eval{output.suffix}")
         summary.update(train=str(train), eval=str(held), eval_conversations=sum(is_eval))
     if parquet:
-        summary["manifest"] = str(write_manifest(output, dataset_manifest(cfg, metas, splits, summary,
-                                                                          cross_duplicates)))
+        manifest = dataset_manifest(cfg, metas, splits, summary, cross_duplicates)
+        if earlier_manifest is not None:   # the dataset's whole history: the runs of the set it extends first
+            manifest["extends"] = {"path": str(cfg.extend), "sha256": earlier_manifest["files"]["all"]["sha256"],
+                                   "conversations": len(earlier),
+                                   "generated_tokens": earlier_manifest["counts"]["all"]["generated_tokens"],
+                                   "commit": earlier_manifest.get("commit")}
+            manifest["distill_runs"] = list(earlier_manifest.get("distill_runs") or []) + manifest["distill_runs"]
+        summary["manifest"] = str(write_manifest(output, manifest))
     log.info("merged %d conversations (%d skipped: no room under max_length or a dropped self-written prompt) "
              "into %s", len(records), summary["skipped"], output)
     # the dataset as a W&B artifact (its files: whole set, splits, manifest); a training run on one of them

@@ -182,3 +182,42 @@ def test_real_model_distils_two_questions(questions_path, tmp_path):
     merged = run_distill(cfg)
     assert [r["id"] for r in json.loads((tmp_path / "distilled.json").read_text())] == ["161", "162"]
     assert merged["conversations"] == 2
+
+
+def test_extend_grows_a_merged_dataset_without_its_shard_files(chat_model, questions_path, tmp_path):
+    """A fresh machine keeps only the merged parquet: `extend=` counts its conversations as done, generates only
+    the new ones, and the merge writes the old rows back unchanged, with the dataset's whole history."""
+    from harness.data.token_data import read_parquet, sha256_of
+
+    data = sharegpt_input(tmp_path / "in.json", count=4)
+    first = [f"data_path={data}", "max_new_tokens=4", f"output={tmp_path / 'v1' / 'd.parquet'}", "eval_fraction=0.5"]
+    run_distill(distill_cfg(chat_model, questions_path, tmp_path, *first))
+    old = run_distill(distill_cfg(chat_model, questions_path, tmp_path, *first, "merge=true"))
+    old_rows = read_parquet(old["output"])
+
+    data = sharegpt_input(tmp_path / "in.json", count=6)          # the input grew by two conversations
+    grown = [f"data_path={data}", "max_new_tokens=4", f"out_dir={tmp_path / 'fresh'}", f"extend={old['output']}",
+             f"output={tmp_path / 'v2' / 'd.parquet'}", "eval_fraction=0.5"]
+    summary = run_distill(distill_cfg(chat_model, questions_path, tmp_path, *grown))
+    assert summary["written_now"] == 2
+    assert [r["id"] for r in JsonlLog(summary["file"]).records()] == ["c4", "c5"]
+    new = run_distill(distill_cfg(chat_model, questions_path, tmp_path, *grown, "merge=true"))
+    rows = read_parquet(new["output"])
+    assert rows["id"] == [f"c{i}" for i in range(6)]
+    for column, values in old_rows.items():           # the old conversations, byte for byte the same row
+        assert rows[column][:4] == values, column
+    manifest = json.loads(open(new["manifest"]).read())
+    assert manifest["extends"]["sha256"] == sha256_of(old["output"]) and manifest["extends"]["conversations"] == 4
+    assert manifest["counts"]["all"]["conversations"] == 6 and len(manifest["distill_runs"]) == 2
+    old_eval = set(read_parquet(old["eval"])["id"])    # the split is a hash of the id: old eval ids stay eval
+    assert old_eval <= set(read_parquet(new["eval"])["id"])
+
+    # refused in one line, before any generation: other settings, a split instead of the whole set, no manifest
+    with pytest.raises(HarnessError, match="other max_new_tokens"):
+        run_distill(distill_cfg(chat_model, questions_path, tmp_path, *grown[1:], "max_new_tokens=5",
+                                f"data_path={data}", f"out_dir={tmp_path / 'other'}"))
+    with pytest.raises(HarnessError, match="not the whole set"):
+        run_distill(distill_cfg(chat_model, questions_path, tmp_path, *grown, f"extend={old['train']}"))
+    with pytest.raises(HarnessError, match="needs a merged dataset and its manifest"):
+        run_distill(distill_cfg(chat_model, questions_path, tmp_path, *grown, f"extend={tmp_path / 'none.parquet'}"))
+    assert not (tmp_path / "other").exists()

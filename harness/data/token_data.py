@@ -95,8 +95,14 @@ def to_sharegpt(columns: dict[str, list]) -> list[dict]:
     return records
 
 
+def manifest_path(path: str | Path) -> Path:
+    """`<stem>.manifest.json` beside a dataset (`d.parquet`, `d.train.parquet` -> `d.manifest.json`)."""
+    path = Path(path)
+    return path.with_name(path.name.split(".")[0] + ".manifest.json")
+
+
 def write_manifest(path: Path, manifest: dict) -> Path:
-    out = path.with_name(path.name.split(".")[0] + ".manifest.json") if path.suffix == ".parquet" else path
+    out = manifest_path(path) if path.suffix == ".parquet" else path
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     os.replace(tmp, out)
