@@ -285,6 +285,10 @@ def estimate(arch: Architecture, *, quantization: str = "none", dtype: str = "fp
     if head_params:
         rows.append(Row(f"draft head ({head_type})", head_params * (4 if mode == "train" else b),
                         f"{head_params / 1e6:.1f}M parameters, {'fp32 master' if mode == 'train' else dtype}"))
+        if mode == "infer" and device == "cpu" and quantization == "none" and dtype in ("fp32", "bf16") \
+                and cpu_linear != "off":   # harness.model.packing.pack_frozen_head, beside the packed target
+            rows.append(Row("draft head: packed copy for oneDNN", head_params * b,
+                            "its linears' oneDNN-layout copy (an upper bound: norms and embeddings stay unpacked)"))
     if draft_model is not None:
         draft_arch, draft_quant = draft_model
         d_linear, d_other = weight_bytes(draft_arch, draft_quant, b, device)

@@ -47,6 +47,12 @@ def test_tiny_config_matches_hand_computed_bytes():
                    cpu_linear="off")
     assert sum(r.bytes for r in off) == 427328 + 53248 + 629248
     assert not any("packed" in r.component for r in estimate(TINY, quantization="int8", dtype="fp32", device="cpu"))
+    # a frozen head beside the packed target is packed too (pack_frozen_head): its copy is a row of its own
+    headed = {r.component: r.bytes for r in estimate(TINY, dtype="fp32", device="cpu", head_params=1000,
+                                                     head_type="eagle")}
+    assert headed["draft head (eagle)"] == headed["draft head: packed copy for oneDNN"] == 4000
+    assert not any("head: packed" in r.component for r in estimate(TINY, dtype="fp32", device="cpu", head_params=1000,
+                                                                   head_type="eagle", cpu_linear="off"))
 
     cuda = {r.component: r.bytes for r in estimate(TINY, dtype="fp16", device="cuda", max_seq_len=100, tree_size=4,
                                                    overhead_gib=0.5, overhead_fraction=0.1)}
