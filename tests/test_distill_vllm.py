@@ -153,6 +153,24 @@ def test_self_written_prompts_are_filtered_and_get_second_turns(chat_model, ques
     kept = [r for r in JsonlLog(summary["file"]).records() if not r.get("skipped")]
     assert manifest["counts"]["all"]["generated_tokens"] == sum(sum(r["new_tokens"]) for r in kept)
 
+    # extend= on a machine that kept only the parquet: the old prompts still count for near-duplicates; the
+    # conversations dropped before (not in the parquet) are written again, then the new ids
+    old_ids = set(read_parquet(merged["output"])["id"])
+    fresh = ["tell me about the red car and the blue house please !!",   # near-duplicates an old kept prompt
+             "why is the sea blue at night near the old city", "tell me how long the red car is",
+             "what is the colour of the old house and why", "how is the moon so far from the sun"]
+    users[:] = fresh
+    grown = _with(cfg, merge=False, extend=merged["output"], out_dir=str(tmp_path / "grown"),
+                  self_prompts={**cfg.self_prompts, "count": 9})
+    backends.clear()
+    again = run_distill(grown)
+    redone = {r["id"] for r in JsonlLog(again["file"]).records()}
+    assert redone == {f"self-{i:07d}" for i in range(9)} - old_ids and not redone & old_ids
+    assert again["self_prompts_now"]["dropped"] == {"near_duplicate": 1}
+    final = run_distill(_with(grown, merge=True, output=str(tmp_path / "grown" / "d.parquet")))
+    assert set(read_parquet(final["output"])["id"]) == old_ids | {r["id"] for r in JsonlLog(again["file"]).records()
+                                                                   if not r.get("skipped")}
+
 
 def records_7_skipped(path) -> bool:
     return bool([r for r in JsonlLog(path).records() if r["id"] == "self-0000006"][0].get("skipped"))
