@@ -507,7 +507,8 @@ def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_sh
     conversations, overlap = drop_eval_overlap(load_conversations(cfg), cfg)
     mine = [c for c in conversations if shard_of(c.id, num_shards) == shard]
     shard_log, done = open_shard(cfg, out_dir, shard, num_shards, {"eval_overlap": overlap})
-    todo = [c for c in mine if c.id not in done and c.id not in {r["id"] for r in earlier}]
+    done_before = {r["id"] for r in earlier}
+    todo = [c for c in mine if c.id not in done and c.id not in done_before]
     log.info("shard %d/%d: %d conversations, %d already done (%d of them in extend), %d to go -> %s", shard,
              num_shards, len(mine), len(mine) - len(todo), sum(shard_of(r["id"], num_shards) == shard for r in earlier),
              len(todo), shard_log.path)
