@@ -56,6 +56,16 @@ def test_vllm_backend_gives_the_hf_backends_greedy_answers(chat_model, questions
     assert meta["backend_info"] == {"vllm": "0.0-stub"} and meta["stats"][0]["tokens_per_s_now"] > 0
     assert len(meta["stats"]) == 1 and meta["stats"][0]["finished"]    # one entry per run, updated per chunk
 
+    # a run that continues a shard (or extends a dataset) seeds its engine apart from the first run: the CPU build
+    # has no per-request seeds, and the first run's seed would replay its sampled user turns
+    data = sharegpt_input(tmp_path / "in.json", count=6)
+    again = run_distill(distill_cfg(chat_model, questions_path, tmp_path, *common[1:], f"data_path={data}",
+                                    f"out_dir={tmp_path / 'vllm'}", "backend=vllm", f"vllm.python={sys.executable}",
+                                    "vllm.tensor_parallel_size=2", "+vllm.engine_kwargs.gpu_memory_utilization=0.5"))
+    seeds = [json.loads(line)["seed"] for line in stub_vllm.read_text().splitlines()]
+    assert again["written_now"] == 2 and seeds[0] == 0 and seeds[1] == distill.engine_seed(0, 4) != 0
+    assert again["engine_seed"] == seeds[1] and distill.engine_seed(0, 4) == distill.engine_seed(0, 4)
+
 
 def test_vllm_backend_without_its_environment_is_one_line(chat_model, questions_path, tmp_path):
     data = sharegpt_input(tmp_path / "in.json", count=1)
@@ -111,7 +121,7 @@ def test_self_written_prompts_are_filtered_and_get_second_turns(chat_model, ques
              "how long is the river near the old city"]
     backends = []
 
-    def fake_backend(cfg, out_dir, shard_name):
+    def fake_backend(cfg, out_dir, shard_name, done=0):
         loaded = load_model(cfg.model, cfg.device)
         backends.append(CannedUsers(loaded, loaded.template, users + ["and the sun ? tell me about it"] * 20))
         return backends[-1], loaded.template
