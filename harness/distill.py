@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 # Settings that must agree between a shard file and a run that continues or merges it
 IDENTITY_KEYS = ("model", "source", "decoding", "max_length", "max_new_tokens", "seed", "allow_eval_overlap",
-                 "prompts", "self_prompts", "eval_overlap")
+                 "prompts", "self_prompts", "eval_overlap", "extend")
 
 
 @dataclass
@@ -224,7 +224,11 @@ def identity(cfg: DictConfig) -> dict:
             # not the count: ids self-<n> are fixed by n, so a larger count extends a dataset (resume)
             "self_prompts": ({k: v for k, v in resolved["self_prompts"].items() if k != "count"}
                              if cfg.prompts != "input" else None),
-            "eval_overlap": resolved["eval_overlap"]}
+            "eval_overlap": resolved["eval_overlap"],
+            # the dataset this folder grows (sha256 of its whole set): a shard resumed or merged without the same
+            # extend= is refused, rather than regenerating (or dropping) the old conversations
+            "extend": sha256_of(Path(cfg.extend).expanduser()) if cfg.get("extend") and Path(cfg.extend).expanduser().is_file()
+            else (str(cfg.extend) if cfg.get("extend") else None)}
 
 
 def _without_count(self_prompts):
@@ -251,10 +255,14 @@ def extended_records(cfg: DictConfig) -> tuple[list[dict], dict | None]:
                            "sha256 checked); pass the whole set, unchanged since its merge")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     wanted = {"model": cfg.model.name, "prompts": cfg.prompts, "prompt_source": source_identity(cfg),
-              "answers_sampling": resolved["decoding"], "max_length": cfg.max_length,
+              "answers_sampling": resolved["decoding"], "seed": cfg.seed, "max_length": cfg.max_length,
               "max_new_tokens": cfg.max_new_tokens,
               "self_prompts": _without_count(resolved["self_prompts"]) if cfg.prompts != "input" else None}
+    wanted["eval_overlap"] = {**resolved["eval_overlap"], "eval_bench": cfg.eval_bench.name}
+    if "seed" in manifest:     # datasets merged before the seed was recorded carry none
+        wanted["seed"] = cfg.seed
     had = {**{k: manifest.get(k) for k in wanted}, "self_prompts": _without_count(manifest.get("self_prompts"))}
+    had["eval_overlap"] = {k: v for k, v in (manifest.get("eval_overlap") or {}).items() if k != "dropped_input_prompts"}
     changed = [k for k in wanted if had[k] != wanted[k]]
     if changed:
         raise HarnessError(f"extend={path} was distilled with other {', '.join(changed)} "
@@ -283,6 +291,10 @@ def check_identity(meta_path: Path, wanted: dict) -> None:
     if isinstance(old.get("self_prompts"), dict):
         old["self_prompts"] = {k: v for k, v in old["self_prompts"].items() if k != "count"}
     changed = [k for k in IDENTITY_KEYS if old.get(k) != wanted.get(k)]
+    if changed == ["extend"]:
+        raise HarnessError(f"{meta_path.parent} grows {'a dataset' if old.get('extend') else 'no dataset'} "
+                           f"(extend sha256 {old.get('extend')}), this run {wanted.get('extend')}; pass the extend= "
+                           "its shards were made with (unchanged since), or choose another out_dir")
     if changed:
         raise HarnessError(f"{meta_path.parent} was distilled with different {', '.join(changed)}; rerun with "
                            "the same settings or choose another out_dir")
@@ -599,6 +611,16 @@ def merge(cfg: DictConfig) -> dict:
     for meta in metas:
         check_identity(meta, wanted)
     earlier, earlier_manifest = extended_records(cfg)
+    if earlier_manifest is not None:
+        if manifest_path(Path(cfg.output).expanduser().resolve()) == manifest_path(Path(cfg.extend).expanduser().resolve()):
+            raise HarnessError(f"output={cfg.output} would overwrite the dataset it extends (or its manifest); "
+                               "merge into another folder or stem, or extend a copy")
+        split = earlier_manifest.get("split") or {}
+        if float(split.get("eval_fraction") or 0) != float(cfg.eval_fraction or 0) or \
+                int(split.get("split_seed") or 0) != int(cfg.split_seed):
+            raise HarnessError(f"extend={cfg.extend} was split with eval_fraction={split.get('eval_fraction')} "
+                               f"split_seed={split.get('split_seed')}; merge with the same, so its held-out "
+                               "conversations stay held out")
     by_id: dict[str, dict] = {r["id"]: r for r in earlier}
     duplicates = []
     for shard in range(num_shards):
@@ -643,7 +665,10 @@ def merge(cfg: DictConfig) -> dict:
             manifest["extends"] = {"path": str(cfg.extend), "sha256": earlier_manifest["files"]["all"]["sha256"],
                                    "conversations": len(earlier),
                                    "generated_tokens": earlier_manifest["counts"]["all"]["generated_tokens"],
-                                   "commit": earlier_manifest.get("commit")}
+                                   "commit": earlier_manifest.get("commit"),
+                                   "backend": earlier_manifest.get("backend"), "dtype": earlier_manifest.get("dtype"),
+                                   "backend_info": earlier_manifest.get("backend_info"),
+                                   "extends": earlier_manifest.get("extends")}   # its own parent, and so on
             manifest["distill_runs"] = list(earlier_manifest.get("distill_runs") or []) + manifest["distill_runs"]
         summary["manifest"] = str(write_manifest(output, manifest))
     log.info("merged %d conversations (%d skipped: no room under max_length or a dropped self-written prompt) "
@@ -711,7 +736,7 @@ def dataset_manifest(cfg: DictConfig, metas: list[Path], splits: dict[str, list[
             "backend": [m["config"].get("backend", "hf") for m in shard_meta][0],
             "backend_info": [m.get("backend_info") for m in shard_meta][0],
             "dtype": (resolved.get("vllm") or {}).get("dtype") if cfg.backend == "vllm" else cfg.model.get("dtype"),
-            "answers_sampling": resolved["decoding"], "max_length": cfg.max_length,
+            "answers_sampling": resolved["decoding"], "seed": cfg.seed, "max_length": cfg.max_length,
             "max_new_tokens": cfg.max_new_tokens, "prompts": cfg.prompts,
             "prompt_source": source_identity(cfg), "self_prompts": resolved["self_prompts"] if cfg.prompts != "input"
             else None, "eval_overlap": {**resolved["eval_overlap"], "eval_bench": cfg.eval_bench.name,

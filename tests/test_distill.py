@@ -221,3 +221,24 @@ def test_extend_grows_a_merged_dataset_without_its_shard_files(chat_model, quest
     with pytest.raises(HarnessError, match="needs a merged dataset and its manifest"):
         run_distill(distill_cfg(chat_model, questions_path, tmp_path, *grown, f"extend={tmp_path / 'none.parquet'}"))
     assert not (tmp_path / "other").exists()
+    # the merge: never over the set it extends, the same split; the shards remember what they extend
+    with pytest.raises(HarnessError, match="would overwrite the dataset it extends"):
+        run_distill(distill_cfg(chat_model, questions_path, tmp_path, *grown, "merge=true", f"output={old['output']}"))
+    with pytest.raises(HarnessError, match="so its held-out conversations stay held out"):
+        run_distill(distill_cfg(chat_model, questions_path, tmp_path, *grown, "merge=true", "eval_fraction=0.2"))
+    without = [g for g in grown if not g.startswith("extend=")]
+    with pytest.raises(HarnessError, match="pass the extend= its shards were made with"):
+        run_distill(distill_cfg(chat_model, questions_path, tmp_path, *without, "merge=true"))
+    with pytest.raises(HarnessError, match="pass the extend= its shards were made with"):
+        run_distill(distill_cfg(chat_model, questions_path, tmp_path, *without))
+
+    # a second round extends the grown set: the manifest keeps the whole lineage
+    data = sharegpt_input(tmp_path / "in.json", count=7)
+    third = [f"data_path={data}", "max_new_tokens=4", f"out_dir={tmp_path / 'fresh3'}", f"extend={new['output']}",
+             f"output={tmp_path / 'v3' / 'd.parquet'}", "eval_fraction=0.5"]
+    assert run_distill(distill_cfg(chat_model, questions_path, tmp_path, *third))["written_now"] == 1
+    lineage = json.loads(open(run_distill(distill_cfg(chat_model, questions_path, tmp_path, *third,
+                                                      "merge=true"))["manifest"]).read())
+    assert lineage["extends"]["sha256"] == sha256_of(new["output"])
+    assert lineage["extends"]["extends"]["sha256"] == sha256_of(old["output"]) and lineage["seed"] == 0
+    assert len(lineage["distill_runs"]) == 3 and lineage["counts"]["all"]["conversations"] == 7
