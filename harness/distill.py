@@ -455,6 +455,21 @@ def engine_seed(seed: int, done: int) -> int:
     return int(seed) if not done else stable_hash(f"{seed}:engine:{done}") % 2**31
 
 
+def cpu_threads_bind(setting, tensor_parallel_size: int) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for vLLM's CPU build (a CUDA build ignores it). `all`: the worker computes on
+    every core this process may use; vLLM's own `auto` keeps one core for its engine process, which on a 2-core
+    machine halves the compute (measured here: 168 -> 313 generated tok/s over whole conversations). None: vLLM's
+    default (also for tensor parallelism, where vLLM splits the cores per rank)."""
+    if setting in (None, "auto") or tensor_parallel_size != 1:
+        return None
+    if setting != "all":
+        return str(setting)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if cores != list(range(cores[0], cores[-1] + 1)):
+        return None       # not one range: leave the binding to vLLM
+    return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 else str(cores[0])
+
+
 def make_backend(cfg: DictConfig, out_dir: Path, shard_name: str, done: int = 0):
     """The generation backend and the template; vLLM gets the same weights folder the harness loads."""
     from harness.data.backends import HFBackend, VllmBackend
@@ -469,6 +484,9 @@ def make_backend(cfg: DictConfig, out_dir: Path, shard_name: str, done: int = 0)
     folder = model_source(cfg.model)        # a local folder (model.path, the GGUF cache) or a hub id
     template = load_template(cfg.model, folder)
     env = {"VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)}
+    bind = cpu_threads_bind(settings.get("cpu_threads_bind", "all"), int(settings.tensor_parallel_size))
+    if bind and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = bind
     if cfg.threads:
         env["OMP_NUM_THREADS"] = str(cfg.threads)
     engine = {"dtype": str(settings.dtype), "tensor_parallel_size": int(settings.tensor_parallel_size),

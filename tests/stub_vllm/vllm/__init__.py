@@ -43,7 +43,9 @@ class LLM:
         if os.environ.get("STUB_VLLM_LOG"):
             with open(os.environ["STUB_VLLM_LOG"], "a") as handle:
                 handle.write(json.dumps({"model": model, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
-                                         "max_model_len": max_model_len, "seed": seed, **engine_kwargs}) + "\n")
+                                         "max_model_len": max_model_len, "seed": seed,
+                                         "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+                                         **engine_kwargs}) + "\n")
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         self.generator = torch.Generator().manual_seed(seed)
 
