@@ -255,7 +255,7 @@ def extended_records(cfg: DictConfig) -> tuple[list[dict], dict | None]:
                            "sha256 checked); pass the whole set, unchanged since its merge")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     wanted = {"model": cfg.model.name, "prompts": cfg.prompts, "prompt_source": source_identity(cfg),
-              "answers_sampling": resolved["decoding"], "seed": cfg.seed, "max_length": cfg.max_length,
+              "answers_sampling": resolved["decoding"], "max_length": cfg.max_length,
               "max_new_tokens": cfg.max_new_tokens,
               "self_prompts": _without_count(resolved["self_prompts"]) if cfg.prompts != "input" else None}
     wanted["eval_overlap"] = {**resolved["eval_overlap"], "eval_bench": cfg.eval_bench.name}
