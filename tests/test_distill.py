@@ -245,3 +245,13 @@ def test_extend_grows_a_merged_dataset_without_its_shard_files(chat_model, quest
     assert lineage["extends"]["sha256"] == sha256_of(new["output"])
     assert lineage["extends"]["extends"]["sha256"] == sha256_of(old["output"]) and lineage["seed"] == 0
     assert len(lineage["distill_runs"]) == 3 and lineage["counts"]["all"]["conversations"] == 7
+
+
+def test_shard_log_reads_back_text_with_unicode_line_separators(tmp_path):
+    """json.dumps(ensure_ascii=False) keeps U+2028 / U+0085 raw inside a string; the log splits records on
+    newlines only, so such an answer (distilled from the default model) reads back whole."""
+    log = JsonlLog(tmp_path / "shard.jsonl")
+    records = [{"id": "a", "text": "one\u2028two\x85three\u2029four\x1cfive"}, {"id": "b", "text": "plain"}]
+    for record in records:
+        log.append(record)
+    assert JsonlLog(tmp_path / "shard.jsonl").records() == records

@@ -89,7 +89,9 @@ class JsonlLog:
             with open(self.path, "r+b") as handle:
                 handle.truncate(data.rfind(b"\n") + 1)
             data = data[: data.rfind(b"\n") + 1]
-        return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+        # split on "\n" only: str.splitlines also breaks at U+2028, U+0085 ..., which json.dumps(ensure_ascii=False)
+        # leaves raw inside strings (a model's answer held one: the shard could not be read back)
+        return [json.loads(line) for line in data.decode("utf-8").split("\n") if line.strip()]
 
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
