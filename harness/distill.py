@@ -458,7 +458,7 @@ def engine_seed(seed: int, done: int) -> int:
 def cpu_threads_bind(setting, tensor_parallel_size: int) -> str | None:
     """VLLM_CPU_OMP_THREADS_BIND for vLLM's CPU build (a CUDA build ignores it). `all`: the worker computes on
     every core this process may use; vLLM's own `auto` keeps one core for its engine process, which on a 2-core
-    machine halves the compute (measured here: 168 -> 313 generated tok/s over whole conversations). None: vLLM's
+    machine halves the compute (measured here: 175 -> 303 generated tok/s over whole conversations). None: vLLM's
     default (also for tensor parallelism, where vLLM splits the cores per rank)."""
     if setting in (None, "auto") or tensor_parallel_size != 1:
         return None

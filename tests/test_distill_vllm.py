@@ -277,7 +277,7 @@ def test_real_vllm_distils_self_written_prompts_on_the_default_model(questions_p
 
 def test_cpu_threads_bind_gives_the_worker_every_core(monkeypatch):
     """vLLM's CPU build keeps one core for its engine by default; `all` binds the worker to every core this
-    process may use (on 2 cores: 168 -> 313 tok/s measured), as one range vLLM parses."""
+    process may use (on 2 cores: 175 -> 303 tok/s measured), as one range vLLM parses."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert distill.cpu_threads_bind("all", 1) == "0-3"
     assert distill.cpu_threads_bind("all", 2) is None and distill.cpu_threads_bind("auto", 1) is None
