@@ -53,7 +53,8 @@ from harness.data.self_prompts import (EvalOverlap, NearDuplicates, PromptFilter
 from harness.data.sharegpt import JsonlLog, read_sharegpt, user_turns, write_sharegpt
 from harness.infra.tracking import Tracker
 from harness.infra.store import git_commit
-from harness.data.token_data import is_token_dataset, manifest_path, read_parquet, sha256_of, write_manifest, write_parquet
+from harness.data.token_data import (is_token_dataset, manifest_path, read_parquet, sha256_of, to_sharegpt,
+                                     write_manifest, write_parquet)
 from harness.data.examples import answer_spans
 
 log = logging.getLogger(__name__)
@@ -268,12 +269,9 @@ def extended_records(cfg: DictConfig) -> tuple[list[dict], dict | None]:
         raise HarnessError(f"extend={path} was distilled with other {', '.join(changed)} "
                            f"({'; '.join(f'{k}: {had[k]!r}' for k in changed)}); run with its settings")
     columns, records = read_parquet(path), []
-    for index, conversation_id in enumerate(columns["id"]):
-        turns = []
-        for user, answer in zip(columns["human"][index], columns["gpt"][index]):
-            turns += [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]
+    for index, text in enumerate(to_sharegpt(columns)):
         flat = columns["answer_spans"][index]
-        record = {"id": conversation_id, "conversations": turns, "model": cfg.model.name,
+        record = {**text, "model": cfg.model.name,
                   "source": columns["source"][index], "new_tokens": list(columns["new_tokens"][index]),
                   "stop_reasons": list(columns["stop_reasons"][index]),
                   "total_tokens": len(columns["input_ids"][index]), "input_ids": list(columns["input_ids"][index]),
