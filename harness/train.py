@@ -496,13 +496,22 @@ def choose_draft_vocab(head: DraftHead, train_data, eval_data) -> dict:
     vocab = int(head.config["vocab_size"])
     counts = np.pad(counts, (0, max(0, vocab - counts.size)))[:vocab]
     order = np.lexsort((np.arange(vocab), -counts))[:size]
-    ids = np.sort(order)
-    head.set_draft_vocab(size, ids.tolist())
-    info = {"size": size, "train_coverage": float(counts[ids].sum() / max(counts.sum(), 1))}
+    head.set_draft_vocab(size, np.sort(order).tolist())
+    return draft_vocab_coverage(head, train_data, eval_data, counts)
+
+
+def draft_vocab_coverage(head: DraftHead, train_data, eval_data, counts: np.ndarray | None = None) -> dict:
+    """How much of the training (and eval) assistant tokens the head's draft vocabulary covers."""
+    vocab = int(head.config["vocab_size"])
+    ids = head.draft_vocab.cpu().numpy()
+    if counts is None:
+        counts = label_token_counts(train_data)
+    counts = np.pad(counts, (0, max(0, vocab - counts.size)))[:vocab]
+    info = {"size": int(ids.size), "train_coverage": float(counts[ids].sum() / max(counts.sum(), 1))}
     if eval_data is not None:
         held = np.pad(label_token_counts(eval_data), (0, vocab))[:vocab]
         info["eval_coverage"] = float(held[ids].sum() / max(held.sum(), 1))
-    log.info("draft vocabulary: the %d most frequent assistant tokens cover %.2f %% of the training tokens%s", size,
+    log.info("draft vocabulary: the %d most frequent assistant tokens cover %.2f %% of the training tokens%s", ids.size,
              100 * info["train_coverage"],
              f" and {100 * info['eval_coverage']:.2f} % of the eval tokens" if "eval_coverage" in info else "")
     return info
@@ -564,6 +573,10 @@ def run_train(cfg: DictConfig) -> dict:
         cfg.output_dir = str(Path(cfg.output_dir or "runs/train") / "eval" / Path(str(cfg.head_path)).name)
     elif not cfg.data_path:
         raise HarnessError("specdec-train needs data_path=<ShareGPT .json/.jsonl> (specdec-distill writes one)")
+    if cfg.get("init_head"):
+        if cfg.eval_only:
+            raise HarnessError("init_head= starts a training run; to score a head use eval_only=true head_path=<folder>")
+        read_head_config(cfg.init_head)     # a missing or foreign folder: refused before the model loads
     if not cfg.output_dir:
         raise HarnessError("set output_dir=<folder> (checkpoints and the final head go there)")
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -648,7 +661,14 @@ def _run(cfg: DictConfig, args: TrainingArguments, stop=None) -> dict:
     else:
         head_cfg = OmegaConf.to_container(cfg.head, resolve=True)
         head = build_head(head_cfg.pop("type"), loaded.model.config, base=BaseHandles.of(loaded.model), **head_cfg)
-        if head.draft_vocab is not None:
+        if cfg.get("init_head"):
+            # warm start: a trained head's weights and draft vocabulary (same type, config and base), then
+            # training continues on data_path under this run's schedule (a checkpoint to resume from wins)
+            load_head_weights(head, cfg.init_head, identity)
+            log.info("starting from the weights of %s", cfg.init_head)
+            if head.draft_vocab is not None:
+                vocab_info = {**draft_vocab_coverage(head, train_data, eval_data), "from": str(cfg.init_head)}
+        elif head.draft_vocab is not None:
             vocab_info = choose_draft_vocab(head, train_data, eval_data)
         head = head.to(device=loaded.device, dtype=torch.float32).train()   # fp32 master weights (autocast: bf16)
     crop = cfg.get("crop_context")
@@ -662,7 +682,7 @@ def _run(cfg: DictConfig, args: TrainingArguments, stop=None) -> dict:
                 "data_path": cfg.data_path, "eval_data_path": cfg.eval_data_path, "model_max_length": max_length,
                 "lazy_preprocess": lazy, "loss": OmegaConf.to_container(cfg.loss, resolve=True),
                 "preset": cfg.name, "training_args": training_kwargs(cfg),
-                "feature_cache": cfg.get("feature_cache"), "crop_context": cfg.get("crop_context"),
+                "feature_cache": cfg.get("feature_cache"), "init_head": cfg.get("init_head"), "crop_context": cfg.get("crop_context"),
                 "clip_grad_value": cfg.get("clip_grad_value"), "draft_vocab": vocab_info,
                 "train_conversations": len(train_data) if train_data is not None else None,
                 "eval_conversations": len(eval_data) if eval_data is not None else None}

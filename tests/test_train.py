@@ -519,3 +519,31 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_one_before(chat_m
     torn = tmp_path / "killed" / "checkpoint-6" / "trainer_state.json"
     torn.write_text(torn.read_text()[:40])
     assert checkpoint_problem(torn.parent) == "trainer_state.json is torn"
+
+
+def test_init_head_continues_a_trained_head_with_its_draft_vocabulary(chat_model, toy_data, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["training.bf16=true", "head.draft_vocab_size=24", "training.max_steps=4", "training.save_steps=4",
+              "training.eval_steps=4"]
+    run_train(train_cfg(chat_model, toy_data, tmp_path / "first", *common))
+    first = load_file(str(tmp_path / "first" / "model.safetensors"))
+    # learning rate 0: the continued run must hold exactly the weights (and draft vocabulary) it started from
+    summary = run_train(train_cfg(chat_model, toy_data, tmp_path / "second", *common, "training.learning_rate=0",
+                                  f"init_head={tmp_path / 'first'}"))
+    second = load_file(str(tmp_path / "second" / "model.safetensors"))
+    assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+    assert summary["global_step"] == 4
+    info = json.loads((tmp_path / "second" / "head_config.json").read_text())
+    assert info["training"]["init_head"] == str(tmp_path / "first")
+    assert info["training"]["draft_vocab"]["from"] == str(tmp_path / "first")
+    assert info["training"]["draft_vocab"]["train_coverage"] == 1.0
+    with pytest.raises(HarnessError, match="holds a medusa head .* this run trains"):   # another draft vocabulary
+        run_train(train_cfg(chat_model, toy_data, tmp_path / "third", "head.draft_vocab_size=32",
+                            f"init_head={tmp_path / 'first'}"))
+    with pytest.raises(HarnessError, match="eval_only=true head_path="):
+        run_train(train_cfg(chat_model, toy_data, tmp_path / "fourth", "eval_only=true",
+                            f"head_path={tmp_path / 'first'}", f"init_head={tmp_path / 'first'}"))
+    with pytest.raises(HarnessError):   # no such folder: one line before the model loads
+        run_train(train_cfg(chat_model, toy_data, tmp_path / "fifth", f"init_head={tmp_path / 'nowhere'}"))
+    assert not (tmp_path / "fifth").exists() or not any((tmp_path / "fifth").glob("checkpoint-*"))
