@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +82,6 @@ class Answered:
     new_tokens: list[int] = field(default_factory=list)
     stop_reasons: list[str] = field(default_factory=list)
     total_tokens: int = 0                # prompt of the last answered turn + its answer
-    seconds: float = 0.0
     alive: bool = True                   # False once a turn was dropped or left no room
     skipped: str | None = None
     prompt_ids: list[int] = field(default_factory=list)    # the last answered turn's prompt ...
@@ -326,8 +326,11 @@ def open_shard(cfg: DictConfig, out_dir: Path, shard: int, num_shards: int, extr
 # ----------------------------------------------------------------------------------------------------- generation
 
 class Distiller:
-    """Conversations answered turn by turn, a chunk at a time: every turn index is one backend call over the
-    chunk (vLLM batches it; hf at batch 1 runs the benchmark loop), so the backends differ only in speed.
+    """Conversations answered turn by turn, streamed: every conversation in flight has one request at the
+    backend (its next user turn or answer); when it comes back the conversation's next request is submitted
+    at once, and a finished conversation makes room for the next one. vLLM's batch thus stays full across
+    turns and conversations (no round waits for its longest answer); hf at batch 1 runs the benchmark loop,
+    one conversation after the other, so the backends differ only in speed.
 
     A self-written conversation (`Conversation.turns` empty, `planned_turns` > 0) first has the target write
     each user turn (Magpie, harness/data/self_prompts.py) and the filters pass it; a dropped turn 1 skips the
@@ -348,6 +351,8 @@ class Distiller:
         self.user_params = Params(float(magpie.temperature), float(magpie.top_p), int(magpie.max_tokens),
                                   self.stop_ids, self.user_stops)
         self.filter = prompt_filter
+        self.user_tokens = 0             # tokens the target generated as user turns (kept or dropped)
+        self._keys = 0
 
     def budget(self, prompt_len: int) -> int:
         room = self.max_length - prompt_len
@@ -362,13 +367,30 @@ class Distiller:
     def _seed(self, item: Answered, turn: int, kind: str) -> int:
         return stable_hash(f"{self.seed}:{kind}:{turn}:{item.conversation.id}") % 2**31
 
-    def write_user_turns(self, items: list[Answered], turn: int) -> None:
-        """Magpie: the target writes user turn `turn` of each self-written conversation that plans one."""
-        rows = [i for i in items if i.alive and i.conversation.planned_turns > turn
-                and len(i.conversation.turns) == turn]
-        prompts = [encode_prefix(self.template, open_user_turn(self.template, self.history(i))) for i in rows]
-        params = [dataclasses.replace(self.user_params, seed=self._seed(i, turn, "user")) for i in rows]
-        for item, completion in zip(rows, self.backend.generate(prompts, params)):
+    def next_request(self, item: Answered) -> tuple | None:
+        """(kind, turn, prompt ids, params) of what `item` needs next; None once it is complete."""
+        conversation, turn = item.conversation, len(item.answers)
+        if not item.alive:
+            return None
+        if self.filter is not None and conversation.planned_turns > turn and len(conversation.turns) == turn:
+            prompt = encode_prefix(self.template, open_user_turn(self.template, self.history(item)))
+            return "user", turn, prompt, dataclasses.replace(self.user_params, seed=self._seed(item, turn, "user"))
+        if len(conversation.turns) <= turn:
+            return None
+        prompt_ids = self.template.encode(self.history(item) + [(conversation.turns[turn], None)])
+        budget = self.budget(len(prompt_ids))
+        if budget <= 0:
+            item.alive = False
+            if turn == 0:
+                item.skipped = "first prompt leaves no room under max_length"
+            return None
+        return "answer", turn, prompt_ids, dataclasses.replace(self.answer_params, max_tokens=budget,
+                                                                seed=self._seed(item, turn, "answer"))
+
+    def take(self, item: Answered, kind: str, turn: int, prompt_ids: list[int], params, completion) -> None:
+        """A finished request of `item`: a user turn through the filters, or an answer cut at its stop."""
+        if kind == "user":
+            self.user_tokens += len(completion.token_ids)
             text = clean_user_turn(self.tokenizer.decode(completion.token_ids, skip_special_tokens=True),
                                    self.user_stops)
             truncated = completion.finish_reason == "length"
@@ -379,46 +401,67 @@ class Distiller:
                 item.alive = False
                 if turn == 0:
                     item.skipped = f"self-written prompt dropped: {reason}"
+            return
+        kept, reason = self.stop(params.max_tokens).cut([], completion.token_ids)
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        item.answers.append(self.template.clean_answer(text))
+        item.new_tokens.append(len(kept))
+        item.stop_reasons.append(reason or "max_new_tokens")
+        item.total_tokens = len(prompt_ids) + len(kept)
+        item.prompt_ids, item.answer_ids = prompt_ids, kept
 
-    def answer_turns(self, items: list[Answered], turn: int) -> None:
-        rows = []
-        for item in items:
-            if not item.alive or len(item.conversation.turns) <= turn:
-                continue
-            prompt_ids = self.template.encode(self.history(item) + [(item.conversation.turns[turn], None)])
-            budget = self.budget(len(prompt_ids))
-            if budget <= 0:
-                item.alive = False
-                if turn == 0:
-                    item.skipped = "first prompt leaves no room under max_length"
-                continue
-            rows.append((item, prompt_ids, budget))
-        params = [dataclasses.replace(self.answer_params, max_tokens=budget, seed=self._seed(item, turn, "answer"))
-                  for item, _, budget in rows]
-        start = time.perf_counter()
-        completions = self.backend.generate([p for _, p, _ in rows], params)
-        share = (time.perf_counter() - start) / max(len(rows), 1)
-        for (item, prompt_ids, budget), completion in zip(rows, completions):
-            kept, reason = self.stop(budget).cut([], completion.token_ids)
-            text = self.tokenizer.decode(kept, skip_special_tokens=True)
-            item.answers.append(self.template.clean_answer(text))
-            item.new_tokens.append(len(kept))
-            item.stop_reasons.append(reason or "max_new_tokens")
-            item.total_tokens = len(prompt_ids) + len(kept)
-            item.prompt_ids, item.answer_ids = prompt_ids, kept
-            item.seconds += share
-
-    def run(self, conversations: list[Conversation]) -> list[Answered]:
-        items = [Answered(c) for c in conversations]
-        turns = max(max(len(c.turns), c.planned_turns) for c in conversations)
-        for turn in range(turns):
-            if self.filter is not None:
-                self.write_user_turns(items, turn)
-            self.answer_turns(items, turn)
-        for item in items:
+    def _advance(self, item: Answered, flying: dict) -> bool:
+        """Submit `item`'s next request (True), or finish it (False: complete)."""
+        request = self.next_request(item)
+        if request is None:
             item.layout = token_layout(self.template, self.history(item), item.prompt_ids, item.answer_ids) \
                 if item.answers else None
-        return items
+            return False
+        self._keys += 1
+        flying[self._keys] = (item, *request)
+        self.backend.submit(self._keys, request[2], request[3])
+        return True
+
+    def stream(self, conversations: Iterable[Conversation], in_flight: int, stop=None,
+               grace_s: float | None = None) -> Iterator[Answered]:
+        """Each conversation once complete, in the order they complete, with at most `in_flight` of them at
+        the backend. After `stop.requested` no new conversation starts; the ones in flight are finished, or
+        after `grace_s` seconds left unwritten (a resumed run redoes them)."""
+        pending, flying, live, stop_seen = iter(conversations), {}, 0, None
+        while True:
+            ready = []
+            while live < in_flight and not (stop is not None and stop.requested):
+                conversation = next(pending, None)
+                if conversation is None:
+                    break
+                item = Answered(conversation)
+                live += 1
+                if not self._advance(item, flying):
+                    ready.append(item)
+            if ready:
+                live -= len(ready)
+                yield from ready
+                continue
+            if not flying:
+                return
+            if stop is not None and stop.requested:
+                stop_seen = stop_seen or time.monotonic()
+                if grace_s is not None and time.monotonic() - stop_seen > grace_s:
+                    log.warning("%d conversations still in flight %.0f s after the stop: left unwritten (a resumed "
+                                "run redoes them)", live, grace_s)
+                    return
+            for key, completion in self.backend.poll():
+                item, *request = flying.pop(key)
+                self.take(item, *request, completion)
+                if not self._advance(item, flying):
+                    ready.append(item)
+            live -= len(ready)
+            yield from ready
+
+    def run(self, conversations: list[Conversation]) -> list[Answered]:
+        """All of `conversations` at once, returned in their order."""
+        done = {id(item.conversation): item for item in self.stream(conversations, max(len(conversations), 1))}
+        return [done[id(c)] for c in conversations]
 
 
 def token_layout(template, pairs: list[tuple[str, str]], prompt_ids: list[int], answer_ids: list[int]) -> dict:
@@ -499,7 +542,7 @@ def make_backend(cfg: DictConfig, out_dir: Path, shard_name: str, done: int = 0)
 
 def record_run(meta_path: Path, summary: dict, run_id: float) -> None:
     """This run's counts and throughput in the shard's meta file, one entry per run (a resumed shard has several),
-    updated in place after every chunk."""
+    updated in place every 30 s and at the end."""
     meta = json.loads(meta_path.read_text())
     runs = [r for r in meta.setdefault("stats", []) if r.get("run_id") != run_id]
     meta["stats"] = runs + [{**summary, "run_id": run_id, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}]
@@ -530,7 +573,7 @@ def run_distill(cfg: DictConfig) -> dict:
     stem = shard_stem(shard, num_shards)
     # one writer per shard file (shards of one out_dir run in parallel): a second job on this shard is refused
     # here, before the input is read, the model loads or the shard's files are touched
-    with hold(out_dir, "shard or out_dir", key=stem), graceful_stop("the chunk of conversations in flight") as stop:
+    with hold(out_dir, "shard or out_dir", key=stem), graceful_stop("the conversations in flight (at most stop_grace_s)") as stop:
         try:
             return _distill_shard(cfg, out_dir, stem, shard, num_shards, stop, earlier)
         except KeyboardInterrupt:   # a second signal: the conversations in flight are lost, the written ones kept
@@ -563,42 +606,49 @@ def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_sh
                 if record.get("source") == "self" and turns:
                     prompt_filter.duplicates.add(f"{record['id']}:0", turns[0])
         distiller = Distiller(backend, template, cfg, prompt_filter)
-        chunk = int(cfg.chunk_size) if cfg.chunk_size else (int(cfg.batch_size) if cfg.backend == "hf" else 512)
-        if chunk > 1:  # similar lengths together: less padding
+        in_flight = int(cfg.in_flight) if cfg.in_flight else (int(cfg.batch_size) if cfg.backend == "hf" else 512)
+        if in_flight > 1:  # similar lengths together: less padding
             todo.sort(key=lambda c: len(c.turns[0]) if c.turns else 0)
         bar = tqdm(total=len(todo), desc=f"distill {stem}", unit="conv", disable=not cfg.progress, mininterval=5)
-        tokens, written, started, run_id = 0, 0, time.perf_counter(), time.time()
-        for first in range(0, len(todo), chunk):
-            if stop.requested:
-                break
-            for item in distiller.run(todo[first: first + chunk]):
-                shard_log.append(item.record(cfg.model.name))
-                written += 1
-                tokens += sum(item.new_tokens)     # a signal: this chunk (already generated) is written whole
+        tokens, written, started, run_id, reported = 0, 0, time.perf_counter(), time.time(), 0.0
+
+        def progress(finished: bool) -> dict:
             elapsed = time.perf_counter() - started
-            bar.update(min(chunk, len(todo) - first))
-            bar.set_postfix(new_tok=tokens, tok_s=f"{tokens / max(elapsed, 1e-9):.1f}")
-            tracker.log({"conversations": written, "new_tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)})
-            # this run's throughput so far, in the meta file after every chunk: a killed run keeps its numbers
-            record_run(out_dir / f"{stem}.meta.json", {"written_now": written, "new_tokens_now": tokens,
-                                                        "seconds_now": round(elapsed, 1), "backend": cfg.backend,
-                                                        "tokens_per_s_now": round(tokens / max(elapsed, 1e-9), 1),
-                                                        "finished": False}, run_id=run_id)
-            if not cfg.progress:   # job logs (SLURM) still show progress
-                log.info("%s: %d/%d conversations, %d new tokens, %.1f tok/s", stem, written, len(todo), tokens,
-                         tokens / max(elapsed, 1e-9))
+            rates = {"written_now": written, "new_tokens_now": tokens, "user_tokens_now": distiller.user_tokens,
+                     "seconds_now": round(elapsed, 1), "backend": cfg.backend,
+                     "tokens_per_s_now": round(tokens / max(elapsed, 1e-9), 1),
+                     # every generated token, the self-written user turns (kept or dropped) included
+                     "generated_tokens_per_s_now": round((tokens + distiller.user_tokens) / max(elapsed, 1e-9), 1)}
+            # this run's throughput so far, in the meta file: a killed run keeps its numbers
+            record_run(out_dir / f"{stem}.meta.json", {**rates, "finished": finished}, run_id=run_id)
+            return rates
+
+        for item in distiller.stream(todo, in_flight, stop, float(cfg.stop_grace_s)):
+            shard_log.append(item.record(cfg.model.name))     # whole conversations only
+            written += 1
+            tokens += sum(item.new_tokens)
+            bar.update(1)
+            if time.perf_counter() - reported >= 30 or written == len(todo):
+                reported = time.perf_counter()
+                rates = progress(False)
+                bar.set_postfix(new_tok=tokens, tok_s=f"{rates['tokens_per_s_now']:.1f}",
+                                all_tok_s=f"{rates['generated_tokens_per_s_now']:.1f}")
+                tracker.log({"conversations": written, "new_tokens": tokens, "tokens_per_s": rates["tokens_per_s_now"],
+                             "generated_tokens_per_s": rates["generated_tokens_per_s_now"]})
+                if not cfg.progress:   # job logs (SLURM) still show progress
+                    log.info("%s: %d/%d conversations, %d new tokens, %.1f tok/s (%.1f with the user turns)", stem,
+                             written, len(todo), tokens, rates["tokens_per_s_now"], rates["generated_tokens_per_s_now"])
         bar.close()
         if stop.requested:
+            progress(False)
             raise Stopped(f"stopped by {stop.name}: {written} conversations written now, {len(todo) - written} left "
                           f"(in {shard_log.path}); continue with: {resume_command('distill', out_dir, 'out_dir')}",
                           stop.signum)
         records = shard_log.records()
-        elapsed = time.perf_counter() - started
         summary = {"shard": shard, "num_shards": num_shards, "conversations": len(records),
-                   "written_now": written, "skipped": sum(1 for r in records if r.get("skipped")),
-                   "new_tokens": sum(sum(r["new_tokens"]) for r in records), "new_tokens_now": tokens,
-                   "seconds_now": round(elapsed, 1), "tokens_per_s_now": round(tokens / max(elapsed, 1e-9), 1),
-                   "backend": cfg.backend, "eval_overlap": overlap, "file": str(shard_log.path),
+                   "skipped": sum(1 for r in records if r.get("skipped")),
+                   "new_tokens": sum(sum(r["new_tokens"]) for r in records), **progress(True),
+                   "eval_overlap": overlap, "file": str(shard_log.path), "in_flight": in_flight,
                    "engine_seed": engine_seed(int(cfg.seed), len(done) + len(earlier)) if cfg.backend == "vllm" else None}
         if prompt_filter is not None:
             summary["self_prompts_now"] = prompt_filter.stats()

@@ -13,6 +13,7 @@ from conftest import compose_config
 from harness.engine.acceptance import Sampling
 from harness.engine.loop import Proposer, StopCriteria, decode_turn
 from harness.distill import Distiller, run_distill, shard_of
+from harness.data.backends import HFBackend
 from harness.infra.errors import HarnessError
 from harness.infra.signals import Stopped
 from harness.model.loading import load_model
@@ -66,23 +67,24 @@ def test_resume_after_a_kill_skips_finished_ids_and_duplicates_nothing(chat_mode
                                                                       monkeypatch):
     data = sharegpt_input(tmp_path / "in.json", count=5)
     cfg = distill_cfg(chat_model, questions_path, tmp_path, f"data_path={data}", "max_new_tokens=8")
-    real, calls = Distiller.run, []
+    real, calls = HFBackend.poll, []
+    shard_file = tmp_path / "out" / "shard-00000-of-00001.jsonl"
 
-    def dies_on_the_third(self, conversations):
-        calls.append([c.id for c in conversations])   # batch_size=1: one conversation a chunk
-        if len(calls) == 3:
+    def dies_on_the_third(self):
+        calls.append([key for key, _, _ in self.queue])   # batch_size=1: one conversation at a time
+        if len(JsonlLog(shard_file).records()) == 2:
             raise KeyboardInterrupt  # a kill while conversation 3 is being generated
-        return real(self, conversations)
+        return real(self)
 
-    monkeypatch.setattr(Distiller, "run", dies_on_the_third)
+    monkeypatch.setattr(HFBackend, "poll", dies_on_the_third)
     with pytest.raises(Stopped, match="stopped at once"):
         run_distill(cfg)
-    shard_file = tmp_path / "out" / "shard-00000-of-00001.jsonl"
+    assert {len(c) for c in calls} == {1}
     before = JsonlLog(shard_file).records()
     assert len(before) == 2
     with open(shard_file, "a") as handle:   # and a torn line from a kill in the middle of a write
         handle.write('{"id": "c4", "conversa')
-    monkeypatch.setattr(Distiller, "run", real)
+    monkeypatch.setattr(HFBackend, "poll", real)
     summary = run_distill(cfg)
     after = JsonlLog(shard_file).records()
     assert summary["written_now"] == 3

@@ -41,7 +41,7 @@ def test_vllm_backend_gives_the_hf_backends_greedy_answers(chat_model, questions
     hf = run_distill(distill_cfg(chat_model, questions_path, tmp_path, *common, f"out_dir={tmp_path / 'hf'}"))
     vllm = run_distill(distill_cfg(chat_model, questions_path, tmp_path, *common, f"out_dir={tmp_path / 'vllm'}",
                                    "backend=vllm", f"vllm.python={sys.executable}", "vllm.tensor_parallel_size=2",
-                                   "+vllm.engine_kwargs.gpu_memory_utilization=0.5", "chunk_size=3"))
+                                   "+vllm.engine_kwargs.gpu_memory_utilization=0.5", "in_flight=3"))
     assert vllm["backend"] == "vllm" and vllm["vllm_version"] == "0.0-stub" and vllm["conversations"] == 4
     by_id = {r["id"]: r for r in JsonlLog(hf["file"]).records()}
     for record in JsonlLog(vllm["file"]).records():
@@ -55,7 +55,7 @@ def test_vllm_backend_gives_the_hf_backends_greedy_answers(chat_model, questions
     assert engine["threads_bind"] is None          # tensor parallelism: vLLM splits the cores per rank itself
     meta = json.loads((tmp_path / "vllm" / "shard-00000-of-00001.meta.json").read_text())
     assert meta["backend_info"] == {"vllm": "0.0-stub"} and meta["stats"][0]["tokens_per_s_now"] > 0
-    assert len(meta["stats"]) == 1 and meta["stats"][0]["finished"]    # one entry per run, updated per chunk
+    assert len(meta["stats"]) == 1 and meta["stats"][0]["finished"]    # one entry per run, updated in place
 
     # a run that continues a shard (or extends a dataset) seeds its engine apart from the first run: the CPU build
     # has no per-request seeds, and the first run's seed would replay its sampled user turns
@@ -97,17 +97,13 @@ class CannedUsers(HFBackend):
         self.prefix = template.tokenizer(open_user_turn(template, []), add_special_tokens=False).input_ids
         self.users, self.user_calls = list(users), 0
 
-    def generate(self, prompts, params):
-        out = []
-        for prompt, param in zip(prompts, params):
-            if param.temperature == 1.0:                 # Magpie's sampling: a user turn is asked for
-                self.user_calls += 1
-                text = self.users.pop(0)
-                out.append(Completion(self.loaded.tokenizer(text, add_special_tokens=False).input_ids
-                                      + [self.loaded.tokenizer.eos_token_id], "stop"))
-            else:
-                out += super().generate([prompt], [param])
-        return out
+    def _one(self, prompt, param):
+        if param.temperature == 1.0:                 # Magpie's sampling: a user turn is asked for
+            self.user_calls += 1
+            text = self.users.pop(0)
+            return Completion(self.loaded.tokenizer(text, add_special_tokens=False).input_ids
+                              + [self.loaded.tokenizer.eos_token_id], "stop")
+        return super()._one(prompt, param)
 
 
 def test_self_written_prompts_are_filtered_and_get_second_turns(chat_model, questions_path, tmp_path, monkeypatch):
@@ -129,7 +125,7 @@ def test_self_written_prompts_are_filtered_and_get_second_turns(chat_model, ques
 
     monkeypatch.setattr(distill, "make_backend", fake_backend)
     cfg = distill_cfg(chat_model, questions, tmp_path, "prompts=self", "self_prompts.count=6",
-                      "self_prompts.second_turn_fraction=0.5", "max_length=96", "max_new_tokens=6", "chunk_size=6")
+                      "self_prompts.second_turn_fraction=0.5", "max_length=96", "max_new_tokens=6", "in_flight=6")
     summary = run_distill(cfg)
     records = {r["id"]: r for r in JsonlLog(summary["file"]).records()}
     assert len(records) == 6

@@ -5,8 +5,11 @@
   with left padding.
 - `vllm`: vLLM (CPU or CUDA build) in its own environment (`make distill-env`), driven through
   `harness/data/vllm_worker.py` over a pipe; tensor parallelism and every other engine option through
-  `vllm.engine_kwargs` / `vllm.tensor_parallel_size`. The engine starts once per job (minutes on a CPU)
-  and is handed whole rounds of prompts, which it batches itself.
+  `vllm.engine_kwargs` / `vllm.tensor_parallel_size`. The engine starts once per job (minutes on a CPU).
+
+Both take requests one at a time (`submit`) and hand back whichever are finished (`poll`), so the caller can
+follow a finished turn with the next one while the rest are still generating: vLLM's batch stays full instead
+of running a round's longest answer alone (continuous batching across turns and conversations).
 
 Stop tokens and strings are applied by the caller with `StopCriteria.cut` on every backend's output, so the
 backends cannot disagree about where an answer ends.
@@ -47,8 +50,34 @@ class Completion:
     finish_reason: str                 # "stop" (a stop token or string) | "length"
 
 
-class HFBackend:
-    """The harness's own model object: the benchmark loop at batch 1, `generate` in padded batches above."""
+class Backend:
+    """`submit(key, prompt, params)` queues a request; `poll()` blocks until at least one queued request is
+    finished and returns `[(key, Completion), ...]`; `generate` is both, for a list in order."""
+
+    name = "?"
+
+    def submit(self, key: int, prompt: list[int], params: Params) -> None:
+        raise NotImplementedError
+
+    def poll(self) -> list[tuple[int, Completion]]:
+        raise NotImplementedError
+
+    def generate(self, prompts: list[list[int]], params: list[Params]) -> list[Completion]:
+        keys = list(range(len(prompts)))
+        for key, prompt, param in zip(keys, prompts, params):
+            self.submit(key, prompt, param)
+        found: dict[int, Completion] = {}
+        while len(found) < len(keys):
+            found.update(self.poll())
+        return [found[key] for key in keys]
+
+    def close(self) -> None:
+        pass
+
+
+class HFBackend(Backend):
+    """The harness's own model object: the benchmark loop at batch 1, `generate` in padded batches above.
+    `poll` runs the oldest queued request, with up to batch_size - 1 later ones of the same sampling."""
 
     name = "hf"
 
@@ -59,14 +88,21 @@ class HFBackend:
         self.target = Target(loaded.model)
         tokenizer = loaded.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.queue: list[tuple[int, list[int], Params]] = []
 
-    def generate(self, prompts: list[list[int]], params: list[Params]) -> list[Completion]:
+    def submit(self, key: int, prompt: list[int], params: Params) -> None:
+        self.queue.append((key, prompt, params))
+
+    def poll(self) -> list[tuple[int, Completion]]:
+        if not self.queue:
+            raise HarnessError("backend=hf: poll() with nothing submitted")
+        first = self.queue[0][2]
+        taken = [q for q in self.queue if (q[2].temperature, q[2].top_p) == (first.temperature, first.top_p)]
+        taken = taken[: self.batch_size]
+        self.queue = [q for q in self.queue if all(q is not t for t in taken)]
         if self.batch_size == 1:
-            return [self._one(p, q) for p, q in zip(prompts, params)]
-        out = []
-        for first in range(0, len(prompts), self.batch_size):
-            out += self._batch(prompts[first: first + self.batch_size], params[first: first + self.batch_size])
-        return out
+            return [(taken[0][0], self._one(taken[0][1], taken[0][2]))]
+        return list(zip([k for k, _, _ in taken], self._batch([p for _, p, _ in taken], [q for _, _, q in taken])))
 
     def _one(self, prompt: list[int], params: Params) -> Completion:
         from harness.engine.acceptance import Sampling
@@ -103,11 +139,8 @@ class HFBackend:
                                          attention_mask=attention.to(self.target.device), generation_config=config)
         return [Completion(tokens[: p.max_tokens], "length") for tokens, p in zip(out[:, width:].tolist(), params)]
 
-    def close(self) -> None:
-        pass
 
-
-class VllmBackend:
+class VllmBackend(Backend):
     """vLLM in its own venv, as a subprocess speaking JSON lines (harness/vllm_worker.py)."""
 
     name = "vllm"
@@ -124,7 +157,7 @@ class VllmBackend:
         self.proc = subprocess.Popen([python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log, text=True, bufsize=1, env={**os.environ, **(env or {})})
         self.version = self._call({"model": model_dir, **settings}).get("vllm")
-        self.requests = 0
+        self.requests, self.pending, self.outbox = 0, 0, []
         log.info("vLLM %s ready (%s; its log: %s)", self.version, model_dir, log_path)
 
     def _call(self, message: dict) -> dict:
@@ -149,12 +182,21 @@ class VllmBackend:
         lines = [l for l in self.log_path.read_text(errors="replace").splitlines() if l.strip()]
         return lines[-1][:300] if lines else "(empty)"
 
-    def generate(self, prompts: list[list[int]], params: list[Params]) -> list[Completion]:
-        if not prompts:
-            return []
+    def submit(self, key: int, prompt: list[int], params: Params) -> None:
+        self.outbox.append({"key": int(key), "prompt": prompt, "params": asdict(params)})
+        self.pending += 1
+
+    def poll(self) -> list[tuple[int, Completion]]:
+        """Hand the engine what was submitted since the last call; it steps until one or more are finished."""
+        if not self.pending:
+            raise HarnessError("backend=vllm: poll() with nothing submitted")
         self.requests += 1
-        answer = self._call({"id": self.requests, "prompts": prompts, "params": [asdict(p) for p in params]})
-        return [Completion(o["token_ids"], o["finish_reason"]) for o in answer["outputs"]]
+        answer = self._call({"id": self.requests, "submit": self.outbox})
+        self.outbox = []
+        if not answer["done"]:
+            raise HarnessError(f"the vLLM worker finished none of {self.pending} requests (vLLM log: {self.log_path})")
+        self.pending -= len(answer["done"])
+        return [(o["key"], Completion(o["token_ids"], o["finish_reason"])) for o in answer["done"]]
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -3,14 +3,16 @@
 the two environments' pins never meet.
 
 Protocol: JSON lines. The first line on stdin is the engine's settings; the worker answers
-`{"ready": true, "vllm": <version>}`. Each later line is a request
+`{"ready": true, "vllm": <version>}`. Each later line
 
-    {"id": n, "prompts": [[token ids], ...], "params": [{"temperature", "top_p", "max_tokens",
-     "stop_token_ids", "stop", "seed"}, ...]}
+    {"id": n, "submit": [{"key": k, "prompt": [token ids], "params": {"temperature", "top_p", "max_tokens",
+     "stop_token_ids", "stop", "seed"}}, ...]}
 
-answered by `{"id": n, "outputs": [{"token_ids": [...], "finish_reason": "stop"|"length"}, ...]}` in the
-order of the prompts. A failure is `{"error": "..."}` and the worker exits. vLLM and its workers log to
-the real stdout, so the protocol runs on a private copy of it and fd 1 is pointed at stderr.
+adds its requests to the engine (none is fine), steps the engine until at least one request is finished
+and answers `{"id": n, "done": [{"key": k, "token_ids": [...], "finish_reason": "stop"|"length"}, ...]}`:
+the caller submits the next turn of a finished conversation while the others keep generating, so the batch
+never drains between rounds. A failure is `{"error": "..."}` and the worker exits. vLLM and its workers log
+to the real stdout, so the protocol runs on a private copy of it and fd 1 is pointed at stderr.
 """
 
 from __future__ import annotations
@@ -57,23 +59,38 @@ def main() -> int:
         send({"error": f"vLLM could not start: {type(exc).__name__}: {exc}"})
         return 1
 
+    engine = llm.llm_engine
+    try:                               # only finished requests come back from step(): no per-token outputs
+        from vllm.sampling_params import RequestOutputKind
+        final_only = {"output_kind": RequestOutputKind.FINAL_ONLY}
+    except ImportError:
+        final_only = {}
+
+    def sampling(p: dict):
+        stop = list(p.get("stop") or [])
+        return SamplingParams(temperature=float(p["temperature"]), top_p=float(p.get("top_p", 1.0)),
+                              max_tokens=int(p["max_tokens"]), stop_token_ids=list(p.get("stop_token_ids") or []),
+                              stop=stop or None, seed=p.get("seed") if per_request_seed else None,
+                              skip_special_tokens=False, detokenize=bool(stop), **final_only)
+
     for line in sys.stdin:
         if not line.strip():
             continue
         try:
             request = json.loads(line)
-            params = [SamplingParams(temperature=float(p["temperature"]), top_p=float(p.get("top_p", 1.0)),
-                                     max_tokens=int(p["max_tokens"]), stop_token_ids=list(p.get("stop_token_ids") or []),
-                                     stop=list(p.get("stop") or []) or None,
-                                     seed=p.get("seed") if per_request_seed else None,
-                                     skip_special_tokens=False)
-                      for p in request["params"]]
-            prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request["prompts"]]
-            results = llm.generate(prompts, params, use_tqdm=False)
-            outputs = [{"token_ids": list(r.outputs[0].token_ids),
-                        "finish_reason": "length" if r.outputs[0].finish_reason == "length" else "stop"}
-                       for r in results]
-            send({"id": request["id"], "outputs": outputs})
+            for item in request.get("submit") or []:
+                engine.add_request(str(item["key"]), TokensPrompt(prompt_token_ids=item["prompt"]),
+                                   sampling(item["params"]))
+            done = []
+            while not done and engine.has_unfinished_requests():
+                for result in engine.step():
+                    if result.finished:
+                        # vLLM may append a suffix of its own to the id it was given
+                        done.append({"key": int(str(result.request_id).split("-")[0]),
+                                     "token_ids": list(result.outputs[0].token_ids),
+                                     "finish_reason": "length" if result.outputs[0].finish_reason == "length"
+                                     else "stop"})
+            send({"id": request["id"], "done": done})
         except Exception as exc:       # noqa: BLE001
             send({"error": f"vLLM failed on request {line[:80]!r}: {type(exc).__name__}: {exc}"})
             return 1

@@ -6,7 +6,7 @@
                 break                    # the records written so far are whole; the job ends with Stopped
             ...
 
-The first signal only sets `stop.requested`: the record in flight (a question, a chunk of conversations, a
+The first signal only sets `stop.requested`: the record in flight (a question, the conversations in flight, a
 training step) is finished and written, W&B is closed by the app's `finally`, and the app raises `Stopped`
 with the command that resumes it. A second signal stops at once (KeyboardInterrupt): the record in flight is
 lost, the finished ones are not (the store's torn-line rule, the trainer's complete-checkpoint rule), and the

@@ -1,7 +1,9 @@
-"""A stand-in for vLLM with its interface (LLM, SamplingParams, vllm.inputs.TokensPrompt, RequestOutput-like
-results) for CI, which has no vLLM: `harness/data/vllm_worker.py` runs against it unchanged. It generates with
-transformers on the CPU, one prompt at a time: greedy = argmax, as vLLM's greedy is. Every engine's arguments
-are appended to $STUB_VLLM_LOG (when set) so tests can see what the harness asked for."""
+"""A stand-in for vLLM with its interface (LLM and its `llm_engine`'s add_request / step /
+has_unfinished_requests, SamplingParams, vllm.inputs.TokensPrompt, RequestOutput-like results) for CI, which
+has no vLLM: `harness/data/vllm_worker.py` runs against it unchanged. Like vLLM's continuous batching, every
+step adds one token to each unfinished request (transformers on the CPU, greedy = argmax, as vLLM's greedy
+is), so requests finish out of order. Every engine's arguments are appended to $STUB_VLLM_LOG (when set) so
+tests can see what the harness asked for."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class SamplingParams:
     stop: list | None = None
     seed: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True
 
 
 @dataclass
@@ -31,7 +34,9 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    request_id: str
     outputs: list
+    finished: bool = True
 
 
 class LLM:
@@ -49,24 +54,41 @@ class LLM:
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         self.generator = torch.Generator().manual_seed(seed)
 
-    def generate(self, prompts, params, use_tqdm: bool = True):
+        self.llm_engine = Engine(self.model, self.generator)
+
+
+class Engine:
+    def __init__(self, model, generator):
+        self.model, self.generator = model, generator
+        self.running: dict[str, tuple[list, object, list]] = {}    # request id -> (prompt, params, tokens so far)
+        self.added = 0
+
+    def add_request(self, request_id: str, prompt, params) -> str:
+        if params.stop and not params.detokenize:
+            raise ValueError("stop strings need detokenize=True")   # as vLLM refuses them
+        self.added += 1
+        internal = f"{request_id}-{self.added:08x}"        # vLLM appends a random suffix of its own
+        self.running[internal] = (list(prompt["prompt_token_ids"]), params, [])
+        return internal
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running)
+
+    def step(self) -> list:
         import torch
 
-        results = []
-        for prompt, sampling in zip(prompts, params):
-            ids = list(prompt["prompt_token_ids"])
-            out, reason = [], "length"
+        finished = []
+        for request_id, (ids, sampling, out) in list(self.running.items()):
             with torch.no_grad():
-                for _ in range(sampling.max_tokens):
-                    logits = self.model(torch.tensor([ids + out])).logits[0, -1].float()
-                    if sampling.temperature == 0:
-                        token = int(logits.argmax())
-                    else:
-                        probs = torch.softmax(logits / sampling.temperature, dim=-1)
-                        token = int(torch.multinomial(probs, 1, generator=self.generator))
-                    out.append(token)
-                    if token in sampling.stop_token_ids:
-                        reason = "stop"
-                        break
-            results.append(RequestOutput([CompletionOutput(out, reason)]))
-        return results
+                logits = self.model(torch.tensor([ids + out])).logits[0, -1].float()
+            if sampling.temperature == 0:
+                token = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / sampling.temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=self.generator))
+            out.append(token)
+            stopped = token in sampling.stop_token_ids
+            if stopped or len(out) >= sampling.max_tokens:
+                del self.running[request_id]
+                finished.append(RequestOutput(request_id, [CompletionOutput(out, "stop" if stopped else "length")]))
+        return finished
