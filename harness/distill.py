@@ -446,7 +446,7 @@ class Distiller:
                 return
             if stop is not None and stop.requested:
                 stop_seen = stop_seen or time.monotonic()
-                if grace_s is not None and time.monotonic() - stop_seen > grace_s:
+                if grace_s is not None and time.monotonic() - stop_seen >= grace_s:
                     log.warning("%d conversations still in flight %.0f s after the stop: left unwritten (a resumed "
                                 "run redoes them)", live, grace_s)
                     return

@@ -257,3 +257,62 @@ def test_shard_log_reads_back_text_with_unicode_line_separators(tmp_path):
     for record in records:
         log.append(record)
     assert JsonlLog(tmp_path / "shard.jsonl").records() == records
+
+
+class Reversed(HFBackend):
+    """Finishes the newest request first (vLLM finishes in any order) and records how many conversations
+    the distiller keeps at the backend."""
+
+    def __init__(self, loaded):
+        super().__init__(loaded, 1)
+        self.busy: list[int] = []
+
+    def poll(self):
+        self.busy.append(len(self.queue))
+        key, prompt, params = self.queue.pop()
+        return [(key, self._one(prompt, params))]
+
+
+def test_streaming_keeps_in_flight_conversations_busy_and_any_finishing_order_gives_the_same_answers(
+        chat_model, questions_path, tmp_path):
+    cfg = distill_cfg(chat_model, questions_path, tmp_path, "max_length=80", "max_new_tokens=6")
+    loaded = load_model(cfg.model, "cpu")
+    data = sharegpt_input(tmp_path / "in.json", count=7)
+    from harness.distill import Conversation
+    from harness.data.sharegpt import user_turns
+
+    def conversations():
+        return [Conversation(r["id"], user_turns(r)) for r in read_sharegpt(data)]
+
+    in_order = Distiller(HFBackend(loaded, 1), loaded.template, cfg, None).run(conversations())
+    backend = Reversed(loaded)
+    streamed = list(Distiller(backend, loaded.template, cfg, None).stream(conversations(), 3))
+    assert sorted(i.conversation.id for i in streamed) == [c.id for c in conversations()]
+    assert [i.conversation.id for i in streamed] != [c.id for c in conversations()]     # out of order ...
+    by_id = {i.conversation.id: i for i in streamed}
+    for item in in_order:                                                                # ... same answers
+        assert by_id[item.conversation.id].answers == item.answers
+        assert by_id[item.conversation.id].layout == item.layout
+    # one request per conversation in flight: 3 at the backend until fewer than 3 are left to start
+    assert max(backend.busy) == 3 and backend.busy[: 4] == [3, 3, 3, 3]
+
+
+def test_a_stop_lets_the_conversations_in_flight_finish_within_the_grace(chat_model, questions_path, tmp_path):
+    cfg = distill_cfg(chat_model, questions_path, tmp_path, "max_length=80", "max_new_tokens=6")
+    loaded = load_model(cfg.model, "cpu")
+    data = sharegpt_input(tmp_path / "in.json", count=6)
+    from harness.distill import Conversation
+    from harness.data.sharegpt import user_turns
+    from harness.infra.signals import StopRequest
+
+    def conversations():
+        return [Conversation(r["id"], user_turns(r)) for r in read_sharegpt(data)]
+
+    for grace, written in ((3600.0, 2), (0.0, 1)):
+        stop, out = StopRequest(), []
+        for item in Distiller(HFBackend(loaded, 1), loaded.template, cfg, None).stream(conversations(), 2, stop,
+                                                                                       grace):
+            out.append(item)
+            stop.signum = 15             # a signal once the first is written: the one still in flight
+        # finishes within a long grace; with none, it is left unwritten for a resumed run
+        assert len(out) == written
