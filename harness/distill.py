@@ -13,7 +13,8 @@ turn 2 is answered with it in the prompt (as MT-Bench prompts are built). `max_l
 of the whole conversation: a turn whose prompt leaves no room ends the conversation there.
 
 A shard appends one conversation a line to `out_dir/shard-<i>-of-<n>.jsonl`, fsync'd per conversation, so
-a killed job loses at most the conversation in flight; rerunning the same command skips finished ids.
+a killed job loses at most the conversations in flight (`in_flight`); rerunning the same command skips
+finished ids.
 Conversations go to shard `sha1(id) mod n`, so a shard's share does not depend on the input order.
 
 Generation: batch_size=1 uses the harness loop (`decode_turn` with the vanilla `Proposer`), the same
@@ -374,7 +375,14 @@ class Distiller:
             return None
         if self.filter is not None and conversation.planned_turns > turn and len(conversation.turns) == turn:
             prompt = encode_prefix(self.template, open_user_turn(self.template, self.history(item)))
-            return "user", turn, prompt, dataclasses.replace(self.user_params, seed=self._seed(item, turn, "user"))
+            room = self.max_length - len(prompt)
+            if room <= 1:            # an earlier answer filled the conversation: no room for another turn
+                item.alive = False
+                if turn == 0:
+                    item.skipped = "first prompt leaves no room under max_length"
+                return None
+            return "user", turn, prompt, dataclasses.replace(self.user_params, seed=self._seed(item, turn, "user"),
+                                                             max_tokens=min(self.user_params.max_tokens, room))
         if len(conversation.turns) <= turn:
             return None
         prompt_ids = self.template.encode(self.history(item) + [(conversation.turns[turn], None)])
@@ -426,7 +434,9 @@ class Distiller:
                grace_s: float | None = None) -> Iterator[Answered]:
         """Each conversation once complete, in the order they complete, with at most `in_flight` of them at
         the backend. After `stop.requested` no new conversation starts; the ones in flight are finished, or
-        after `grace_s` seconds left unwritten (a resumed run redoes them)."""
+        after `grace_s` seconds left unwritten (a resumed run redoes them; on hf the answer running at the deadline
+        still finishes). Which requests finish first depends on timing on vLLM, so the near-duplicate filter keeps
+        the first prompt to finish, not the first by id."""
         pending, flying, live, stop_seen = iter(conversations), {}, 0, None
         while True:
             ready = []
@@ -444,13 +454,25 @@ class Distiller:
                 continue
             if not flying:
                 return
+            timeout = None
             if stop is not None and stop.requested:
                 stop_seen = stop_seen or time.monotonic()
-                if grace_s is not None and time.monotonic() - stop_seen >= grace_s:
-                    log.warning("%d conversations still in flight %.0f s after the stop: left unwritten (a resumed "
-                                "run redoes them)", live, grace_s)
-                    return
-            for key, completion in self.backend.poll():
+                if grace_s is not None:
+                    timeout = grace_s - (time.monotonic() - stop_seen)
+                    if timeout <= 0:
+                        log.warning("%d conversations still in flight %.0f s after the stop: left unwritten (a "
+                                    "resumed run redoes them)", live, grace_s)
+                        return
+            try:
+                finished = self.backend.poll(timeout)
+            except HarnessError as exc:
+                if stop is None or not stop.requested:
+                    raise
+                # the signal reached the backend too (a SLURM step's SIGTERM goes to vLLM's processes as well)
+                log.warning("the backend ended after the stop (%s); %d conversations in flight left unwritten "
+                            "(a resumed run redoes them)", exc, live)
+                return
+            for key, completion in finished:
                 item, *request = flying.pop(key)
                 self.take(item, *request, completion)
                 if not self._advance(item, flying):
@@ -491,7 +513,7 @@ def engine_seed(seed: int, done: int) -> int:
     """vLLM's engine seed for a run that starts with `done` conversations already written (its shard file and
     `extend`). A first run uses `seed` itself; a resumed or extended one a seed of its own: without per-request
     seeds (the CPU build) an engine seeded as before replays the first run's random stream, so the Magpie user
-    turns of its first chunks come out as the first run's again and are dropped as near-duplicates (seen: 158 of
+    turns it writes first come out as the first run's again and are dropped as near-duplicates (seen: 158 of
     the first 512 when growing the default model's dataset, against 25 of 5,000 before)."""
     return int(seed) if not done else stable_hash(f"{seed}:engine:{done}") % 2**31
 
@@ -607,7 +629,7 @@ def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_sh
                     prompt_filter.duplicates.add(f"{record['id']}:0", turns[0])
         distiller = Distiller(backend, template, cfg, prompt_filter)
         in_flight = int(cfg.in_flight) if cfg.in_flight else (int(cfg.batch_size) if cfg.backend == "hf" else 512)
-        if in_flight > 1:  # similar lengths together: less padding
+        if in_flight > 1:  # similar lengths together: less padding in hf batches
             todo.sort(key=lambda c: len(c.turns[0]) if c.turns else 0)
         bar = tqdm(total=len(todo), desc=f"distill {stem}", unit="conv", disable=not cfg.progress, mininterval=5)
         tokens, written, started, run_id, reported = 0, 0, time.perf_counter(), time.time(), 0.0

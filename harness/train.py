@@ -271,7 +271,8 @@ def metrics_from_counts(counts: np.ndarray, ks: tuple[int, ...]) -> dict[str, fl
 
 # ----------------------------------------------------------------------------------------------------- trainer
 
-def load_head_weights(head: DraftHead, folder: str | Path, identity: dict) -> None:
+def load_head_weights(head: DraftHead, folder: str | Path, identity: dict,
+                      fix: str = "use another output_dir or resume=false") -> None:
     """Load a checkpoint folder's weights into `head` (kept in its training dtype); refuse another head/base."""
     from safetensors.torch import load_file
 
@@ -280,7 +281,7 @@ def load_head_weights(head: DraftHead, folder: str | Path, identity: dict) -> No
     wanted = json.loads(json.dumps(head.config))
     if head_class(info["head_type"]) is not type(head) or info["config"] != wanted:   # an alias names the same class
         raise HarnessError(f"checkpoint {folder} holds a {info['head_type']} head {info['config']}, this run trains "
-                           f"a {head.head_type} head {wanted}; use another output_dir or resume=false")
+                           f"a {head.head_type} head {wanted}; {fix}")
     head.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))
 
 
@@ -605,6 +606,9 @@ def run_train(cfg: DictConfig) -> dict:
 
                 name, files = dataset_artifact(cfg.data_path)
                 tracker.artifact(name, "dataset", files, use=True)
+            if cfg.get("init_head"):       # the head it continued, as an input
+                name, files = head_artifact(cfg.model.name, cfg.init_head)
+                tracker.artifact(name, "head", files, use=True)
             if not cfg.eval_only:          # the head as a W&B artifact: the bench runs that use it link back here
                 name, files = head_artifact(cfg.model.name, cfg.output_dir)
                 tracker.artifact(name, "head", files, metadata={"global_step": summary.get("global_step")})
@@ -664,7 +668,7 @@ def _run(cfg: DictConfig, args: TrainingArguments, stop=None) -> dict:
         if cfg.get("init_head"):
             # warm start: a trained head's weights and draft vocabulary (same type, config and base), then
             # training continues on data_path under this run's schedule (a checkpoint to resume from wins)
-            load_head_weights(head, cfg.init_head, identity)
+            load_head_weights(head, cfg.init_head, identity, fix="init_head needs the preset's head settings")
             log.info("starting from the weights of %s", cfg.init_head)
             if head.draft_vocab is not None:
                 vocab_info = {**draft_vocab_coverage(head, train_data, eval_data), "from": str(cfg.init_head)}
@@ -701,6 +705,10 @@ def _run(cfg: DictConfig, args: TrainingArguments, stop=None) -> dict:
 
     checkpoint = last_checkpoint(cfg.output_dir, bool(args.save_only_model)) if cfg.resume else None
     if checkpoint:
+        started_from = (read_head_config(checkpoint).get("training") or {}).get("init_head")
+        if started_from != cfg.get("init_head"):
+            raise HarnessError(f"{cfg.output_dir} continues a run started with init_head={started_from}, not "
+                               f"{cfg.get('init_head')}; pass init_head={started_from} or use another output_dir")
         log.info("resuming from %s", checkpoint)
     if stop is not None:
         trainer.add_callback(StopOnSignal(stop))

@@ -70,11 +70,11 @@ def test_resume_after_a_kill_skips_finished_ids_and_duplicates_nothing(chat_mode
     real, calls = HFBackend.poll, []
     shard_file = tmp_path / "out" / "shard-00000-of-00001.jsonl"
 
-    def dies_on_the_third(self):
+    def dies_on_the_third(self, timeout_s=None):
         calls.append([key for key, _, _ in self.queue])   # batch_size=1: one conversation at a time
         if len(JsonlLog(shard_file).records()) == 2:
             raise KeyboardInterrupt  # a kill while conversation 3 is being generated
-        return real(self)
+        return real(self, timeout_s)
 
     monkeypatch.setattr(HFBackend, "poll", dies_on_the_third)
     with pytest.raises(Stopped, match="stopped at once"):
@@ -267,7 +267,7 @@ class Reversed(HFBackend):
         super().__init__(loaded, 1)
         self.busy: list[int] = []
 
-    def poll(self):
+    def poll(self, timeout_s=None):
         self.busy.append(len(self.queue))
         key, prompt, params = self.queue.pop()
         return [(key, self._one(prompt, params))]

@@ -253,6 +253,28 @@ def test_sigterm_stops_distillation_after_whole_conversations(chat_model, questi
     assert f"out_dir={tmp_path / 'out'}" in resume_hint(stderr)
 
 
+def test_ctrl_c_stops_vllm_distillation_in_order(chat_model, questions_path, tmp_path, monkeypatch):
+    """Ctrl-C reaches the whole process group: the vLLM worker (a session of its own) keeps generating while
+    the harness lets the conversations in flight finish, writes them whole and prints the resume hint."""
+    stub = Path(__file__).with_name("stub_vllm")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(stub), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    data = sharegpt_input(tmp_path / "in.json", count=40)
+    overrides = distill_overrides(chat_model, questions_path, tmp_path, f"data_path={data}", "max_length=72",
+                                  "max_new_tokens=24", "backend=vllm", f"vllm.python={sys.executable}",
+                                  "in_flight=4", "stop_grace_s=600")
+    shard = tmp_path / "out" / "shard-00000-of-00001.jsonl"
+    process = launch(command("distill", overrides, tmp_path / "h"))
+    assert wait_for(process, lambda: lines(shard), 2)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 130 and "stopped by SIGINT" in stderr, stderr[-2000:]
+    assert "worker exited" not in stderr and "left unwritten" not in stderr
+    assert shard.read_bytes().endswith(b"\n") and 2 <= lines(shard) < 40
+    records = JsonlLog(shard).records()
+    assert len({r["id"] for r in records}) == len(records) and all(r["new_tokens"] for r in records)
+    assert f"out_dir={tmp_path / 'out'}" in resume_hint(stderr)
+
+
 # ------------------------------------------------------------------------------ disks, folders and W&B offline
 
 

@@ -541,6 +541,9 @@ def test_init_head_continues_a_trained_head_with_its_draft_vocabulary(chat_model
     with pytest.raises(HarnessError, match="holds a medusa head .* this run trains"):   # another draft vocabulary
         run_train(train_cfg(chat_model, toy_data, tmp_path / "third", "head.draft_vocab_size=32",
                             f"init_head={tmp_path / 'first'}"))
+    # the finished run's folder resumed without its init_head: refused (its checkpoints started elsewhere)
+    with pytest.raises(HarnessError, match="continues a run started with init_head="):
+        run_train(train_cfg(chat_model, toy_data, tmp_path / "second", *common, "training.max_steps=6"))
     with pytest.raises(HarnessError, match="eval_only=true head_path="):
         run_train(train_cfg(chat_model, toy_data, tmp_path / "fourth", "eval_only=true",
                             f"head_path={tmp_path / 'first'}", f"init_head={tmp_path / 'first'}"))

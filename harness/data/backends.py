@@ -51,25 +51,17 @@ class Completion:
 
 
 class Backend:
-    """`submit(key, prompt, params)` queues a request; `poll()` blocks until at least one queued request is
-    finished and returns `[(key, Completion), ...]`; `generate` is both, for a list in order."""
+    """`submit(key, prompt, params)` queues a request; `poll(timeout_s)` waits until at least one queued request
+    is finished (or, on vLLM, until `timeout_s` passes: then it may return none) and returns
+    `[(key, Completion), ...]`."""
 
     name = "?"
 
     def submit(self, key: int, prompt: list[int], params: Params) -> None:
         raise NotImplementedError
 
-    def poll(self) -> list[tuple[int, Completion]]:
+    def poll(self, timeout_s: float | None = None) -> list[tuple[int, Completion]]:
         raise NotImplementedError
-
-    def generate(self, prompts: list[list[int]], params: list[Params]) -> list[Completion]:
-        keys = list(range(len(prompts)))
-        for key, prompt, param in zip(keys, prompts, params):
-            self.submit(key, prompt, param)
-        found: dict[int, Completion] = {}
-        while len(found) < len(keys):
-            found.update(self.poll())
-        return [found[key] for key in keys]
 
     def close(self) -> None:
         pass
@@ -93,13 +85,15 @@ class HFBackend(Backend):
     def submit(self, key: int, prompt: list[int], params: Params) -> None:
         self.queue.append((key, prompt, params))
 
-    def poll(self) -> list[tuple[int, Completion]]:
+    def poll(self, timeout_s: float | None = None) -> list[tuple[int, Completion]]:
+        """The oldest request (and its batch) runs to its end: one answer is the finest step here."""
         if not self.queue:
             raise HarnessError("backend=hf: poll() with nothing submitted")
         first = self.queue[0][2]
         taken = [q for q in self.queue if (q[2].temperature, q[2].top_p) == (first.temperature, first.top_p)]
         taken = taken[: self.batch_size]
-        self.queue = [q for q in self.queue if all(q is not t for t in taken)]
+        chosen = {key for key, _, _ in taken}
+        self.queue = [q for q in self.queue if q[0] not in chosen]
         if self.batch_size == 1:
             return [(taken[0][0], self._one(taken[0][1], taken[0][2]))]
         return list(zip([k for k, _, _ in taken], self._batch([p for _, p, _ in taken], [q for _, _, q in taken])))
@@ -154,8 +148,11 @@ class VllmBackend(Backend):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self._log = open(log_path, "a", encoding="utf-8")
+        # a session of its own: Ctrl-C (the terminal's process group) and SLURM's SIGTERM reach the harness, which
+        # stops in order (stop_grace_s) and then closes the worker, instead of killing vLLM under it
         self.proc = subprocess.Popen([python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log, text=True, bufsize=1, env={**os.environ, **(env or {})})
+                                     stderr=self._log, text=True, bufsize=1, env={**os.environ, **(env or {})},
+                                     start_new_session=True)
         self.version = self._call({"model": model_dir, **settings}).get("vllm")
         self.requests, self.pending, self.outbox = 0, 0, []
         log.info("vLLM %s ready (%s; its log: %s)", self.version, model_dir, log_path)
@@ -186,14 +183,18 @@ class VllmBackend(Backend):
         self.outbox.append({"key": int(key), "prompt": prompt, "params": asdict(params)})
         self.pending += 1
 
-    def poll(self) -> list[tuple[int, Completion]]:
-        """Hand the engine what was submitted since the last call; it steps until one or more are finished."""
+    def poll(self, timeout_s: float | None = None) -> list[tuple[int, Completion]]:
+        """Hand the engine what was submitted since the last call; it steps until one or more are finished, or
+        until `timeout_s` has passed (then the answer may be empty)."""
         if not self.pending:
             raise HarnessError("backend=vllm: poll() with nothing submitted")
         self.requests += 1
-        answer = self._call({"id": self.requests, "submit": self.outbox})
+        message = {"id": self.requests, "submit": self.outbox}
+        if timeout_s is not None:
+            message["timeout_s"] = max(float(timeout_s), 0.0)
+        answer = self._call(message)
         self.outbox = []
-        if not answer["done"]:
+        if not answer["done"] and timeout_s is None:
             raise HarnessError(f"the vLLM worker finished none of {self.pending} requests (vLLM log: {self.log_path})")
         self.pending -= len(answer["done"])
         return [(o["key"], Completion(o["token_ids"], o["finish_reason"])) for o in answer["done"]]

@@ -9,7 +9,8 @@ Protocol: JSON lines. The first line on stdin is the engine's settings; the work
      "stop_token_ids", "stop", "seed"}}, ...]}
 
 adds its requests to the engine (none is fine), steps the engine until at least one request is finished
-and answers `{"id": n, "done": [{"key": k, "token_ids": [...], "finish_reason": "stop"|"length"}, ...]}`:
+(or, with `"timeout_s": t` in the line, until t seconds have passed) and answers
+`{"id": n, "done": [{"key": k, "token_ids": [...], "finish_reason": "stop"|"length"}, ...]}`:
 the caller submits the next turn of a finished conversation while the others keep generating, so the batch
 never drains between rounds. A failure is `{"error": "..."}` and the worker exits. vLLM and its workers log
 to the real stdout, so the protocol runs on a private copy of it and fd 1 is pointed at stderr.
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 
 
 def _protocol_stream():
@@ -31,6 +34,8 @@ def _protocol_stream():
 
 def main() -> int:
     out = _protocol_stream()
+    # Ctrl-C is the harness's to handle (it stops in order, then closes this worker's stdin)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def send(message: dict) -> None:
         out.write(json.dumps(message, separators=(",", ":")) + "\n")
@@ -51,8 +56,9 @@ def main() -> int:
                   **(settings.get("engine_kwargs") or {}))
         import vllm
 
-        # vLLM's CPU build (0.32) fails on per-request seeds ("CPU Generator does not use offset"): there the
-        # engine seed alone makes a run reproducible (for the same prompts in the same batches)
+        # vLLM's CPU build (0.32) fails on per-request seeds ("CPU Generator does not use offset"): there only the
+        # engine seed is set, and sampled tokens depend on which requests share a batch, i.e. on timing (greedy
+        # answers do not)
         per_request_seed = bool(settings.get("per_request_seed", False))
         send({"ready": True, "vllm": getattr(vllm, "__version__", "unknown")})
     except Exception as exc:           # noqa: BLE001 - reported to the harness as one line
@@ -82,14 +88,19 @@ def main() -> int:
                 engine.add_request(str(item["key"]), TokensPrompt(prompt_token_ids=item["prompt"]),
                                    sampling(item["params"]))
             done = []
+            timeout = request.get("timeout_s")
+            deadline = None if timeout is None else time.monotonic() + float(timeout)
             while not done and engine.has_unfinished_requests():
                 for result in engine.step():
-                    if result.finished:
-                        # vLLM may append a suffix of its own to the id it was given
-                        done.append({"key": int(str(result.request_id).split("-")[0]),
-                                     "token_ids": list(result.outputs[0].token_ids),
-                                     "finish_reason": "length" if result.outputs[0].finish_reason == "length"
-                                     else "stop"})
+                    if not result.finished:
+                        continue
+                    reason = result.outputs[0].finish_reason
+                    if reason not in ("stop", "length"):     # aborted or failed: not a training example
+                        raise RuntimeError(f"request {result.request_id} ended with finish_reason={reason!r}")
+                    done.append({"key": int(str(result.request_id).split("-")[0]),
+                                 "token_ids": list(result.outputs[0].token_ids), "finish_reason": reason})
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
             send({"id": request["id"], "done": done})
         except Exception as exc:       # noqa: BLE001
             send({"error": f"vLLM failed on request {line[:80]!r}: {type(exc).__name__}: {exc}"})

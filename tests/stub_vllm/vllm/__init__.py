@@ -24,6 +24,7 @@ class SamplingParams:
     seed: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    output_kind: object = None
 
 
 @dataclass
@@ -64,12 +65,15 @@ class Engine:
         self.added = 0
 
     def add_request(self, request_id: str, prompt, params) -> str:
+        from vllm.sampling_params import RequestOutputKind
+
         if params.stop and not params.detokenize:
             raise ValueError("stop strings need detokenize=True")   # as vLLM refuses them
+        if params.output_kind is not RequestOutputKind.FINAL_ONLY:
+            raise ValueError("the stub only returns finished requests: ask for RequestOutputKind.FINAL_ONLY")
         self.added += 1
-        internal = f"{request_id}-{self.added:08x}"        # vLLM appends a random suffix of its own
-        self.running[internal] = (list(prompt["prompt_token_ids"]), params, [])
-        return internal
+        self.running[request_id] = (list(prompt["prompt_token_ids"]), params, [])
+        return request_id
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.running)
