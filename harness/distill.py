@@ -782,7 +782,7 @@ def dataset_artifact(path: str | Path) -> tuple[str, list[Path]]:
     stem, suffix = path.name, path.suffix
     stem = stem.removesuffix(suffix).removesuffix(".train").removesuffix(".eval")
     files = [path.with_name(f"{stem}{part}{suffix}") for part in ("", ".train", ".eval")]
-    files.append(path.with_name(f"{stem}.manifest.json"))
+    files.append(manifest_path(path))    # where merge writes it (a dotted stem `d.v2` shares `d.manifest.json`)
     return f"dataset-{stem}", [f for f in files if f.is_file()]
 
 

@@ -316,3 +316,16 @@ def test_a_merged_dataset_is_the_artifact_a_training_run_on_it_uses(chat_model, 
     assert names == {"distilled.parquet", "distilled.train.parquet", "distilled.eval.parquet", "distilled.manifest.json"}
     name, files = dataset_artifact(merged["train"])                  # what specdec-train data_path=<.train> uses
     assert logged.name == name == "dataset-distilled" and {f.name for f in files} == names
+
+
+def test_a_dotted_dataset_name_still_attaches_its_manifest(tmp_path):
+    from harness.distill import dataset_artifact
+    from harness.data.token_data import manifest_path
+
+    for name in ("d.v2.parquet", "d.v2.train.parquet", "d.v2.eval.parquet"):
+        (tmp_path / name).write_bytes(b"x")
+    manifest_path(tmp_path / "d.v2.parquet").write_text("{}")
+    name, files = dataset_artifact(tmp_path / "d.v2.train.parquet")
+    assert name == "dataset-d.v2"
+    assert sorted(f.name for f in files) == ["d.manifest.json", "d.v2.eval.parquet", "d.v2.parquet",
+                                             "d.v2.train.parquet"]
