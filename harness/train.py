@@ -448,7 +448,7 @@ class BatchCollator:
 
 
 def cached_training_set(cfg: DictConfig, loaded, identity: dict, train_data: ConversationDataset,
-                        args: TrainingArguments):
+                        args: TrainingArguments, stop=None):
     """`feature_cache=<folder>`: the target's features for the training set, written once (rank 0, one
     conversation at a time) and read every epoch instead of running the target in each step."""
     from harness.data.feature_cache import INDEX_FILE, CachedTrainingSet, FeatureCache, training_examples, write_cache
@@ -466,8 +466,13 @@ def cached_training_set(cfg: DictConfig, loaded, identity: dict, train_data: Con
                 (folder / "progress.json").unlink(missing_ok=True)    # another dataset's partial cache: start over
             write_json(previous, source)      # before the index: an unfinished cache is continued or rebuilt
             log.info("writing target features for %d conversations to %s (once)", len(train_data), folder)
-            write_cache(loaded.model, training_examples(train_data, IGNORE_INDEX), folder, identity,
-                        progress=True, total=len(train_data), dtype=source["dtype"])
+            written = write_cache(loaded.model, training_examples(train_data, IGNORE_INDEX), folder, identity,
+                                  progress=True, total=len(train_data), dtype=source["dtype"], stop=stop)
+            if written is None:
+                done = len(json.loads((folder / "progress.json").read_text())["entries"])
+                raise Stopped(f"stopped by {stop.name} while writing the feature cache: {done} of {len(train_data)} "
+                              f"conversations kept in {folder}; continue with: "
+                              f"{resume_command('train', cfg.output_dir, 'output_dir')}", stop.signum)
     saved = json.loads((folder / "source.json").read_text()) if (folder / "source.json").is_file() else None
     if saved != source:
         raise HarnessError(f"feature_cache {folder} holds features of other data ({saved}); delete it or point "
@@ -678,7 +683,7 @@ def _run(cfg: DictConfig, args: TrainingArguments, stop=None) -> dict:
     crop = cfg.get("crop_context")
     model = HeadTrainingModel(head, loaded.model, float(cfg.loss.decay), ks, None if crop is None else int(crop))
     if train_data is not None and cfg.get("feature_cache"):
-        train_data = cached_training_set(cfg, loaded, identity, train_data, args)
+        train_data = cached_training_set(cfg, loaded, identity, train_data, args, stop)
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     collator = BatchCollator(pad_id)   # cached features (feature_cache) ride along as "hidden"

@@ -550,3 +550,35 @@ def test_init_head_continues_a_trained_head_with_its_draft_vocabulary(chat_model
     with pytest.raises(HarnessError):   # no such folder: one line before the model loads
         run_train(train_cfg(chat_model, toy_data, tmp_path / "fifth", f"init_head={tmp_path / 'nowhere'}"))
     assert not (tmp_path / "fifth").exists() or not any((tmp_path / "fifth").glob("checkpoint-*"))
+
+
+def test_a_stop_while_the_feature_cache_is_written_keeps_every_finished_conversation(chat_model, toy_data,
+                                                                                     tmp_path, monkeypatch):
+    from harness.data import feature_cache
+    from harness.data.feature_cache import FeatureCache, training_examples, write_cache
+    from harness.infra.signals import StopRequest
+
+    loaded = load_model(OmegaConf.create({"name": "tiny", "path": str(chat_model), "template": "chat_template"}),
+                        "cpu")
+    data = ConversationDataset(str(toy_data[0]), loaded.template, 64)
+    identity = base_identity(loaded)
+    whole = FeatureCache(write_cache(loaded.model, training_examples(data), tmp_path / "whole", identity,
+                                     shard_size=4, progress=False))
+    stop, calls, real = StopRequest(), [], feature_cache.target_features
+
+    def signalled_at_the_third(model, ids, mask=None):
+        calls.append(1)
+        if len(calls) == 3:
+            stop.signum = 15          # SIGTERM during the third conversation: it finishes, then a partial shard
+        return real(model, ids, mask)
+
+    monkeypatch.setattr(feature_cache, "target_features", signalled_at_the_third)
+    assert write_cache(loaded.model, training_examples(data), tmp_path / "stopped", identity, shard_size=4,
+                       progress=False, stop=stop) is None
+    assert len(calls) == 3 and not (tmp_path / "stopped" / "index.json").exists()
+    calls.clear()
+    resumed = FeatureCache(write_cache(loaded.model, training_examples(data), tmp_path / "stopped", identity,
+                                       shard_size=4, progress=False))
+    assert len(calls) == 3 and len(resumed) == len(whole) == 6        # the three written are not redone
+    for index in range(6):
+        assert torch.equal(resumed[index]["hidden"], whole[index]["hidden"])

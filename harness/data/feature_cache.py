@@ -49,12 +49,14 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 def write_cache(model: torch.nn.Module, examples: Iterable[dict], folder: str | Path, base: dict,
                 shard_size: int = 256, progress: bool = True, total: int | None = None,
-                dtype: str = "bfloat16") -> Path:
+                dtype: str = "bfloat16", stop=None) -> Path | None:
     """Run the target over each example {"id", "input_ids" [T], "loss_mask" [T]} (one at a time: no padding)
     and store its features in `dtype`; `base` is heads.base_identity(...) of the target, checked on read.
 
     Resumable: after each shard file `progress.json` lists what is written, so a killed run (same examples,
-    same order) continues after the last finished shard instead of starting over."""
+    same order) continues after the last finished shard instead of starting over. `stop` (a
+    harness.infra.signals.StopRequest): once requested, what is computed is written as a shard and None is
+    returned (the caller says how to continue)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -95,6 +97,10 @@ def write_cache(model: torch.nn.Module, examples: Iterable[dict], folder: str | 
     for position, example in enumerate(bar):
         if position < skip:
             continue
+        if stop is not None and stop.requested:
+            flush()
+            bar.close()
+            return None
         ids = torch.as_tensor(example["input_ids"], dtype=torch.long)
         mask = torch.as_tensor(example["loss_mask"], dtype=torch.bool)
         if ids.ndim != 1 or mask.shape != ids.shape:
