@@ -93,7 +93,7 @@ def test_ship_refuses_an_own_lm_head_an_oversized_head_and_an_unrecorded_command
 
 def test_the_shipped_heads_are_small_bf16_and_recorded():
     manifest = json.loads((SHIPPED / "MANIFEST.json").read_text())
-    assert set(manifest["heads"]) == {"eagle", "medusa", "medusa1", "ours", "ours_no_trigram"}
+    assert set(manifest["heads"]) == {"eagle", "eagle_v2", "medusa", "medusa1", "ours", "ours_no_trigram"}
     for name, entry in manifest["heads"].items():
         weights = SHIPPED / name / "model.safetensors"
         assert weights.stat().st_size == entry["file_bytes"] <= 16 * 2**20, name
@@ -115,7 +115,7 @@ def test_the_shipped_heads_load_onto_the_default_model():
     from harness.model.loading import load_model
 
     loaded = load_model(compose_config().model, "cpu", "fp32")
-    for name in ("eagle", "medusa", "medusa1", "ours", "ours_no_trigram"):
+    for name in ("eagle", "eagle_v2", "medusa", "medusa1", "ours", "ours_no_trigram"):
         head = load_head(SHIPPED / name, loaded)                  # refuses a head trained for another model
         assert next(head.parameters()).dtype == torch.float32, name
 
