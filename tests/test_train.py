@@ -434,14 +434,18 @@ def test_bf16_training_with_a_draft_vocabulary_logs_medusas_step_metrics(chat_mo
     assert summary["eval"]["eval_pos1_top5"] > 0
 
 
+def cache_inputs(chat_model, toy_data):
+    """The tiny target, its toy training conversations and its identity, for the feature-cache tests."""
+    loaded = load_model(OmegaConf.create({"name": "tiny", "path": str(chat_model), "template": "chat_template"}),
+                        "cpu")
+    return loaded, ConversationDataset(str(toy_data[0]), loaded.template, 64), base_identity(loaded)
+
+
 def test_feature_cache_continues_after_a_kill(chat_model, toy_data, tmp_path, monkeypatch):
     from harness.data import feature_cache
     from harness.data.feature_cache import FeatureCache, training_examples, write_cache
 
-    loaded = load_model(OmegaConf.create({"name": "tiny", "path": str(chat_model), "template": "chat_template"}),
-                        "cpu")
-    data = ConversationDataset(str(toy_data[0]), loaded.template, 64)
-    identity = base_identity(loaded)
+    loaded, data, identity = cache_inputs(chat_model, toy_data)
     whole = FeatureCache(write_cache(loaded.model, training_examples(data), tmp_path / "whole", identity,
                                      shard_size=2, progress=False))
     calls, real = [], feature_cache.target_features
@@ -558,10 +562,7 @@ def test_a_stop_while_the_feature_cache_is_written_keeps_every_finished_conversa
     from harness.data.feature_cache import FeatureCache, training_examples, write_cache
     from harness.infra.signals import StopRequest
 
-    loaded = load_model(OmegaConf.create({"name": "tiny", "path": str(chat_model), "template": "chat_template"}),
-                        "cpu")
-    data = ConversationDataset(str(toy_data[0]), loaded.template, 64)
-    identity = base_identity(loaded)
+    loaded, data, identity = cache_inputs(chat_model, toy_data)
     whole = FeatureCache(write_cache(loaded.model, training_examples(data), tmp_path / "whole", identity,
                                      shard_size=4, progress=False))
     stop, calls, real = StopRequest(), [], feature_cache.target_features
