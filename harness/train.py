@@ -125,10 +125,39 @@ def training_arguments(cfg: DictConfig, report_to_wandb: bool) -> TrainingArgume
             kwargs["use_cpu"] = True
         kwargs.setdefault("dataloader_pin_memory", False)   # pinning needs an accelerator
     kwargs["report_to"] = ["wandb"] if report_to_wandb else "none"
+    if cfg.get("early_stopping_patience") is not None:
+        early_stopping_arguments(cfg, kwargs)
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError) as exc:
         raise HarnessError(f"transformers refused the training arguments: {str(exc).splitlines()[0]}") from exc
+
+
+def early_stopping_arguments(cfg: DictConfig, kwargs: dict) -> None:
+    """`early_stopping_patience=N`: Trainer keeps the checkpoint of the lowest eval_loss and loads it at the end
+    (load_best_model_at_end), so every eval must have a checkpoint to come back to. Refused in one line, naming
+    the fix, when the schedule cannot give one."""
+    patience = int(cfg.early_stopping_patience)
+    if patience < 1:
+        raise HarnessError(f"early_stopping_patience={cfg.early_stopping_patience} must be a whole number >= 1 "
+                           "(or null: no early stopping)")
+    if not cfg.eval_data_path or kwargs.get("eval_strategy", "no") == "no":
+        raise HarnessError("early_stopping_patience needs evals: set eval_data_path=<held-out data> and "
+                           "training.evaluation_strategy=steps")
+    if kwargs.get("save_strategy", "steps") != kwargs["eval_strategy"]:
+        raise HarnessError(f"early_stopping_patience needs training.save_strategy={kwargs['eval_strategy']} "
+                           f"(the eval strategy; now {kwargs.get('save_strategy')})")
+    if kwargs["eval_strategy"] == "steps":
+        save, every = kwargs.get("save_steps", 500), kwargs.get("eval_steps") or kwargs.get("logging_steps", 500)
+        if save % every:
+            raise HarnessError(f"early_stopping_patience needs training.save_steps a multiple of training.eval_steps "
+                               f"(now {save} and {every}): set training.save_steps={every}")
+    kwargs.setdefault("load_best_model_at_end", True)
+    kwargs.setdefault("metric_for_best_model", "eval_loss")
+    kwargs.setdefault("greater_is_better", False)
+    if not kwargs["load_best_model_at_end"]:
+        raise HarnessError("early_stopping_patience keeps the best eval's head: drop training.load_best_model_at_end"
+                           "=false (or early_stopping_patience)")
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -447,31 +476,33 @@ class BatchCollator:
         return self.tokens(examples)
 
 
-def cached_training_set(cfg: DictConfig, loaded, identity: dict, train_data: ConversationDataset,
-                        args: TrainingArguments, stop=None):
-    """`feature_cache=<folder>`: the target's features for the training set, written once (rank 0, one
-    conversation at a time) and read every epoch instead of running the target in each step."""
+def cached_training_set(cfg: DictConfig, loaded, identity: dict, data: ConversationDataset,
+                        args: TrainingArguments, stop=None, split: str = "train"):
+    """`feature_cache=<folder>`: the target's features for the training set (`split="train"`: the folder itself)
+    or the eval set (`split="eval"`: `<folder>/eval`, with `feature_cache_eval`), written once (rank 0, one
+    conversation at a time) and read every epoch / every eval instead of running the target in each step."""
     from harness.data.feature_cache import INDEX_FILE, CachedTrainingSet, FeatureCache, training_examples, write_cache
 
-    folder = Path(cfg.feature_cache)
-    source = {"data_path": str(Path(cfg.data_path).expanduser().resolve()),
+    folder = Path(cfg.feature_cache) / ("eval" if split == "eval" else "")
+    path = cfg.eval_data_path if split == "eval" else cfg.data_path
+    source = {"data_path": str(Path(path).expanduser().resolve()),
               "model_max_length": int(cfg.model_max_length), "template": loaded.template.name,
-              "conversations": len(train_data), "base_quantization": loaded.quantization,
+              "conversations": len(data), "base_quantization": loaded.quantization,
               "dtype": "bfloat16" if loaded.dtype == torch.bfloat16 else "float16"}
-    with args.main_process_first(local=False, desc="feature cache"):
+    with args.main_process_first(local=False, desc=f"feature cache ({split})"):
         if args.process_index == 0 and not (folder / INDEX_FILE).is_file():
             folder.mkdir(parents=True, exist_ok=True)
             previous = folder / "source.json"
             if previous.is_file() and json.loads(previous.read_text()) != json.loads(json.dumps(source)):
                 (folder / "progress.json").unlink(missing_ok=True)    # another dataset's partial cache: start over
             write_json(previous, source)      # before the index: an unfinished cache is continued or rebuilt
-            log.info("writing target features for %d conversations to %s (once)", len(train_data), folder)
-            written = write_cache(loaded.model, training_examples(train_data, IGNORE_INDEX), folder, identity,
-                                  progress=True, total=len(train_data), dtype=source["dtype"], stop=stop)
+            log.info("writing target features for %d %s conversations to %s (once)", len(data), split, folder)
+            written = write_cache(loaded.model, training_examples(data, IGNORE_INDEX), folder, identity,
+                                  progress=True, total=len(data), dtype=source["dtype"], stop=stop)
             if written is None:
                 done = len(json.loads((folder / "progress.json").read_text())["entries"])
-                raise Stopped(f"stopped by {stop.name} while writing the feature cache: {done} of {len(train_data)} "
-                              f"conversations kept in {folder}; continue with: "
+                raise Stopped(f"stopped by {stop.name} while writing the feature cache: {done} of {len(data)} "
+                              f"{split} conversations kept in {folder}; continue with: "
                               f"{resume_command('train', cfg.output_dir, 'output_dir')}", stop.signum)
     saved = json.loads((folder / "source.json").read_text()) if (folder / "source.json").is_file() else None
     if saved != source:
@@ -684,6 +715,9 @@ def _run(cfg: DictConfig, args: TrainingArguments, stop=None) -> dict:
     model = HeadTrainingModel(head, loaded.model, float(cfg.loss.decay), ks, None if crop is None else int(crop))
     if train_data is not None and cfg.get("feature_cache"):
         train_data = cached_training_set(cfg, loaded, identity, train_data, args, stop)
+    if eval_data is not None and cfg.get("feature_cache") and cfg.get("feature_cache_eval", True):
+        # evals then run the head only: on the default model ~10x cheaper than the target's forward each time
+        eval_data = cached_training_set(cfg, loaded, identity, eval_data, args, stop, split="eval")
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     collator = BatchCollator(pad_id)   # cached features (feature_cache) ride along as "hidden"
@@ -693,6 +727,7 @@ def _run(cfg: DictConfig, args: TrainingArguments, stop=None) -> dict:
                 "preset": cfg.name, "training_args": training_kwargs(cfg),
                 "feature_cache": cfg.get("feature_cache"), "init_head": cfg.get("init_head"), "crop_context": cfg.get("crop_context"),
                 "clip_grad_value": cfg.get("clip_grad_value"), "draft_vocab": vocab_info,
+                "early_stopping_patience": cfg.get("early_stopping_patience"),
                 "train_conversations": len(train_data) if train_data is not None else None,
                 "eval_conversations": len(eval_data) if eval_data is not None else None}
     trainer = HeadTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
@@ -717,18 +752,33 @@ def _run(cfg: DictConfig, args: TrainingArguments, stop=None) -> dict:
         log.info("resuming from %s", checkpoint)
     if stop is not None:
         trainer.add_callback(StopOnSignal(stop))
+    if cfg.get("early_stopping_patience"):
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(int(cfg.early_stopping_patience),
+                                                   float(cfg.get("early_stopping_threshold") or 0.0)))
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if stop is not None and stop.requested and trainer.state.global_step < trainer.state.max_steps:
         # no final head: the folder holds checkpoints to resume from (a signal after the last step just finishes)
         raise Stopped(f"stopped by {stop.name} at step {trainer.state.global_step} of {trainer.state.max_steps}: "
                       f"checkpoint-{trainer.state.global_step} saved in {cfg.output_dir}; continue with: "
                       f"{resume_command('train', cfg.output_dir, 'output_dir')}", stop.signum)
-    if eval_data is not None and (trainer.last_eval is None or trainer.last_eval["step"] != trainer.state.global_step):
-        trainer.evaluate()       # the final head's own numbers
+    state = trainer.state
+    best = state.best_model_checkpoint if args.load_best_model_at_end else None
+    best_step = int(Path(best).name.rsplit("-", 1)[1]) if best else None
+    if eval_data is not None and (best_step not in (None, state.global_step) or trainer.last_eval is None
+                                  or trainer.last_eval["step"] != state.global_step):
+        trainer.evaluate()       # the final head's own numbers (the best eval's head, loaded back, when kept)
+    if best_step is not None:
+        trainer.last_eval["head_from_step"] = best_step
     trainer.save_model(cfg.output_dir)
-    summary = {"output_dir": str(cfg.output_dir), "global_step": trainer.state.global_step,
+    summary = {"output_dir": str(cfg.output_dir), "global_step": state.global_step,
                "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
                "train_conversations": len(train_data), "resumed_from": checkpoint, "eval": trainer.last_eval}
+    if cfg.get("early_stopping_patience"):
+        summary["early_stopping"] = {"patience": int(cfg.early_stopping_patience),
+                                     "stopped_early": state.global_step < state.max_steps,
+                                     "best_step": best_step, "best_eval_loss": state.best_metric}
     if trainer.args.should_save:
         write_json(Path(cfg.output_dir) / "train_summary.json", summary)
     return summary

@@ -332,6 +332,10 @@ def test_feature_cache_trains_like_the_target_in_the_loop(chat_model, toy_data, 
     assert (cache / "index.json").is_file() and json.loads((cache / "source.json").read_text())["conversations"] == 6
     # fp16 features: the same training up to rounding
     assert cached["train_loss"] == pytest.approx(on_the_fly["train_loss"], rel=2e-2)
+    # the eval set is cached beside it and scores the head the same, up to the same rounding
+    assert json.loads((cache / "eval" / "source.json").read_text())["data_path"] == str(toy_data[1].resolve())
+    assert cached["eval"]["eval_loss"] == pytest.approx(on_the_fly["eval"]["eval_loss"], rel=2e-2)
+    assert cached["eval"]["eval_pos1_top5"] == pytest.approx(on_the_fly["eval"]["eval_pos1_top5"], abs=0.05)
     from transformers.models.llama.modeling_llama import LlamaModel
 
     target_runs, forward = [], LlamaModel.forward
@@ -343,7 +347,10 @@ def test_feature_cache_trains_like_the_target_in_the_loop(chat_model, toy_data, 
     monkeypatch.setattr(LlamaModel, "forward", counted)
     again = run_train(train_cfg(chat_model, toy_data, tmp_path / "again", *common, f"feature_cache={cache}"))
     assert again["train_loss"] == pytest.approx(cached["train_loss"], rel=1e-6)      # read back, not rebuilt
-    assert len(target_runs) == 1        # the one eval batch; the 6 training steps read cached features
+    assert not target_runs              # 6 training steps and the eval read cached features: no target forward
+    uncached_eval = run_train(train_cfg(chat_model, toy_data, tmp_path / "fly_eval", *common,
+                                        f"feature_cache={cache}", "feature_cache_eval=false"))
+    assert target_runs and uncached_eval["train_loss"] == pytest.approx(cached["train_loss"], rel=1e-6)
     with pytest.raises(HarnessError, match="holds features of other data"):
         run_train(train_cfg(chat_model, toy_data, tmp_path / "other", *common, f"feature_cache={cache}",
                             "model_max_length=32"))
@@ -583,3 +590,37 @@ def test_a_stop_while_the_feature_cache_is_written_keeps_every_finished_conversa
     assert len(calls) == 3 and len(resumed) == len(whole) == 6        # the three written are not redone
     for index in range(6):
         assert torch.equal(resumed[index]["hidden"], whole[index]["hidden"])
+
+
+def test_early_stopping_keeps_the_best_evals_head_and_stops_the_schedule(chat_model, toy_data, tmp_path):
+    from safetensors.torch import load_file
+
+    # threshold 1e9: no eval counts as an improvement after the first, so patience 1 stops at the second eval
+    summary = run_train(train_cfg(chat_model, toy_data, tmp_path, "training.eval_steps=4", "training.save_steps=4",
+                                  "early_stopping_patience=1", "early_stopping_threshold=1e9",
+                                  "training.save_total_limit=null"))
+    assert summary["global_step"] == 8 and summary["early_stopping"]["stopped_early"]
+    losses = {entry["step"]: entry["eval_loss"] for entry in logged(tmp_path, 8) if "eval_loss" in entry}
+    assert sorted(losses) == [4, 8]
+    best = min(losses, key=losses.get)
+    assert summary["early_stopping"]["best_step"] == best == summary["eval"]["head_from_step"]
+    # the shipped head is the best eval's checkpoint, not the last step's weights
+    final = load_file(str(tmp_path / "model.safetensors"))
+    kept = load_file(str(tmp_path / f"checkpoint-{best}" / "model.safetensors"))
+    assert set(final) == set(kept) and all(torch.equal(final[k], kept[k]) for k in final)
+    assert summary["eval"]["eval_loss"] == pytest.approx(losses[best], rel=1e-5)
+    info = json.loads((tmp_path / "head_config.json").read_text())
+    assert info["training"]["early_stopping_patience"] == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["training.eval_steps=4", "training.save_steps=6"], "save_steps a multiple of training.eval_steps"),
+    (["training.evaluation_strategy=no"], "early_stopping_patience needs evals"),
+    (["early_stopping_patience=0"], "must be a whole number >= 1"),
+])
+def test_early_stopping_refuses_a_schedule_without_checkpoints_to_keep(chat_model, toy_data, tmp_path, overrides,
+                                                                       message):
+    patience = [] if any(o.startswith("early_stopping_patience") for o in overrides) else ["early_stopping_patience=2"]
+    with pytest.raises(HarnessError, match=message):
+        run_train(train_cfg(chat_model, toy_data, tmp_path, *patience, *overrides))
+    assert not list(tmp_path.glob("checkpoint-*"))
