@@ -280,3 +280,39 @@ def test_cpu_threads_bind_gives_the_worker_every_core(monkeypatch):
     assert distill.cpu_threads_bind("0-1", 1) == "0-1"
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2})
     assert distill.cpu_threads_bind("all", 1) is None          # not one range: vLLM decides
+
+
+def test_top_p_is_masked_only_on_the_rows_that_sample_with_it(monkeypatch):
+    """vLLM's CPU sampler sorts every row of a step for top-p once one request asks for it; the worker's patch
+    (vllm.top_p_rows_only) sorts only those rows and must give every row the same logits as before."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(STUB))
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    from harness.data import vllm_worker
+    from vllm.v1.sample.ops import topk_topp_sampler as ops
+
+    original = ops.apply_top_k_top_p
+    monkeypatch.setattr(ops, "apply_top_k_top_p", original)           # put back after the test
+    assert vllm_worker.top_p_on_sampled_rows_only() and vllm_worker.top_p_on_sampled_rows_only()
+    patched = ops.apply_top_k_top_p
+    assert patched is not original and patched.rows_only              # installed once
+    torch.manual_seed(0)
+    vocab = 64
+    logits = torch.randn(6, vocab)
+    # greedy answers (top_p 1, no top_k) beside sampled user turns (top_p 0.99 / 0.5, top_k 5)
+    p = torch.tensor([1.0, 0.99, 1.0, 0.5, 1.0, 1.0])
+    k = torch.tensor([vocab, vocab, 5, vocab, vocab, vocab])
+    expected = original(logits.clone(), k, p)
+    ops.calls.clear()
+    got = patched(logits.clone(), k, p)
+    assert torch.equal(got, expected)                  # every row: the logits the unpatched sampler gives
+    assert ops.calls == [3]                            # only rows 1-3 were sorted
+    assert torch.isinf(got[1]).any() and torch.equal(got[0], logits[0])
+    ops.calls.clear()
+    ones = torch.ones(6)
+    assert torch.equal(patched(logits.clone(), torch.full((6,), vocab), ones), logits) and ops.calls == []
+    assert torch.equal(patched(logits.clone(), None, None), logits)
+    all_sampled = torch.full((6,), 0.9)
+    assert torch.equal(patched(logits.clone(), None, all_sampled), original(logits.clone(), None, all_sampled))

@@ -153,9 +153,11 @@ class VllmBackend(Backend):
         self.proc = subprocess.Popen([python, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log, text=True, bufsize=1, env={**os.environ, **(env or {})},
                                      start_new_session=True)
-        self.version = self._call({"model": model_dir, **settings}).get("vllm")
+        ready = self._call({"model": model_dir, **settings})
+        self.version, self.top_p_rows_only = ready.get("vllm"), ready.get("top_p_rows_only")
         self.requests, self.pending, self.outbox = 0, 0, []
-        log.info("vLLM %s ready (%s; its log: %s)", self.version, model_dir, log_path)
+        log.info("vLLM %s ready (%s; top-p on sampled rows only: %s; its log, engine stats every 10 s: %s)",
+                 self.version, model_dir, self.top_p_rows_only, log_path)
 
     def _call(self, message: dict) -> dict:
         try:

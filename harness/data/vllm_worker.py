@@ -25,6 +25,55 @@ import sys
 import time
 
 
+ROWS_ONLY_ENV = "SPECDEC_VLLM_TOP_P_ROWS_ONLY"
+
+
+def top_p_on_sampled_rows_only() -> bool:
+    """Streamed distillation mixes sampled requests (the self-written user turns: T = 1, top_p 0.99) with greedy
+    answers in every engine step, and vLLM's CPU sampler (0.32, no Triton) then sorts the whole batch's
+    [rows, vocab] logits for top-p each step, greedy rows included: on the default model that halved the
+    generation rate (measured: ~245 generated tok/s where greedy rounds run ~500). This restricts the top-k /
+    top-p masking to the rows that ask for it (top_p < 1 or top_k < vocab); the other rows' masked logits are
+    never used (a greedy row takes the argmax of the raw logits; top_p 1 masks nothing), so every request
+    samples from the same distribution as before. Installed in each vLLM process: the module is re-imported
+    by multiprocessing's spawn in the engine and worker processes, and the environment variable travels.
+    Returns whether it is installed (False: this vLLM has no such function; nothing changes)."""
+    try:
+        import torch
+        from vllm.v1.sample.ops import topk_topp_sampler as ops
+    except Exception:                  # noqa: BLE001 - another vLLM layout: leave it as it is
+        return False
+    original = getattr(ops, "apply_top_k_top_p", None)
+    if original is None:
+        return False
+    if getattr(original, "rows_only", False):
+        return True
+
+    def apply_top_k_top_p(logits, k, p):
+        if (k is None and p is None) or logits.dim() != 2:
+            return original(logits, k, p)
+        need = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        if p is not None:
+            need |= p < 1.0
+        if k is not None:
+            need |= (k > 0) & (k < logits.shape[1])
+        if bool(need.all()):
+            return original(logits, k, p)
+        rows = need.nonzero().squeeze(1)
+        if rows.numel():
+            logits[rows] = original(logits[rows], None if k is None else k[rows], None if p is None else p[rows])
+        return logits
+
+    apply_top_k_top_p.rows_only = True
+    ops.apply_top_k_top_p = apply_top_k_top_p
+    print(f"specdec-harness: top-p / top-k on sampled rows only (pid {os.getpid()})", file=sys.stderr, flush=True)
+    return True
+
+
+if os.environ.get(ROWS_ONLY_ENV) == "1":          # every vLLM process imports this file (spawn): patch each
+    top_p_on_sampled_rows_only()
+
+
 def _protocol_stream():
     private = os.dup(1)
     os.dup2(2, 1)                      # anything printed from here on (vLLM's logs) goes to stderr
@@ -53,14 +102,16 @@ def main() -> int:
                   tensor_parallel_size=int(settings.get("tensor_parallel_size", 1)),
                   max_model_len=settings.get("max_model_len"), seed=int(settings.get("seed", 0)),
                   trust_remote_code=bool(settings.get("trust_remote_code", False)),
-                  **(settings.get("engine_kwargs") or {}))
+                  # the engine's own stats (running / waiting requests, KV use, tok/s) in its log every 10 s
+                  **{"disable_log_stats": False, **(settings.get("engine_kwargs") or {})})
         import vllm
 
         # vLLM's CPU build (0.32) fails on per-request seeds ("CPU Generator does not use offset"): there only the
         # engine seed is set, and sampled tokens depend on which requests share a batch, i.e. on timing (greedy
         # answers do not)
         per_request_seed = bool(settings.get("per_request_seed", False))
-        send({"ready": True, "vllm": getattr(vllm, "__version__", "unknown")})
+        rows_only = os.environ.get(ROWS_ONLY_ENV) == "1" and top_p_on_sampled_rows_only()
+        send({"ready": True, "vllm": getattr(vllm, "__version__", "unknown"), "top_p_rows_only": rows_only})
     except Exception as exc:           # noqa: BLE001 - reported to the harness as one line
         send({"error": f"vLLM could not start: {type(exc).__name__}: {exc}"})
         return 1
