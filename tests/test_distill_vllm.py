@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -269,6 +270,9 @@ def test_real_vllm_distils_self_written_prompts_on_the_default_model(questions_p
     assert summary["vllm_version"] and len(records) == 8
     kept = [r for r in records if not r.get("skipped")]
     assert kept and all(r["conversations"][0]["value"] and 0 < r["new_tokens"][0] <= 16 for r in kept)
+    # the sampler patch reaches the processes vLLM spawns (the model runner samples in its own process)
+    log = next((tmp_path / "logs").glob("vllm-*.log")).read_text()
+    assert len(set(re.findall(r"on sampled rows only \(pid (\d+)\)", log))) >= 2
 
 
 def test_cpu_threads_bind_gives_the_worker_every_core(monkeypatch):
