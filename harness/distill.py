@@ -552,8 +552,9 @@ def make_backend(cfg: DictConfig, out_dir: Path, shard_name: str, done: int = 0)
         env["VLLM_CPU_OMP_THREADS_BIND"] = bind
     if cfg.threads:
         env["OMP_NUM_THREADS"] = str(cfg.threads)
-    if settings.get("top_p_rows_only", True):
-        env["SPECDEC_VLLM_TOP_P_ROWS_ONLY"] = "1"     # harness/data/vllm_worker.py: top_p_on_sampled_rows_only
+    # harness/data/vllm_worker.py: top_p_on_sampled_rows_only (CPU platforms only); "0" also overrides a "1" the
+    # calling shell exported
+    env["SPECDEC_VLLM_TOP_P_ROWS_ONLY"] = "1" if settings.get("top_p_rows_only", True) else "0"
     engine = {"dtype": str(settings.dtype), "tensor_parallel_size": int(settings.tensor_parallel_size),
               "max_model_len": int(cfg.max_length), "seed": engine_seed(int(cfg.seed), done),
               "trust_remote_code": bool(cfg.model.get("trust_remote_code", False)),

@@ -97,7 +97,9 @@ def ship(source: str | Path, dest: str | Path, *, command: str | None = None, co
                  "eval_path": training.get("eval_data_path"),
                  "eval_conversations": training.get("eval_conversations"),
                  "made_by": data_command},
-        "training": {"steps": summary.get("global_step"), "runtime_s": summary.get("train_runtime_s"),
+        # steps: those the shipped weights had (early stopping keeps the best eval's checkpoint, not the last step)
+        "training": {"steps": (summary.get("eval") or {}).get("head_from_step") or summary.get("global_step"),
+                     "steps_run": summary.get("global_step"), "runtime_s": summary.get("train_runtime_s"),
                      "train_loss": summary.get("train_loss"),
                      "epochs": (training.get("training_args") or {}).get("num_train_epochs"),
                      "learning_rate": (training.get("training_args") or {}).get("learning_rate")},

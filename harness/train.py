@@ -148,13 +148,16 @@ def early_stopping_arguments(cfg: DictConfig, kwargs: dict) -> None:
         raise HarnessError(f"early_stopping_patience needs training.save_strategy={kwargs['eval_strategy']} "
                            f"(the eval strategy; now {kwargs.get('save_strategy')})")
     if kwargs["eval_strategy"] == "steps":
+        # equal, not a multiple: an eval without its own checkpoint could be the best one, and the head kept
+        # would then be an older checkpoint's
         save, every = kwargs.get("save_steps", 500), kwargs.get("eval_steps") or kwargs.get("logging_steps", 500)
-        if save % every:
-            raise HarnessError(f"early_stopping_patience needs training.save_steps a multiple of training.eval_steps "
+        if save != every:
+            raise HarnessError(f"early_stopping_patience needs training.save_steps equal to training.eval_steps "
                                f"(now {save} and {every}): set training.save_steps={every}")
     kwargs.setdefault("load_best_model_at_end", True)
-    kwargs.setdefault("metric_for_best_model", "eval_loss")
-    kwargs.setdefault("greater_is_better", False)
+    kwargs.setdefault("metric_for_best_model", "eval_loss")   # transformers: lower is better for "*loss" names
+    # a resumed run keeps its count of evals without improvement (EarlyStoppingCallback's state in the checkpoint)
+    kwargs.setdefault("restore_callback_states_from_checkpoint", True)
     if not kwargs["load_best_model_at_end"]:
         raise HarnessError("early_stopping_patience keeps the best eval's head: drop training.load_best_model_at_end"
                            "=false (or early_stopping_patience)")
@@ -482,10 +485,13 @@ def cached_training_set(cfg: DictConfig, loaded, identity: dict, data: Conversat
     or the eval set (`split="eval"`: `<folder>/eval`, with `feature_cache_eval`), written once (rank 0, one
     conversation at a time) and read every epoch / every eval instead of running the target in each step."""
     from harness.data.feature_cache import INDEX_FILE, CachedTrainingSet, FeatureCache, training_examples, write_cache
+    from harness.data.token_data import sha256_of
 
     folder = Path(cfg.feature_cache) / ("eval" if split == "eval" else "")
     path = cfg.eval_data_path if split == "eval" else cfg.data_path
-    source = {"data_path": str(Path(path).expanduser().resolve()),
+    data_file = Path(path).expanduser().resolve()
+    # the content's hash too: a dataset merged again at the same path with as many conversations is other data
+    source = {"data_path": str(data_file), "sha256": sha256_of(data_file) if data_file.is_file() else None,
               "model_max_length": int(cfg.model_max_length), "template": loaded.template.name,
               "conversations": len(data), "base_quantization": loaded.quantization,
               "dtype": "bfloat16" if loaded.dtype == torch.bfloat16 else "float16"}

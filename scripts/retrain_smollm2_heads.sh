@@ -11,13 +11,20 @@
 # Each head keeps the learning rate it was first trained with (heads/smollm2-135m/MANIFEST.json), cosine from
 # there, and stops once its eval loss has not improved for PATIENCE evals; the best eval's head is shipped.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
-data=${1:?usage: scripts/retrain_smollm2_heads.sh <dataset folder> [head ...]}
+data=$(realpath -m "${1:?usage: scripts/retrain_smollm2_heads.sh <dataset folder> [head ...]}")   # from the caller's folder
 shift
+cd "$(dirname "$0")/.."
+case $data in "$PWD"/*) data=${data#"$PWD"/} ;; esac      # inside the repository: recorded relative to it
 heads=("$@")
 [ ${#heads[@]} -gt 0 ] || heads=(eagle medusa medusa1 ours ours_no_trigram)
-version=${VERSION:-$(basename "$data" | sed 's/^dataset_//')}
+if [ -n "${VERSION:-}" ]; then version=$VERSION
+else
+  case $(basename "$data") in
+    dataset_?*) version=$(basename "$data" | sed 's/^dataset_//') ;;
+    *) echo "cannot tell the version from '$(basename "$data")' (not dataset_<version>): set VERSION=<name>" >&2; exit 2 ;;
+  esac
+fi
+read -ra more <<< "${EXTRA:-}"           # EXTRA split on spaces, never glob-expanded
 cache=${CACHE:-data/features/$version}
 patience=${PATIENCE:-3}
 eval_steps=${EVAL_STEPS:-200}
@@ -40,14 +47,17 @@ for name in "${heads[@]}"; do
   dest=heads/smollm2-135m/${name}_$version
   out=runs/train/${name}_$version
   if [ -f "$dest/model.safetensors" ]; then echo "== $dest already shipped: skipped"; continue; fi
-  echo "== $name: $start continued on $data -> $out (then $dest)"
-  # shellcheck disable=SC2086 # EXTRA is a list of overrides
-  nice -n 5 .venv/bin/specdec-train "train=$preset" "${extra[@]}" \
-    "data_path=$data/distilled.train.parquet" "eval_data_path=$data/distilled.eval.parquet" \
-    "feature_cache=$cache" "threads=$threads" logger.wandb.mode=disabled "init_head=$start" "output_dir=$out" \
-    "training.num_train_epochs=$epochs" "training.learning_rate=$lr" training.lr_scheduler_type=cosine \
-    training.warmup_ratio=0.02 "training.eval_steps=$eval_steps" "training.save_steps=$eval_steps" \
-    "early_stopping_patience=$patience" ${EXTRA:-}
+  if [ -f "$out/train_summary.json" ]; then
+    echo "== $out finished training before: shipped without training again"
+  else
+    echo "== $name: $start continued on $data -> $out (then $dest)"
+    nice -n 5 .venv/bin/specdec-train "train=$preset" "${extra[@]}" \
+      "data_path=$data/distilled.train.parquet" "eval_data_path=$data/distilled.eval.parquet" \
+      "feature_cache=$cache" "threads=$threads" logger.wandb.mode=disabled "init_head=$start" "output_dir=$out" \
+      "training.num_train_epochs=$epochs" "training.learning_rate=$lr" training.lr_scheduler_type=cosine \
+      training.warmup_ratio=0.02 "training.eval_steps=$eval_steps" "training.save_steps=$eval_steps" \
+      "early_stopping_patience=$patience" "${more[@]}"
+  fi
   .venv/bin/python -m harness.ship "$out" "$dest" --method "$method (method.head_path=$dest)" \
     --data-command "specdec-distill runs recorded in $data/distilled.manifest.json (distill_runs)"
   .venv/bin/python -m reports.training_curves "$out" --out "docs/figures/training_curves_${name}_$version"

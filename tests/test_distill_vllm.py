@@ -36,7 +36,8 @@ def stub_vllm(monkeypatch, tmp_path):
     return log
 
 
-def test_vllm_backend_gives_the_hf_backends_greedy_answers(chat_model, questions_path, tmp_path, stub_vllm):
+def test_vllm_backend_gives_the_hf_backends_greedy_answers(chat_model, questions_path, tmp_path, stub_vllm,
+                                                           monkeypatch):
     data = sharegpt_input(tmp_path / "in.json", count=4)
     common = [f"data_path={data}", "max_length=80", "max_new_tokens=10"]
     hf = run_distill(distill_cfg(chat_model, questions_path, tmp_path, *common, f"out_dir={tmp_path / 'hf'}"))
@@ -54,16 +55,21 @@ def test_vllm_backend_gives_the_hf_backends_greedy_answers(chat_model, questions
     assert engine["tensor_parallel_size"] == 2 and engine["max_model_len"] == 80
     assert engine["gpu_memory_utilization"] == 0.5 and engine["model"] == str(chat_model)
     assert engine["threads_bind"] is None          # tensor parallelism: vLLM splits the cores per rank itself
+    assert engine["top_p_rows_only"] == "1"        # the sampler patch asked for (vllm.top_p_rows_only, default)
     meta = json.loads((tmp_path / "vllm" / "shard-00000-of-00001.meta.json").read_text())
     assert meta["backend_info"] == {"vllm": "0.0-stub"} and meta["stats"][0]["tokens_per_s_now"] > 0
     assert len(meta["stats"]) == 1 and meta["stats"][0]["finished"]    # one entry per run, updated in place
 
     # a run that continues a shard (or extends a dataset) seeds its engine apart from the first run: the CPU build
     # has no per-request seeds, and the first run's seed would replay its sampled user turns
+    # (and vllm.top_p_rows_only=false wins over a SPECDEC_VLLM_TOP_P_ROWS_ONLY=1 the shell exported)
+    monkeypatch.setenv("SPECDEC_VLLM_TOP_P_ROWS_ONLY", "1")
     data = sharegpt_input(tmp_path / "in.json", count=6)
     again = run_distill(distill_cfg(chat_model, questions_path, tmp_path, *common[1:], f"data_path={data}",
                                     f"out_dir={tmp_path / 'vllm'}", "backend=vllm", f"vllm.python={sys.executable}",
-                                    "vllm.tensor_parallel_size=2", "+vllm.engine_kwargs.gpu_memory_utilization=0.5"))
+                                    "vllm.tensor_parallel_size=2", "+vllm.engine_kwargs.gpu_memory_utilization=0.5",
+                                    "vllm.top_p_rows_only=false"))
+    assert json.loads(stub_vllm.read_text().splitlines()[1])["top_p_rows_only"] == "0"
     seeds = [json.loads(line)["seed"] for line in stub_vllm.read_text().splitlines()]
     assert again["written_now"] == 2 and seeds[0] == 0 and seeds[1] == distill.engine_seed(0, 4) != 0
     assert again["engine_seed"] == seeds[1] and distill.engine_seed(0, 4) == distill.engine_seed(0, 4)
@@ -320,3 +326,7 @@ def test_top_p_is_masked_only_on_the_rows_that_sample_with_it(monkeypatch):
     assert torch.equal(patched(logits.clone(), None, None), logits)
     all_sampled = torch.full((6,), 0.9)
     assert torch.equal(patched(logits.clone(), None, all_sampled), original(logits.clone(), None, all_sampled))
+    # a GPU platform keeps vLLM's own sampler
+    monkeypatch.setattr(ops, "apply_top_k_top_p", original)
+    monkeypatch.setattr(vllm_worker, "on_cpu_platform", lambda torch: False)
+    assert not vllm_worker.top_p_on_sampled_rows_only() and ops.apply_top_k_top_p is original

@@ -51,7 +51,8 @@ def test_ship_writes_bf16_weights_and_a_manifest_entry_that_loads_back(tmp_path)
     assert entry["command"] == "specdec-train train=medusa_smollm2" and entry["commit"] == "abc123"
     assert entry["data"]["sha256"] == sha256(data) and entry["data"]["train_conversations"] == 3
     assert entry["eval_topk"] == {"pos0": {"top1": 0.25, "top5": 0.5}, "pos1": {"top1": 0.125, "top5": 0.375}}
-    assert entry["training"] == {"steps": 7, "runtime_s": 61.0, "train_loss": 3.0, "epochs": 2, "learning_rate": 1e-3}
+    assert entry["training"] == {"steps": 7, "steps_run": 7, "runtime_s": 61.0, "train_loss": 3.0, "epochs": 2,
+                                 "learning_rate": 1e-3}
     assert entry["parameters"] == sum(p.numel() for p in head.parameters())
     assert entry["file_bytes"] == (dest / "model.safetensors").stat().st_size
     # lineage: the shipped copy names the artifact specdec-train logged for the folder it came from
@@ -63,6 +64,12 @@ def test_ship_writes_bf16_weights_and_a_manifest_entry_that_loads_back(tmp_path)
     assert trained_head_artifact(dest) == entry["trained_artifact"] and trained_head_artifact(source) is None
     readme = (dest.parent / "README.md").read_text()
     assert "| medusa | medusa_cpu | medusa |" in readme and "0.250 / 0.500 · 0.125 / 0.375" in readme
+
+    # early stopping shipped the best eval's checkpoint: steps are that checkpoint's, steps_run the schedule's
+    summary = json.loads((source / "train_summary.json").read_text())
+    (source / "train_summary.json").write_text(json.dumps({**summary, "eval": {"head_from_step": 4}}))
+    early = ship(source, tmp_path / "heads" / "tiny" / "medusa_early", method="medusa_cpu")
+    assert (early["training"]["steps"], early["training"]["steps_run"]) == (4, 7)
 
     # the shipped folder is an ordinary head folder: it loads (fp32 on the tiny model) within bf16 rounding
     loaded = load_head(dest, as_loaded(tiny))

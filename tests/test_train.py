@@ -354,6 +354,18 @@ def test_feature_cache_trains_like_the_target_in_the_loop(chat_model, toy_data, 
     with pytest.raises(HarnessError, match="holds features of other data"):
         run_train(train_cfg(chat_model, toy_data, tmp_path / "other", *common, f"feature_cache={cache}",
                             "model_max_length=32"))
+    # the same path and count, other content (a dataset merged again): other data too
+    train_copy = tmp_path / "train_copy.json"
+    shutil.copy(toy_data[0], train_copy)
+    copied = (train_copy, toy_data[1])
+    run_train(train_cfg(chat_model, copied, tmp_path / "copy", "training.max_steps=1", f"feature_cache={tmp_path / 'f2'}",
+                        "feature_cache_eval=false"))
+    records = json.loads(train_copy.read_text())
+    records[0]["conversations"][-1]["value"] += " Done."
+    train_copy.write_text(json.dumps(records))
+    with pytest.raises(HarnessError, match="holds features of other data"):
+        run_train(train_cfg(chat_model, copied, tmp_path / "copy2", "training.max_steps=1",
+                            f"feature_cache={tmp_path / 'f2'}", "feature_cache_eval=false"))
 
 
 def test_clip_grad_value_clamps_gradients_before_the_step():
@@ -613,8 +625,33 @@ def test_early_stopping_keeps_the_best_evals_head_and_stops_the_schedule(chat_mo
     assert info["training"]["early_stopping_patience"] == 1
 
 
+def test_early_stopping_counts_evals_without_improvement_across_a_resume(chat_model, toy_data, tmp_path,
+                                                                         monkeypatch):
+    # patience 2, no eval improves on the first by more than 1e9: evals at 2, 4, 6 -> stops at 6. Killed in step 5,
+    # the resumed run must remember the eval at 4 did not improve (a fresh count would run on to step 8)
+    overrides = ["training.max_steps=12", "training.eval_steps=2", "training.save_steps=2",
+                 "early_stopping_patience=2", "early_stopping_threshold=1e9", "training.save_total_limit=null"]
+    straight = run_train(train_cfg(chat_model, toy_data, tmp_path / "straight", *overrides))
+    assert straight["global_step"] == 6 and straight["early_stopping"]["stopped_early"]
+    real, steps = HeadTrainer.training_step, []
+
+    def killed_in_step_5(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 5:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HeadTrainer, "training_step", killed_in_step_5)
+    with pytest.raises(Stopped, match="stopped at once"):
+        run_train(train_cfg(chat_model, toy_data, tmp_path / "killed", *overrides))
+    monkeypatch.setattr(HeadTrainer, "training_step", real)
+    resumed = run_train(train_cfg(chat_model, toy_data, tmp_path / "killed", *overrides))
+    assert resumed["resumed_from"].endswith("checkpoint-4")
+    assert resumed["global_step"] == 6 and resumed["early_stopping"] == straight["early_stopping"]
+
+
 @pytest.mark.parametrize("overrides, message", [
-    (["training.eval_steps=4", "training.save_steps=6"], "save_steps a multiple of training.eval_steps"),
+    (["training.eval_steps=4", "training.save_steps=8"], "save_steps equal to training.eval_steps"),
     (["training.evaluation_strategy=no"], "early_stopping_patience needs evals"),
     (["early_stopping_patience=0"], "must be a whole number >= 1"),
 ])
@@ -624,3 +661,16 @@ def test_early_stopping_refuses_a_schedule_without_checkpoints_to_keep(chat_mode
     with pytest.raises(HarnessError, match=message):
         run_train(train_cfg(chat_model, toy_data, tmp_path, *patience, *overrides))
     assert not list(tmp_path.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("folder, message", [
+    ("mydata", "set VERSION=<name>"),                                   # no dataset_<version> to name the heads by
+    ("dataset_vx", "merge the dataset with eval_fraction > 0 first"),   # no train / eval split
+])
+def test_retrain_script_refuses_a_dataset_before_any_work(tmp_path, folder, message):
+    (tmp_path / folder).mkdir()
+    script = REPO_ROOT / "scripts" / "retrain_smollm2_heads.sh"
+    result = subprocess.run(["bash", str(script), folder, "ours"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (REPO_ROOT / "runs" / "train" / "ours_vx").exists()

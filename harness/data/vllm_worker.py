@@ -37,11 +37,16 @@ def top_p_on_sampled_rows_only() -> bool:
     never used (a greedy row takes the argmax of the raw logits; top_p 1 masks nothing), so every request
     samples from the same distribution as before. Installed in each vLLM process: the module is re-imported
     by multiprocessing's spawn in the engine and worker processes, and the environment variable travels.
-    Returns whether it is installed (False: this vLLM has no such function; nothing changes)."""
+    The sampled tokens are unchanged; what differs is only what nobody samples from: a request that asked for
+    vLLM's `processed_logits` logprobs on a greedy row would see the unmasked logits (the harness asks for none).
+    CPU only: on a GPU the sampler is another kernel and a row test would cost a device sync per step.
+    Returns whether it is installed (False: not a CPU platform, or this vLLM has no such function)."""
     try:
         import torch
         from vllm.v1.sample.ops import topk_topp_sampler as ops
     except Exception:                  # noqa: BLE001 - another vLLM layout: leave it as it is
+        return False
+    if not on_cpu_platform(torch):
         return False
     original = getattr(ops, "apply_top_k_top_p", None)
     if original is None:
@@ -68,6 +73,15 @@ def top_p_on_sampled_rows_only() -> bool:
     ops.apply_top_k_top_p = apply_top_k_top_p
     print(f"specdec-harness: top-p / top-k on sampled rows only (pid {os.getpid()})", file=sys.stderr, flush=True)
     return True
+
+
+def on_cpu_platform(torch) -> bool:
+    """vLLM's own platform when it says (a CUDA build on a GPU machine is not CPU), else: no CUDA device."""
+    try:
+        from vllm.platforms import current_platform
+        return bool(current_platform.is_cpu())
+    except Exception:                  # noqa: BLE001 - an older vLLM or the test stub
+        return not torch.cuda.is_available()
 
 
 if os.environ.get(ROWS_ONLY_ENV) == "1":          # every vLLM process imports this file (spawn): patch each

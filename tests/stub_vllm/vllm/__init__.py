@@ -51,6 +51,7 @@ class LLM:
                 handle.write(json.dumps({"model": model, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
                                          "max_model_len": max_model_len, "seed": seed,
                                          "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+                                         "top_p_rows_only": os.environ.get("SPECDEC_VLLM_TOP_P_ROWS_ONLY"),
                                          **engine_kwargs}) + "\n")
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         self.generator = torch.Generator().manual_seed(seed)
