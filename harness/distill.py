@@ -691,7 +691,7 @@ def _distill_shard(cfg: DictConfig, out_dir: Path, stem: str, shard: int, num_sh
 
 def merge(cfg: DictConfig) -> dict:
     """All shards -> one dataset in input order (`output` *.parquet: token ids + text and a manifest; *.json /
-    *.jsonl: ShareGPT); refuses duplicates, missing or foreign ids."""
+    *.jsonl: ShareGPT); refuses duplicates, missing (unless `merge_unfinished`) or foreign ids."""
     num_shards, out_dir = int(cfg.num_shards), Path(cfg.out_dir)
     conversations, _ = drop_eval_overlap(load_conversations(cfg), cfg)
     expected = [c.id for c in conversations]
@@ -723,11 +723,16 @@ def merge(cfg: DictConfig) -> dict:
         raise HarnessError(f"merge: {len(duplicates)} ids appear twice (e.g. {duplicates[0]}); the shards were "
                            "written by different runs - distil again into a fresh out_dir")
     missing = [i for i in expected if i not in by_id]
-    if missing:
+    if missing and not cfg.get("merge_unfinished", False):
         unfinished = sorted({shard_of(i, num_shards) for i in missing})
         raise HarnessError(f"merge: {len(missing)} of {len(expected)} conversations are missing (shards "
                            f"{', '.join(map(str, unfinished))} unfinished, num_shards={num_shards}); rerun those "
-                           "shards (they resume) and merge again")
+                           "shards (they resume) and merge again, or merge_unfinished=true to keep what is "
+                           "finished (a later run extends it)")
+    if missing:
+        log.warning("merge_unfinished: %d of %d conversations not generated yet are left out; extend=%s with the "
+                    "same settings generates them", len(missing), len(expected), cfg.output)
+        expected = [i for i in expected if i in by_id]
     foreign = set(by_id) - set(expected)
     if foreign:
         raise HarnessError(f"merge: {len(foreign)} conversations in {out_dir} are not in the selected input "
@@ -739,7 +744,7 @@ def merge(cfg: DictConfig) -> dict:
     write = write_parquet if parquet else write_sharegpt
     write(records, output)
     summary = {"conversations": len(records), "skipped": len(expected) - len(records), "output": str(output),
-               "new_tokens": sum(sum(r["new_tokens"]) for r in records)}
+               "new_tokens": sum(sum(r["new_tokens"]) for r in records), "unfinished": len(missing)}
     splits = {"all": records}
     if cfg.eval_fraction:
         is_eval = [stable_hash(f"{cfg.split_seed}:{r['id']}") % 10**6 < float(cfg.eval_fraction) * 10**6
@@ -833,6 +838,8 @@ def dataset_manifest(cfg: DictConfig, metas: list[Path], splits: dict[str, list[
             else None, "eval_overlap": {**resolved["eval_overlap"], "eval_bench": cfg.eval_bench.name,
                                         "dropped_input_prompts": shard_meta[0].get("eval_overlap")},
             "cross_shard_duplicates_dropped": cross_duplicates, "num_shards": int(cfg.num_shards),
+            # merge_unfinished: conversations of the selected input not generated yet (a later extend= does them)
+            "unfinished_conversations": summary.get("unfinished", 0),
             "split": {"eval_fraction": cfg.eval_fraction, "split_seed": cfg.split_seed},
             "counts": {name: counts(records) for name, records in splits.items()},
             "files": {name: {"path": Path(path).name, "sha256": sha256_of(path), "bytes": Path(path).stat().st_size}

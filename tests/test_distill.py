@@ -122,6 +122,29 @@ def test_shards_partition_the_input_and_merge_checks_completeness(chat_model, qu
                                 "num_shards=3"))
 
 
+def test_an_unfinished_run_is_merged_and_a_later_run_extends_it(chat_model, questions_path, tmp_path):
+    """merge_unfinished=true: what is finished becomes a dataset a machine can keep (commit) before it goes; a run
+    on another machine extends it and generates only what was left."""
+    from harness.data.token_data import read_parquet
+
+    data = sharegpt_input(tmp_path / "in.json", count=6)
+    common = [f"data_path={data}", "max_new_tokens=4", "num_shards=2", "eval_fraction=0.5"]
+    run_distill(distill_cfg(chat_model, questions_path, tmp_path, *common, "shard=0"))      # shard 1 never ran
+    done = [r["id"] for r in JsonlLog(tmp_path / "out" / "shard-00000-of-00002.jsonl").records()]
+    partial = run_distill(distill_cfg(chat_model, questions_path, tmp_path, *common, "merge=true",
+                                      "merge_unfinished=true", f"output={tmp_path / 'part' / 'd.parquet'}"))
+    assert read_parquet(partial["output"])["id"] == done and partial["unfinished"] == 6 - len(done) > 0
+    assert json.loads(open(partial["manifest"]).read())["unfinished_conversations"] == 6 - len(done)
+
+    grown = [*common, f"out_dir={tmp_path / 'later'}", f"extend={partial['output']}"]
+    written = [run_distill(distill_cfg(chat_model, questions_path, tmp_path, *grown, f"shard={k}"))["written_now"]
+               for k in (0, 1)]
+    assert written == [0, 6 - len(done)]
+    whole = run_distill(distill_cfg(chat_model, questions_path, tmp_path, *grown, "merge=true",
+                                    f"output={tmp_path / 'whole' / 'd.parquet'}"))
+    assert read_parquet(whole["output"])["id"] == [f"c{i}" for i in range(6)] and whole["unfinished"] == 0
+
+
 def test_mt_bench_prompts_are_refused_unless_allowed(chat_model, questions_path, tmp_path, caplog):
     records = [{"id": "leak", "conversations": [{"from": "human", "value": "  " + MT_BENCH_81.upper() + "!! "}]},
                {"id": "fine", "conversations": [{"from": "human", "value": "hello world"}]}]
